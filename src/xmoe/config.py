@@ -1,0 +1,175 @@
+"""Validated configuration dataclasses shared by the Python API, the CLI and the HF integration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+"""Expert activations. ``gelu`` is the exact (erf) GELU; ``swiglu`` is the gated expert
+``silu(x·w1) * (x·w3)``, then ``·w2``."""
+
+GATED_ACTIVATIONS = ("swiglu",)
+
+INITS = ("independent", "identical")
+"""``independent``: every expert drawn on its own. ``identical``: every expert of a layer is a copy
+of expert 0, as in the XMoE reference code (the router then breaks the symmetry)."""
+
+BACKENDS = ("auto", "grouped", "loop", "batched")
+"""How the kept (token, expert) pairs are multiplied: ``grouped`` uses ``F.grouped_mm``, ``loop``
+is a per-expert ``torch.mm`` loop with a hand-written backward (any dtype, any size), ``batched``
+gathers one weight copy per pair (fast for a handful of tokens), ``auto`` picks per call."""
+
+
+class ConfigError(ValueError):
+    """A configuration value outside its allowed range; the message names the parameter."""
+
+
+def _require(condition: bool, name: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name}={value!r} is invalid: {name} must be {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of one :class:`xmoe.MoELayer`.
+
+    Args:
+        d_model: width of the tokens entering and leaving the layer.
+        num_experts: number of experts E.
+        d_expert: hidden width of each expert FFN.
+        router: selection rule, a name in ``xmoe.routing.ROUTERS`` (``"threshold"``, ``"topk"``).
+        threshold: t of the threshold router, in (0, 1]: each token keeps the smallest prefix of its
+            experts (sorted by probability) whose mass reaches t.
+        top_k: k of the top-k router, in [1, num_experts].
+        capacity_factor: None for dropless routing, or γ > 0 for a per-expert capacity
+            ``C = min(max(ceil(S / E · γ), min_capacity), S)`` over the S tokens of a call.
+        min_capacity: lower bound of C (≥ 1).
+        activation: one of :data:`ACTIVATIONS`.
+        bias: whether the experts carry biases ``b1``, ``b2``.
+        aux_loss_coef: coefficient of the Switch balance loss on the top-1 choice (≥ 0).
+        renormalize: divide each token's kept weights by their sum (after capacity drops).
+        init: one of :data:`INITS`.
+        init_std: standard deviation of the normal init of router and expert weights (> 0).
+        backend: one of :data:`BACKENDS`.
+        check_finite: raise on NaN/inf in the layer's input (costs a reduction per call).
+    """
+
+    d_model: int
+    num_experts: int
+    d_expert: int
+    router: str = "threshold"
+    threshold: float = 0.9
+    top_k: int = 2
+    capacity_factor: float | None = None
+    min_capacity: int = 4
+    activation: str = "gelu"
+    bias: bool = True
+    aux_loss_coef: float = 0.01
+    renormalize: bool = False
+    init: str = "independent"
+    init_std: float = 0.02
+    backend: str = "auto"
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        from xmoe.routing import ROUTERS  # the registry lives with the routers it names
+
+        for name in ("d_model", "num_experts", "d_expert"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, value, "a positive integer")
+        _require(self.router in ROUTERS, "router", self.router, f"one of {sorted(ROUTERS)}")
+        _require(
+            isinstance(self.threshold, int | float) and 0.0 < self.threshold <= 1.0,
+            "threshold",
+            self.threshold,
+            "a number in (0, 1]",
+        )
+        # top_k only binds the top-k router; other routers ignore it
+        top_k_max = self.num_experts if self.router == "topk" else None
+        _require(
+            _is_int(self.top_k)
+            and self.top_k >= 1
+            and (top_k_max is None or self.top_k <= top_k_max),
+            "top_k",
+            self.top_k,
+            f"an integer in [1, num_experts={self.num_experts}]",
+        )
+        if self.capacity_factor is not None:
+            _require(
+                isinstance(self.capacity_factor, int | float)
+                and math.isfinite(self.capacity_factor)
+                and self.capacity_factor > 0,
+                "capacity_factor",
+                self.capacity_factor,
+                "None (dropless) or a finite number > 0",
+            )
+        _require(
+            _is_int(self.min_capacity) and self.min_capacity >= 1,
+            "min_capacity",
+            self.min_capacity,
+            "an integer >= 1",
+        )
+        _require(
+            self.activation in ACTIVATIONS, "activation", self.activation, f"one of {ACTIVATIONS}"
+        )
+        _require(isinstance(self.bias, bool), "bias", self.bias, "True or False")
+        _require(
+            isinstance(self.aux_loss_coef, int | float)
+            and math.isfinite(self.aux_loss_coef)
+            and self.aux_loss_coef >= 0,
+            "aux_loss_coef",
+            self.aux_loss_coef,
+            "a finite number >= 0",
+        )
+        _require(isinstance(self.renormalize, bool), "renormalize", self.renormalize, "a bool")
+        _require(self.init in INITS, "init", self.init, f"one of {INITS}")
+        _require(
+            isinstance(self.init_std, int | float) and self.init_std > 0,
+            "init_std",
+            self.init_std,
+            "a number > 0",
+        )
+        _require(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
+        _require(isinstance(self.check_finite, bool), "check_finite", self.check_finite, "a bool")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the experts are gated (carry a third matrix ``w3``)."""
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def expert_flops(self) -> int:
+        """Forward FLOPs of one expert on one token (2 FLOPs per multiply-add, matrices only)."""
+        matrices = 3 if self.gated else 2
+        return 2 * matrices * self.d_model * self.d_expert
+
+    @property
+    def router_flops(self) -> int:
+        """Forward FLOPs of the router on one token."""
+        return 2 * self.d_model * self.num_experts
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity C for a call over ``num_tokens`` tokens, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        raw = math.ceil(num_tokens / self.num_experts * self.capacity_factor)
+        return min(max(raw, self.min_capacity), num_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MoEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown MoEConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**values)

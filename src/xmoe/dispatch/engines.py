@@ -1,0 +1,109 @@
+"""Grouped-matmul engines: how each expert's segment of rows meets that expert's matrix.
+
+Every engine offers the two products an expert FFN needs, forward and backward:
+
+* ``mm(a_NK, b_EKM, plan) -> (N, M)``: row n of ``a`` times ``b[expert(n)]``;
+* ``wgrad(a_NK, g_NM, plan) -> (E, K, M)``: ``Σ_{n in e} a_nᵀ g_n`` per expert (zeros if empty).
+
+Engines never index a stacked weight under autograd: they are called from inside the expert
+FFN's hand-written ``autograd.Function``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from xmoe.dispatch.plan import DispatchPlan
+
+BATCHED_MAX_PAIRS = 32
+"""Up to this many pairs, gathering one weight copy per pair and a ``bmm`` beats walking all E
+groups (perf_notes §2.2: decode-sized batches)."""
+
+
+class LoopEngine:
+    """One ``torch.mm`` per non-empty expert. Any dtype and size; the readable reference."""
+
+    name = "loop"
+
+    @staticmethod
+    def mm(a_NK: torch.Tensor, b_EKM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        out_NM = a_NK.new_empty(a_NK.shape[0], b_EKM.shape[2])
+        for expert, start, end in plan.segments:
+            torch.mm(a_NK[start:end], b_EKM[expert], out=out_NM[start:end])
+        return out_NM
+
+    @staticmethod
+    def wgrad(a_NK: torch.Tensor, g_NM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        out_EKM = a_NK.new_zeros(plan.num_experts, a_NK.shape[1], g_NM.shape[1])
+        for expert, start, end in plan.segments:
+            torch.mm(a_NK[start:end].t(), g_NM[start:end], out=out_EKM[expert])
+        return out_EKM
+
+
+class GroupedEngine:
+    """``torch.nn.functional.grouped_mm`` (a C++ loop on CPU, CUTLASS on SM90 GPUs)."""
+
+    name = "grouped"
+
+    @staticmethod
+    def mm(a_NK: torch.Tensor, b_EKM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return F.grouped_mm(a_NK, b_EKM, offs=plan.offsets_E)
+
+    @staticmethod
+    def wgrad(a_NK: torch.Tensor, g_NM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return F.grouped_mm(a_NK.t(), g_NM, offs=plan.offsets_E)
+
+
+class BatchedEngine:
+    """Per-pair weight gather plus ``bmm``: cheapest for a handful of pairs (decode)."""
+
+    name = "batched"
+
+    @staticmethod
+    def mm(a_NK: torch.Tensor, b_EKM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        b_NKM = b_EKM.index_select(0, plan.expert_idx_N)
+        return torch.bmm(a_NK.unsqueeze(1), b_NKM).squeeze(1)
+
+    wgrad = LoopEngine.wgrad
+
+
+ENGINES = {engine.name: engine for engine in (GroupedEngine, LoopEngine, BatchedEngine)}
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_supported(dtype: torch.dtype, device: torch.device, *dims: int) -> bool:
+    """Whether ``F.grouped_mm`` accepts these operands: fp32/bf16/fp16, 16-byte row strides,
+    and on CUDA only bf16 (its documented fast path)."""
+    if dtype not in _GROUPED_DTYPES:
+        return False
+    if device.type == "cuda" and dtype != torch.bfloat16:
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return all(dim * itemsize % 16 == 0 for dim in dims)
+
+
+def choose_engine(
+    backend: str, dtype: torch.dtype, device: torch.device, num_pairs: int, *dims: int
+):
+    """The engine for one call.
+
+    Args:
+        backend: ``"auto"``, or an explicit name in :data:`ENGINES`. An explicit ``"grouped"``
+            that the operands cannot use raises instead of silently running something else.
+        dtype, device: of the operands.
+        num_pairs: N, the kept pairs of this call.
+        dims: the matrix widths (d_model, d_expert) that must meet ``grouped_mm``'s alignment.
+    """
+    if backend == "auto":
+        if num_pairs <= BATCHED_MAX_PAIRS:
+            return BatchedEngine
+        return GroupedEngine if grouped_supported(dtype, device, *dims) else LoopEngine
+    if backend == "grouped" and not grouped_supported(dtype, device, *dims):
+        raise ValueError(
+            f"backend='grouped' cannot run dtype={dtype} on {device.type} with widths {dims}: "
+            "grouped_mm needs fp32/bf16/fp16 (bf16 on CUDA) and widths whose rows are a multiple "
+            "of 16 bytes; use backend='auto' or 'loop'"
+        )
+    return ENGINES[backend]

@@ -1,0 +1,105 @@
+"""MoELayer: routing, dispatch and expert compute wired together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xmoe.config import MoEConfig
+from xmoe.dispatch import DispatchPlan
+from xmoe.experts import FFNExperts
+from xmoe.routing import ROUTERS, RoutingStats, route_pairs, switch_balance_loss
+
+
+@dataclass
+class MoEOutput:
+    """Output of :class:`MoELayer`.
+
+    Attributes:
+        hidden_states: same shape as the input.
+        aux_loss: scalar balance loss, already multiplied by ``aux_loss_coef``.
+        routing: per-call :class:`~xmoe.routing.RoutingStats`.
+    """
+
+    hidden_states: torch.Tensor
+    aux_loss: torch.Tensor
+    routing: RoutingStats
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts FFN that computes only the (token, expert) pairs it keeps.
+
+    ``forward(x)`` takes ``(..., d_model)`` in any float dtype, treats every leading position as
+    a token, and returns :class:`MoEOutput`. Parameters: ``router.weight`` (E, d_model) and the
+    stacked expert weights under ``experts.`` (see :class:`~xmoe.experts.FFNExperts`).
+
+    Compute dtype: the autocast dtype when autocast is on, else the parameters' dtype; the output
+    is returned in the input's dtype outside autocast. The router always runs in fp32 or wider.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router = ROUTERS[config.router](config)
+        self.experts = FFNExperts(config)
+
+    def reset_parameters(self) -> None:
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x.dtype={x.dtype} is invalid: x must be a floating-point tensor")
+        if x.dim() < 1 or x.shape[-1] != self.config.d_model:
+            raise ValueError(
+                f"x.shape={tuple(x.shape)} is invalid: the last dimension must equal "
+                f"d_model={self.config.d_model}"
+            )
+        if self.config.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf values (check_finite=True)")
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.experts.w1.dtype
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        self._check_input(x)
+        config = self.config
+        x_SD = x.reshape(-1, config.d_model)
+        num_tokens = x_SD.shape[0]
+
+        probs_SE = self.router.probabilities(x_SD)
+        selection = self.router.select(probs_SE)
+        pairs = route_pairs(
+            selection, config.num_experts, config.capacity(num_tokens), config.renormalize
+        )
+        plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, num_tokens)
+
+        compute_dtype = self._compute_dtype(x)
+        if num_tokens == 0:
+            y_SD = x_SD.new_zeros(0, config.d_model, dtype=compute_dtype)
+        else:
+            y_SD = self.experts(x_SD.to(compute_dtype), plan, pairs.weight_N)
+        if not torch.is_autocast_enabled(x.device.type):
+            y_SD = y_SD.to(x.dtype)
+
+        top1_expert_S = selection.expert_idx_SK[:, 0]
+        if num_tokens == 0:
+            aux_loss = probs_SE.sum() * 0.0
+        else:
+            aux_loss = config.aux_loss_coef * switch_balance_loss(probs_SE, top1_expert_S)
+        stats = RoutingStats.from_pairs(
+            pairs, top1_expert_S, config.expert_flops, config.router_flops
+        )
+        return MoEOutput(y_SD.reshape(*x.shape[:-1], config.d_model), aux_loss, stats)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        rule = f"threshold={c.threshold}" if c.router == "threshold" else f"top_k={c.top_k}"
+        return f"router={c.router!r}, {rule}, capacity_factor={c.capacity_factor}"

@@ -1,0 +1,23 @@
+"""Auxiliary routing losses."""
+
+from __future__ import annotations
+
+import torch
+
+
+def switch_balance_loss(probs_SE: torch.Tensor, top1_expert_S: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer balance loss on the top-1 choice (before capacity drops).
+
+    ``E · Σ_e mean_s p[s, e] · mean_s 1[top1(s) = e]``; equals 1 when both are uniform.
+
+    Args:
+        probs_SE: (S, E) router probabilities (gradients flow through these only).
+        top1_expert_S: (S,) int64 each token's most probable expert.
+
+    Returns:
+        A scalar tensor in the dtype of ``probs_SE``.
+    """
+    num_tokens, num_experts = probs_SE.shape
+    top1_fraction_E = torch.bincount(top1_expert_S, minlength=num_experts).to(probs_SE.dtype)
+    top1_fraction_E = top1_fraction_E / num_tokens
+    return num_experts * (probs_SE.mean(dim=0) * top1_fraction_E).sum()

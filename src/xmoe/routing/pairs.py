@@ -1,0 +1,91 @@
+"""From selections to ragged (token, expert, weight) pairs sorted by expert, with capacity.
+
+Shape legend: S tokens, K ranked experts per token, E experts, N kept pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xmoe.routing.selection import Selection
+
+
+@dataclass
+class RoutedPairs:
+    """The (token, expert) pairs to compute, grouped by expert.
+
+    Attributes:
+        token_idx_N: (N,) int64 token of each pair; pairs are sorted by expert, and within an
+            expert by token (dropless) or by capacity priority.
+        expert_idx_N: (N,) int64 expert of each pair (non-decreasing).
+        weight_N: (N,) combine weights (differentiable router probabilities).
+        counts_E: (E,) int64 pairs per expert.
+        wanted_SK: (S, K) bool, pairs the rule selected (before capacity).
+        kept_SK: (S, K) bool, pairs that survived capacity.
+    """
+
+    token_idx_N: torch.Tensor
+    expert_idx_N: torch.Tensor
+    weight_N: torch.Tensor
+    counts_E: torch.Tensor
+    wanted_SK: torch.Tensor
+    kept_SK: torch.Tensor
+
+
+def route_pairs(
+    selection: Selection,
+    num_experts: int,
+    capacity: int | None = None,
+    renormalize: bool = False,
+) -> RoutedPairs:
+    """Flatten a selection into expert-sorted pairs, dropping over-capacity pairs.
+
+    Over-subscribed experts keep their top-``capacity`` pairs by priority: lower rank first
+    (every first choice beats every second choice), then higher probability, then lower token
+    index. Drops are per pair: a token keeps the other experts it won.
+
+    Args:
+        selection: the ranked experts per token.
+        num_experts: E.
+        capacity: per-expert capacity C, or None for dropless routing.
+        renormalize: divide each token's surviving weights by their sum.
+    """
+    wanted_SK = selection.wanted_SK
+    num_ranks = wanted_SK.shape[1]
+    flat_N = wanted_SK.reshape(-1).nonzero().squeeze(1)  # token-major, rank-minor
+    expert_N = selection.expert_idx_SK.reshape(-1).index_select(0, flat_N)
+
+    if capacity is None:
+        order_N = torch.sort(expert_N, stable=True).indices
+    else:
+        prob_N = selection.probs_SK.detach().reshape(-1).index_select(0, flat_N)
+        by_prob_N = torch.sort(prob_N, descending=True, stable=True).indices
+        rank_N = flat_N % num_ranks
+        group_N = (expert_N * num_ranks + rank_N).index_select(0, by_prob_N)
+        order_N = by_prob_N.index_select(0, torch.sort(group_N, stable=True).indices)
+        sorted_expert_N = expert_N.index_select(0, order_N)
+        wanted_counts_E = torch.bincount(sorted_expert_N, minlength=num_experts)
+        starts_E = wanted_counts_E.cumsum(0) - wanted_counts_E
+        position_N = torch.arange(order_N.numel(), device=order_N.device) - starts_E.index_select(
+            0, sorted_expert_N
+        )
+        order_N = order_N[position_N < capacity]
+
+    flat_N = flat_N.index_select(0, order_N)
+    expert_N = expert_N.index_select(0, order_N)
+    token_N = torch.div(flat_N, num_ranks, rounding_mode="floor")
+    weight_N = selection.probs_SK.reshape(-1).index_select(0, flat_N)
+    if renormalize:
+        total_S = torch.zeros(
+            wanted_SK.shape[0], dtype=weight_N.dtype, device=weight_N.device
+        ).index_add(0, token_N, weight_N)
+        # a token whose surviving weights are all zero keeps zeros instead of 0/0
+        total_S = total_S.clamp_min(torch.finfo(total_S.dtype).tiny)
+        weight_N = weight_N / total_S.index_select(0, token_N)
+
+    kept_SK = torch.zeros_like(wanted_SK)
+    kept_SK.view(-1)[flat_N] = True
+    counts_E = torch.bincount(expert_N, minlength=num_experts)
+    return RoutedPairs(token_N, expert_N, weight_N, counts_E, wanted_SK, kept_SK)

@@ -1,0 +1,58 @@
+"""Ranking of experts per token, with deterministic tie-breaking.
+
+Shape legend: S tokens, E experts, K ranked experts kept per token (K <= E).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_INDEX_BITS = 20  # room for E < 2**20 experts in the low bits of the fp32 sort key
+
+
+@dataclass
+class Selection:
+    """The experts each token wants, best first.
+
+    Attributes:
+        expert_idx_SK: (S, K) int64 expert ids sorted by descending probability; equal
+            probabilities are ordered by ascending expert id.
+        probs_SK: (S, K) their router probabilities (differentiable).
+        wanted_SK: (S, K) bool, a prefix per row: the experts the rule selects.
+    """
+
+    expert_idx_SK: torch.Tensor
+    probs_SK: torch.Tensor
+    wanted_SK: torch.Tensor
+
+
+def ranked_topk(probs_SE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most probable experts per token, ties broken toward the lower expert id.
+
+    ``torch.topk`` leaves the order of equal values unspecified, so for fp32 probabilities the
+    ranking runs on an int64 key holding the float's bits (monotone for non-negative floats) above
+    the reversed expert id. Wider dtypes take a stable full sort (they are the reference and
+    gradcheck path, where E is small).
+
+    Args:
+        probs_SE: (S, E) non-negative probabilities, fp32 or float64.
+        k: number of experts to return, 1 <= k <= E.
+
+    Returns:
+        ``(probs_SK, expert_idx_SK)``; ``probs_SK`` keeps the autograd graph of ``probs_SE``.
+    """
+    num_experts = probs_SE.shape[-1]
+    if probs_SE.dtype == torch.float32 and num_experts < 2**_INDEX_BITS:
+        bits_SE = probs_SE.detach().view(torch.int32).to(torch.int64)
+        reversed_id_E = torch.arange(
+            num_experts - 1, -1, -1, device=probs_SE.device, dtype=torch.int64
+        )
+        key_SE = (bits_SE << _INDEX_BITS) | reversed_id_E
+        key_SK = key_SE.topk(k, dim=-1, sorted=True).values
+        expert_idx_SK = (num_experts - 1) - (key_SK & ((1 << _INDEX_BITS) - 1))
+    else:
+        order_SE = torch.sort(probs_SE.detach(), dim=-1, descending=True, stable=True).indices
+        expert_idx_SK = order_SE[:, :k]
+    return probs_SE.gather(1, expert_idx_SK), expert_idx_SK

@@ -1,0 +1,56 @@
+"""Shared test helpers: build layers with peaked routers and compare them to the reference."""
+
+from __future__ import annotations
+
+import torch
+
+from xmoe import MoEConfig, MoELayer
+
+from reference import layer_params, reference_forward
+
+
+def make_layer(config: MoEConfig, dtype=torch.float64, router_std: float = 1.0, seed: int = 0):
+    """A layer whose router is peaked enough that tokens want different numbers of experts."""
+    torch.manual_seed(seed)
+    layer = MoELayer(config)
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, router_std)
+        for name, p in layer.experts.named_parameters():
+            p.normal_(0.0, 0.3 if name.startswith("w") else 0.1)
+    return layer.to(dtype)
+
+
+def run_both(layer: MoELayer, x: torch.Tensor, aux_weight: float = 3.0, seed: int = 1):
+    """Forward+backward through the layer and the reference on the same x and cotangent.
+
+    Returns (layer output, reference output, layer grads, reference grads); grads are dicts
+    keyed by parameter name plus ``"x"``.
+    """
+    params = layer_params(layer)
+    x_ref = x.detach().to(torch.float64).requires_grad_(True)
+    ref = reference_forward(layer.config, params, x_ref)
+
+    x_layer = x.detach().to(layer.experts.w1.dtype).requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out = layer(x_layer)
+
+    generator = torch.Generator().manual_seed(seed)
+    cotangent = torch.randn(ref.hidden_states.shape, generator=generator, dtype=torch.float64)
+    (ref.hidden_states * cotangent).sum().add(aux_weight * ref.aux_loss).backward()
+    hidden = out.hidden_states.reshape(-1, layer.config.d_model)
+    (hidden.double() * cotangent).sum().add(aux_weight * out.aux_loss.double()).backward()
+
+    ref_grads = {"x": x_ref.grad, **{n: p.grad for n, p in params.items()}}
+    layer_grads = {"x": x_layer.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    return out, ref, layer_grads, ref_grads
+
+
+def assert_close_grads(layer_grads, ref_grads, rtol, atol):
+    assert layer_grads.keys() == ref_grads.keys()
+    for name, ref_grad in ref_grads.items():
+        got = layer_grads[name]
+        if ref_grad is None:
+            assert got is None or torch.count_nonzero(got) == 0, name
+            continue
+        assert got is not None, f"no gradient for {name}"
+        torch.testing.assert_close(got.double(), ref_grad, rtol=rtol, atol=atol, msg=name)

@@ -1,0 +1,122 @@
+"""A slow, plainly written MoE layer: a Python loop over tokens, for tests only.
+
+It follows ``shared/spec/xmoe.md`` word by word and shares no code with ``xmoe`` beyond the config
+dataclass. Routing decisions are made on Python floats; the outputs and the aux loss are built
+from tensor ops so that autograd gives reference gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from xmoe import MoEConfig, MoELayer
+
+
+@dataclass
+class ReferenceOutput:
+    hidden_states: torch.Tensor  # (S, D)
+    aux_loss: torch.Tensor
+    wanted: list[list[int]]  # per token, the experts its rule selected, best first
+    kept: list[list[int]]  # per token, the experts that survived capacity
+    flops_per_token: float
+
+
+def _activation(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    if name == "relu":
+        return torch.clamp(h, min=0.0)
+    if name == "silu":
+        return h * torch.sigmoid(h)
+    raise ValueError(name)
+
+
+def _expert(params: dict[str, torch.Tensor], config: MoEConfig, e: int, x: torch.Tensor):
+    h = x @ params["experts.w1"][e]
+    if config.bias:
+        h = h + params["experts.b1"][e]
+    if config.gated:
+        a = _activation("silu", h) * (x @ params["experts.w3"][e])
+    else:
+        a = _activation(config.activation, h)
+    y = a @ params["experts.w2"][e]
+    if config.bias:
+        y = y + params["experts.b2"][e]
+    return y
+
+
+def reference_forward(
+    config: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor
+) -> ReferenceOutput:
+    """The layer's output on x (S, D), computed token by token."""
+    num_tokens, num_experts = x.shape[0], config.num_experts
+    probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
+
+    wanted: list[list[int]] = []
+    for s in range(num_tokens):
+        p = probs[s].tolist()
+        order = sorted(range(num_experts), key=lambda e, p=p: (-p[e], e))
+        if config.router == "topk":
+            chosen = order[: config.top_k]
+        else:
+            chosen = []
+            for e in order:
+                if math.fsum(p[c] for c in chosen) < config.threshold:
+                    chosen.append(e)
+        wanted.append(chosen)
+
+    kept_pairs = {(s, e) for s in range(num_tokens) for e in wanted[s]}
+    capacity = config.capacity(num_tokens)
+    if capacity is not None:
+        kept_pairs = set()
+        for e in range(num_experts):
+            candidates = [
+                (rank, -probs[s, e].item(), s)
+                for s in range(num_tokens)
+                for rank, chosen in enumerate(wanted[s])
+                if chosen == e
+            ]
+            for _, _, s in sorted(candidates)[:capacity]:
+                kept_pairs.add((s, e))
+    kept = [[e for e in wanted[s] if (s, e) in kept_pairs] for s in range(num_tokens)]
+
+    rows = []
+    for s in range(num_tokens):
+        weights = [probs[s, e] for e in kept[s]]
+        if config.renormalize and weights:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        y = x.new_zeros(x.shape[1])
+        for e, w in zip(kept[s], weights, strict=True):
+            y = y + w * _expert(params, config, e, x[s])
+        rows.append(y)
+    hidden = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
+
+    top1 = [wanted[s][0] for s in range(num_tokens)]
+    fraction = torch.tensor(
+        [top1.count(e) / num_tokens for e in range(num_experts)], dtype=probs.dtype
+    )
+    aux = config.aux_loss_coef * num_experts * (probs.mean(dim=0) * fraction).sum()
+
+    matrices = 3 if config.gated else 2
+    kept_total = sum(len(k) for k in kept)
+    flops = (kept_total * 2 * matrices * config.d_model * config.d_expert) / num_tokens + (
+        2 * config.d_model * num_experts
+    )
+    return ReferenceOutput(hidden, aux, wanted, kept, flops)
+
+
+def layer_params(layer: MoELayer, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """A detached float64 copy of the layer's parameters that requires grad."""
+    return {
+        name: p.detach().to(dtype).clone().requires_grad_(True)
+        for name, p in layer.named_parameters()
+    }
+
+
+def dense_ffn(params: dict[str, torch.Tensor], config: MoEConfig, x: torch.Tensor):
+    """Expert 0 applied to every token: what a one-expert layer must equal."""
+    return torch.stack([_expert(params, config, 0, x[s]) for s in range(x.shape[0])])

@@ -1,0 +1,120 @@
+"""The layer against the per-token float64 reference: outputs, aux loss, statistics, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xmoe import MoEConfig
+
+from helpers import assert_close_grads, make_layer, run_both
+
+CASES = [
+    # (router, capacity_factor, num_tokens, extra config)
+    ("threshold", None, 40, {}),
+    ("threshold", None, 1, {}),
+    ("threshold", 1.0, 40, {}),  # over-subscribed experts drop pairs
+    ("threshold", 0.25, 40, {"min_capacity": 1}),  # heavy overflow, some tokens lose all
+    ("threshold", 1.0, 3, {}),  # batch smaller than min_capacity: C clamps to S
+    ("threshold", None, 30, {"threshold": 0.5, "renormalize": True}),
+    ("threshold", 0.5, 30, {"renormalize": True, "min_capacity": 1}),
+    ("threshold", None, 12, {"threshold": 1.0}),
+    ("topk", None, 40, {"top_k": 2}),
+    ("topk", 1.0, 40, {"top_k": 3}),
+    ("topk", None, 1, {"top_k": 1}),
+    ("topk", 2.0, 5, {"top_k": 2, "min_capacity": 1}),
+]
+
+
+@pytest.mark.parametrize("router,capacity_factor,num_tokens,extra", CASES)
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu", False), ("swiglu", True)])
+def test_matches_reference_float64(router, capacity_factor, num_tokens, extra, activation, bias):
+    config = MoEConfig(
+        d_model=12,
+        num_experts=10,
+        d_expert=6,
+        router=router,
+        capacity_factor=capacity_factor,
+        activation=activation,
+        bias=bias,
+        **extra,
+    )
+    layer = make_layer(config, seed=num_tokens)
+    x = torch.randn(num_tokens, 12, dtype=torch.float64)
+    out, ref, layer_grads, ref_grads = run_both(layer, x)
+
+    torch.testing.assert_close(out.hidden_states, ref.hidden_states, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-10, atol=1e-12)
+    assert out.routing.wanted_per_token.tolist() == [len(w) for w in ref.wanted]
+    assert out.routing.kept_per_token.tolist() == [len(k) for k in ref.kept]
+    load = [sum(e in k for k in ref.kept) for e in range(config.num_experts)]
+    assert out.routing.expert_load.tolist() == load
+    wanted_pairs = sum(len(w) for w in ref.wanted)
+    kept_pairs = sum(len(k) for k in ref.kept)
+    assert float(out.routing.drop_fraction) == pytest.approx(1 - kept_pairs / wanted_pairs)
+    assert float(out.routing.flops_per_token) == pytest.approx(ref.flops_per_token)
+    assert_close_grads(layer_grads, ref_grads, rtol=1e-9, atol=1e-11)
+
+
+def test_cases_exercise_what_they_claim():
+    """The capacity cases really drop pairs and leave experts empty, so the suite can fail."""
+    config = MoEConfig(d_model=12, num_experts=10, d_expert=6, capacity_factor=0.25, min_capacity=1)
+    layer = make_layer(config, seed=40)
+    out = layer(torch.randn(40, 12, dtype=torch.float64))
+    assert float(out.routing.drop_fraction) > 0.2
+    assert (out.routing.kept_per_token == 0).any()  # tokens with residual only
+    tiny = make_layer(MoEConfig(d_model=12, num_experts=10, d_expert=6), seed=3)
+    assert (tiny(torch.randn(3, 12, dtype=torch.float64)).routing.expert_load == 0).any()
+
+
+@pytest.mark.parametrize("backend", ["grouped", "loop", "batched"])
+@pytest.mark.parametrize("router", ["threshold", "topk"])
+def test_fp32_backends_match_reference(backend, router):
+    config = MoEConfig(
+        d_model=16,
+        num_experts=12,
+        d_expert=8,
+        router=router,
+        top_k=3,
+        backend=backend,
+        capacity_factor=1.5,
+    )
+    layer = make_layer(config, dtype=torch.float32, seed=7)
+    x = torch.randn(64, 16)
+    out, ref, layer_grads, ref_grads = run_both(layer, x)
+    assert out.hidden_states.dtype == torch.float32
+    assert out.routing.kept_per_token.tolist() == [len(k) for k in ref.kept]
+    torch.testing.assert_close(out.hidden_states.double(), ref.hidden_states, rtol=1e-4, atol=1e-5)
+    assert_close_grads(layer_grads, ref_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_leading_dimensions_are_tokens():
+    config = MoEConfig(d_model=8, num_experts=6, d_expert=4)
+    layer = make_layer(config)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    out = layer(x)
+    assert out.hidden_states.shape == x.shape
+    flat = layer(x.reshape(-1, 8))
+    torch.testing.assert_close(out.hidden_states.reshape(-1, 8), flat.hidden_states)
+
+
+def test_many_experts_widen_the_ranking_exactly():
+    """Near-uniform probabilities over 64 experts need 58 experts at t=0.9 (more than the
+    first ranking width): the widening must give the reference's exact answer."""
+    config = MoEConfig(d_model=8, num_experts=64, d_expert=4, threshold=0.9)
+    layer = make_layer(config, router_std=1e-3)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    out, ref, layer_grads, ref_grads = run_both(layer, x)
+    assert out.routing.wanted_per_token.tolist() == [len(w) for w in ref.wanted]
+    assert min(len(w) for w in ref.wanted) > 32
+    torch.testing.assert_close(out.hidden_states, ref.hidden_states)
+    assert_close_grads(layer_grads, ref_grads, rtol=1e-9, atol=1e-11)
+
+
+def test_empty_input():
+    layer = make_layer(MoEConfig(d_model=8, num_experts=4, d_expert=4))
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.hidden_states.shape == (0, 8)
+    (out.hidden_states.sum() + out.aux_loss).backward()
+    assert x.grad.shape == (0, 8)
