@@ -61,6 +61,33 @@ class DispatchPlan:
         out_ED = y_ND.new_zeros(self.num_experts, y_ND.shape[1])
         return out_ED.index_add_(0, self.expert_idx_N, y_ND)
 
-    def expert_rows(self, table_ED: torch.Tensor) -> torch.Tensor:
-        """(E, D) per-expert rows -> (N, D), one per grouped row (bias broadcast)."""
-        return table_ED.index_select(0, self.expert_idx_N)
+    def add_expert_rows_(
+        self, y_ND: torch.Tensor, table_ED: torch.Tensor, scale_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """In place: ``y[n] += table[expert(n)]`` (times ``scale[n]`` when given).
+
+        One fused pass per segment, instead of materialising an (N, D) gather of the table.
+        """
+        for expert, start, end in self.segments:
+            if scale_N is None:
+                y_ND[start:end].add_(table_ED[expert])
+            else:
+                y_ND[start:end].addr_(scale_N[start:end], table_ED[expert])
+        return y_ND
+
+    def expert_rowdot_and_weighted_sum(
+        self, y_ND: torch.Tensor, table_ED: torch.Tensor, scale_N: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(<y[n], table[expert(n)]>, Σ_{n in e} scale[n] · y[n])``: the routing-weight and bias
+        gradients of a scaled bias, read in one pass over each (cache-resident) segment.
+
+        Returns ((N,) in ``scale_N``'s dtype, (E, D) in ``y_ND``'s dtype).
+        """
+        dot_N = scale_N.new_zeros(y_ND.shape[0])
+        sum_ED = y_ND.new_zeros(self.num_experts, y_ND.shape[1])
+        scale = scale_N.to(y_ND.dtype)
+        for expert, start, end in self.segments:
+            segment = y_ND[start:end]
+            dot_N[start:end] = torch.mv(segment, table_ED[expert]).to(dot_N.dtype)
+            torch.mv(segment.t(), scale[start:end], out=sum_ED[expert])
+        return dot_N, sum_ED

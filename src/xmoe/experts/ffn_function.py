@@ -1,11 +1,14 @@
 """The expert FFN over a dispatch plan as one autograd function.
 
 Forward: gather token rows once, ``h = x·w1 + b1`` per expert, activation (or
-``silu(h)·(x·w3)`` when gated), ``y = a·w2 + b2``, weight by the routing weight, scatter-add to
-tokens. Backward is written out so that it saves only the pre-activations (N, H): the gathered
-input is re-gathered, the activation recomputed, and the routing-weight gradient is taken as
+``silu(h)·(x·w3)`` when gated), fold the routing weight into the small activation
+(``a·w``, (N, H) rather than the (N, D) output), ``y = (w·a)·w2 + w·b2``, scatter-add to tokens.
+
+Backward is written out so that it saves only the pre-activations (N, H): the gathered input is
+re-gathered, the activation recomputed, and the routing-weight gradient is taken as
 ``<g, a> + <dy, b2>`` with ``g = dy·w2ᵀ``, which the input gradient needs anyway. That keeps the
-saved state near a dense FFN's of the same FLOPs.
+saved state near a dense FFN's of the same FLOPs, and touches each (N, D) buffer as few times
+as possible (on CPU these passes, not the matmuls, are the overhead over a dense FFN).
 
 Shape legend: S tokens, N kept pairs, D d_model, H d_expert, E experts.
 """
@@ -20,25 +23,28 @@ from xmoe.dispatch.plan import DispatchPlan
 from xmoe.experts.activations import ACTIVATION_FNS
 
 
+def _activate(h_NH, gate_NH, activation: str):
+    """The expert activation; ``gate_NH`` is the ``x·w3`` branch of gated experts or None."""
+    if gate_NH is not None:
+        return F.silu(h_NH).mul_(gate_NH)
+    return ACTIVATION_FNS[activation].forward(h_NH)
+
+
 class ExpertFFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD, weight_N, w1, b1, w2, b2, w3, plan, activation, engine):
         xg_ND = plan.gather(x_SD)
         h_NH = engine.mm(xg_ND, w1, plan)
         if b1 is not None:
-            h_NH += plan.expert_rows(b1)
-        if w3 is not None:
-            gate_NH = engine.mm(xg_ND, w3, plan)
-            a_NH = F.silu(h_NH) * gate_NH
-        else:
-            gate_NH = None
-            a_NH = ACTIVATION_FNS[activation].forward(h_NH)
+            plan.add_expert_rows_(h_NH, b1)
+        gate_NH = engine.mm(xg_ND, w3, plan) if w3 is not None else None
         del xg_ND
+        weight_col_N1 = weight_N.to(h_NH.dtype).unsqueeze(1)
+        a_NH = _activate(h_NH, gate_NH, activation).mul_(weight_col_N1)
         y_ND = engine.mm(a_NH, w2, plan)
         del a_NH
         if b2 is not None:
-            y_ND += plan.expert_rows(b2)
-        y_ND *= weight_N.to(y_ND.dtype).unsqueeze(1)
+            plan.add_expert_rows_(y_ND, b2, weight_N.to(y_ND.dtype))
         ctx.save_for_backward(x_SD, weight_N, w1, w2, w3, b2, h_NH, gate_NH)
         ctx.plan, ctx.activation, ctx.engine = plan, activation, engine
         ctx.has_b1 = b1 is not None
@@ -52,38 +58,39 @@ class ExpertFFNFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = dweight = dw1 = db1 = dw2 = db2 = dw3 = None
 
-        dy_ND = plan.gather(grad_SD.contiguous())  # gradient of the unweighted expert output
-        wcol_N1 = weight_N.to(dy_ND.dtype).unsqueeze(1)
-        g_NH = engine.mm(dy_ND, w2.transpose(1, 2), plan)
-        if gate_NH is not None:
-            silu_NH = F.silu(h_NH)
-            a_NH = silu_NH * gate_NH
-        else:
-            a_NH = ACTIVATION_FNS[ctx.activation].forward(h_NH)
+        dy_ND = plan.gather(grad_SD.contiguous())  # gradient of each pair's weighted output
+        weight_col_N1 = weight_N.to(dy_ND.dtype).unsqueeze(1)
+        g_NH = engine.mm(dy_ND, w2.transpose(1, 2), plan)  # d(output)/d(w·a), unweighted
+        a_NH = _activate(h_NH, gate_NH, ctx.activation)
 
         if need[1]:
             # accumulate in the routing weight's dtype (fp32 or float64), not in bf16
-            acc = weight_N.dtype
-            dweight = (g_NH * a_NH).sum(dim=1, dtype=acc)
-            if b2 is not None:
-                dweight += (dy_ND * plan.expert_rows(b2)).sum(dim=1, dtype=acc)
+            dweight = torch.linalg.vecdot(g_NH, a_NH).to(weight_N.dtype)
+        if b2 is not None and (need[1] or need[5]):
+            bias_dot_N, db2 = plan.expert_rowdot_and_weighted_sum(dy_ND, b2, weight_N)
+            if need[1]:
+                dweight += bias_dot_N
         if need[4]:
-            dw2 = engine.wgrad(a_NH * wcol_N1, dy_ND, plan)
-        if need[5]:
-            db2 = plan.expert_sum(dy_ND * wcol_N1)
+            dw2 = engine.wgrad(a_NH.mul_(weight_col_N1), dy_ND, plan)
         del a_NH, dy_ND
 
-        da_NH = g_NH.mul_(wcol_N1)
+        da_NH = g_NH.mul_(weight_col_N1)
         if gate_NH is not None:
-            dgate_NH = da_NH * silu_NH
-            dh_NH = torch.ops.aten.silu_backward(da_NH * gate_NH, h_NH)
+            dgate_NH = F.silu(h_NH).mul_(da_NH)
+            dh_NH = torch.ops.aten.silu_backward(da_NH.mul_(gate_NH), h_NH)
         else:
             dgate_NH = None
             dh_NH = ACTIVATION_FNS[ctx.activation].backward(da_NH, h_NH)
-        del da_NH
+        del da_NH, g_NH
 
         if ctx.has_b1 and need[3]:
             db1 = plan.expert_sum(dh_NH)
+        if need[0]:  # before the re-gather, so two (N, D) buffers never coexist
+            dxg_ND = engine.mm(dh_NH, w1.transpose(1, 2), plan)
+            if dgate_NH is not None:
+                dxg_ND += engine.mm(dgate_NH, w3.transpose(1, 2), plan)
+            dx = plan.scatter_add(dxg_ND)
+            del dxg_ND
         if need[2] or (dgate_NH is not None and need[6]):
             xg_ND = plan.gather(x_SD)
             if need[2]:
@@ -91,12 +98,7 @@ class ExpertFFNFunction(torch.autograd.Function):
             if dgate_NH is not None and need[6]:
                 dw3 = engine.wgrad(xg_ND, dgate_NH, plan)
             del xg_ND
-        if need[0]:
-            dxg_ND = engine.mm(dh_NH, w1.transpose(1, 2), plan)
-            if dgate_NH is not None:
-                dxg_ND += engine.mm(dgate_NH, w3.transpose(1, 2), plan)
-            dx = plan.scatter_add(dxg_ND)
-        return dx, dweight, dw1, db1, dw2, db2, dw3, None, None, None
+        return dx, dweight, dw1, db1, dw2, db2 if need[5] else None, dw3, None, None, None
 
 
 def expert_ffn(

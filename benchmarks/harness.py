@@ -1,0 +1,94 @@
+"""Timing and memory measurement shared by the benchmarks.
+
+Timing: every variant runs once per round, in the same order, for several rounds after a warm-up
+(interleaving spreads machine noise over all variants); the minimum and median are reported.
+Memory: a fresh child process per variant, with glibc forced to serve every large tensor by
+mmap, so the process's resident high-water mark tracks live tensor bytes; the peak reported is
+the high-water mark during one forward+backward minus the resident size just before it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# glibc serves allocations above its mmap threshold with fresh pages that fault on first touch;
+# its default threshold adapts upward, so some tensors get reused heap memory and others fresh
+# pages, depending on history. The timing runs keep every large buffer in the heap instead (no
+# page faults for anyone, as a caching allocator would); the memory probes force mmap instead.
+TIMING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+MEMORY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def reexec_with(env: dict[str, str]) -> None:
+    """Restart this process with ``env`` set (glibc reads these variables only at start-up)."""
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **env})
+
+
+@dataclass
+class Timing:
+    min_ms: float
+    median_ms: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, warmup: int, device: torch.device
+) -> dict[str, Timing]:
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(warmup + rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_index >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {
+        name: Timing(min(values), statistics.median(values)) for name, values in samples.items()
+    }
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_mib(fn: Callable[[], None]) -> float:
+    """Resident high-water mark during ``fn`` above the resident size before it, in MiB."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current VmRSS
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_memory_in_child(section: str, variant: str, args: list[str]) -> float | None:
+    """Run ``benchmarks.memory_probe`` for one variant in a fresh process; None if it failed."""
+    command = [sys.executable, "-m", "benchmarks.memory_probe", section, variant, *args]
+    env = {k: v for k, v in os.environ.items() if k not in TIMING_MALLOC_ENV}
+    env.update(MEMORY_MALLOC_ENV)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        print(f"  memory probe {section}/{variant} failed: {result.stderr.strip()[-300:]}")
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]

@@ -1,0 +1,279 @@
+"""What the layer benchmark times: xmoe, its dense bound, HF's experts back-ends, capacity padding.
+
+Every builder returns named :class:`Variant` objects over the same input and cotangent, so the
+harness can time them side by side. Shape legend as in xmoe: S tokens, D d_model, E experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmoe import MoEConfig, MoELayer
+from xmoe.dispatch import DispatchPlan
+from xmoe.routing import Selection, route_pairs
+
+BATCHED_MM_MAX_BYTES = 1 << 30
+
+
+@dataclass
+class Variant:
+    forward: Callable[[], object]
+    forward_backward: Callable[..., None]  # reset_grads=False accumulates into existing grads
+    experts_per_token: float | None = None
+    moe_flops_per_token: float | None = None
+
+
+@dataclass
+class Setting:
+    num_tokens: int
+    d_model: int
+    num_experts: int
+    d_expert: int
+    device: torch.device
+    dtype: torch.dtype
+    seed: int = 0
+
+
+def _inputs(s: Setting) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(s.seed)
+    x = torch.randn(s.num_tokens, s.d_model, generator=generator)
+    cotangent = torch.randn(s.num_tokens, s.d_model, generator=generator)
+    x = x.to(s.device, s.dtype).requires_grad_(True)
+    return x, cotangent.to(s.device, s.dtype)
+
+
+def _module_variant(module: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, **info):
+    def output():
+        out = module(x)
+        return out.hidden_states if hasattr(out, "hidden_states") else out
+
+    def forward():
+        with torch.no_grad():
+            return output()
+
+    def forward_backward(reset_grads: bool = True):
+        if reset_grads:
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+        output().backward(cotangent)
+
+    return Variant(forward, forward_backward, **info)
+
+
+def calibrated_xmoe(s: Setting, target_experts: float, **config) -> MoELayer:
+    """An XMoE layer whose router is scaled so that, at t=0.9 and dropless, tokens want
+    ``target_experts`` experts on average: a stand-in for a trained, peaked router (a fresh
+    router is near-uniform and wants almost every expert)."""
+    torch.manual_seed(s.seed)
+    probe = MoELayer(MoEConfig(s.d_model, s.num_experts, s.d_expert, threshold=0.9))
+    x, _ = _inputs(Setting(**{**s.__dict__, "device": torch.device("cpu"), "dtype": torch.float32}))
+    base = torch.randn(s.num_experts, s.d_model, generator=torch.Generator().manual_seed(s.seed))
+    base /= s.d_model**0.5
+    low, high = 0.1, 50.0
+    with torch.no_grad():
+        for _ in range(30):
+            scale = (low * high) ** 0.5
+            probe.router.weight.copy_(base * scale)
+            wanted = probe(x.detach()).routing.experts_wanted_per_token
+            low, high = (scale, high) if wanted > target_experts else (low, scale)
+    torch.manual_seed(s.seed + 1)
+    layer = MoELayer(MoEConfig(s.d_model, s.num_experts, s.d_expert, **config))
+    with torch.no_grad():
+        layer.router.weight.copy_(base * (low * high) ** 0.5)
+    return layer.to(s.device, s.dtype)
+
+
+class DenseFFN(nn.Module):
+    """The bound: one FFN whose hidden width equals experts-per-token × d_expert."""
+
+    def __init__(self, d_model: int, hidden: int, gated: bool, bias: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=bias)
+        self.gate = nn.Linear(d_model, hidden, bias=False) if gated else None
+        self.down = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x):
+        if self.gate is not None:
+            return self.down(F.silu(self.up(x)) * self.gate(x))
+        return self.down(F.gelu(self.up(x)))
+
+
+class CapacityPadded(nn.Module):
+    """GShard-style capacity compute, as in the XMoE reference code: every expert computes all C
+    of its slots, used or not. Dispatch/combine use index copies rather than the reference's
+    (S, E, C) one-hot einsum, which only makes this baseline cheaper than the original."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_SD):
+        layer, config = self.layer, self.layer.config
+        probs_SE = layer.router.probabilities(x_SD)
+        num_tokens = x_SD.shape[0]
+        capacity = config.capacity(num_tokens)
+        pairs = route_pairs(layer.router.select(probs_SE), config.num_experts, capacity)
+        starts_E = pairs.counts_E.cumsum(0) - pairs.counts_E
+        position_N = torch.arange(pairs.token_idx_N.numel(), device=x_SD.device)
+        slot_N = pairs.expert_idx_N * capacity + position_N - starts_E[pairs.expert_idx_N]
+        slots = x_SD.new_zeros(config.num_experts * capacity, config.d_model)
+        slots = slots.index_copy(0, slot_N, x_SD.index_select(0, pairs.token_idx_N))
+        experts = layer.experts
+        h_ECH = torch.bmm(slots.view(config.num_experts, capacity, -1), experts.w1)
+        h_ECH = F.gelu(h_ECH + experts.b1.unsqueeze(1))
+        y_ECD = torch.bmm(h_ECH, experts.w2) + experts.b2.unsqueeze(1)
+        y_ND = y_ECD.reshape(-1, config.d_model).index_select(0, slot_N)
+        y_ND = y_ND * pairs.weight_N.to(y_ND.dtype).unsqueeze(1)
+        return x_SD.new_zeros(x_SD.shape).index_add(0, pairs.token_idx_N, y_ND)
+
+
+def training_variants(
+    s: Setting, threshold: float, capacity_factor: float | None, include_loop: bool = True
+) -> dict[str, Variant]:
+    """xmoe (fast path and fallback) against the dense bound and capacity padding."""
+    x, cotangent = _inputs(s)
+    variants = {}
+    layer = calibrated_xmoe(s, 4.0, threshold=threshold, capacity_factor=capacity_factor)
+    with torch.no_grad():
+        stats = layer(x).routing
+    kept = stats.experts_per_token
+    info = {"experts_per_token": kept, "moe_flops_per_token": float(stats.flops_per_token)}
+    variants["xmoe (auto)"] = _module_variant(layer, x, cotangent, **info)
+    if include_loop:
+        loop = calibrated_xmoe(
+            s, 4.0, threshold=threshold, capacity_factor=capacity_factor, backend="loop"
+        )
+        variants["xmoe (loop fallback)"] = _module_variant(loop, x, cotangent, **info)
+    hidden = max(1, round(kept * s.d_expert))
+    torch.manual_seed(s.seed)
+    bound = DenseFFN(s.d_model, hidden, gated=False, bias=True).to(s.device, s.dtype)
+    variants[f"bound: dense FFN {s.d_model}x{hidden}"] = _module_variant(
+        bound, x, cotangent, experts_per_token=kept, moe_flops_per_token=4.0 * s.d_model * hidden
+    )
+    if capacity_factor is not None:
+        capacity = layer.config.capacity(s.num_tokens)
+        padded_flops = s.num_experts * capacity * layer.config.expert_flops / s.num_tokens
+        variants[f"capacity padding (C={capacity})"] = _module_variant(
+            CapacityPadded(layer),
+            x,
+            cotangent,
+            experts_per_token=kept,
+            moe_flops_per_token=padded_flops,
+        )
+    return variants
+
+
+class XMoEExpertsOnRouting(nn.Module):
+    """xmoe's dispatch + experts on a given top-k routing (what HF's experts modules take)."""
+
+    def __init__(self, layer: MoELayer, top_k_index, top_k_weights) -> None:
+        super().__init__()
+        self.layer, self.top_k_index, self.top_k_weights = layer, top_k_index, top_k_weights
+
+    def forward(self, x_SD):
+        config = self.layer.config
+        wanted = torch.ones_like(self.top_k_index, dtype=torch.bool)
+        pairs = route_pairs(
+            Selection(self.top_k_index, self.top_k_weights, wanted), config.num_experts
+        )
+        plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, x_SD.shape[0])
+        return self.layer.experts(x_SD, plan, pairs.weight_N)
+
+
+class HFExpertsOnRouting(nn.Module):
+    def __init__(self, experts, top_k_index, top_k_weights) -> None:
+        super().__init__()
+        self.experts, self.top_k_index, self.top_k_weights = experts, top_k_index, top_k_weights
+
+    def forward(self, x_SD):
+        return self.experts(x_SD, self.top_k_index, self.top_k_weights)
+
+
+def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
+    """Identical top-k routing and identical SwiGLU weights through xmoe and HF's back-ends."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    x, cotangent = _inputs(s)
+    layer = calibrated_xmoe(
+        s, 4.0, router="topk", top_k=top_k, activation="swiglu", bias=False, init_std=0.05
+    )
+    with torch.no_grad():
+        probs = layer.router.probabilities(x)
+    top_k_weights, top_k_index = probs.topk(top_k, dim=-1)
+    top_k_weights = top_k_weights.to(s.dtype).requires_grad_(True)
+
+    variants = {
+        "xmoe": _module_variant(
+            XMoEExpertsOnRouting(layer, top_k_index, top_k_weights), x, cotangent
+        ),
+    }
+    reference = variants["xmoe"].forward()
+    pair_weight_bytes = (
+        s.num_tokens * top_k * 3 * s.d_model * s.d_expert * torch.finfo(s.dtype).bits // 8
+    )
+    implementations = ["eager", "grouped_mm"]
+    if pair_weight_bytes <= BATCHED_MM_MAX_BYTES:
+        implementations.insert(1, "batched_mm")
+    else:
+        print(
+            f"  HF batched_mm not run: it would gather {pair_weight_bytes / 2**30:.1f} GiB of "
+            "expert weights (one copy per token-expert pair)"
+        )
+    for implementation in implementations:
+        hf_config = MixtralConfig(
+            hidden_size=s.d_model,
+            intermediate_size=s.d_expert,
+            num_local_experts=s.num_experts,
+            num_experts_per_tok=top_k,
+            hidden_act="silu",
+        )
+        hf_config._experts_implementation = implementation
+        experts = MixtralExperts(hf_config).to(s.device, s.dtype)
+        with torch.no_grad():
+            w = layer.experts
+            experts.gate_up_proj.copy_(torch.cat([w.w1, w.w3], dim=2).transpose(1, 2))
+            experts.down_proj.copy_(w.w2.transpose(1, 2))
+        module = HFExpertsOnRouting(experts, top_k_index, top_k_weights)
+        variant = _module_variant(module, x, cotangent)
+        tolerance = 1e-3 if s.dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(variant.forward(), reference, rtol=tolerance, atol=tolerance)
+        variants[f"HF {implementation}"] = variant
+    torch.manual_seed(s.seed)
+    bound = DenseFFN(s.d_model, top_k * s.d_expert, gated=True, bias=False).to(s.device, s.dtype)
+    variants[f"bound: dense SwiGLU {s.d_model}x{top_k * s.d_expert}"] = _module_variant(
+        bound, x, cotangent
+    )
+    for variant in variants.values():
+        variant.experts_per_token = float(top_k)
+        variant.moe_flops_per_token = 6.0 * top_k * s.d_model * s.d_expert
+    return variants
+
+
+def pair_variants(s: Setting, d_ff: int) -> dict[str, Variant]:
+    """Top-2 over 16 experts of d_ff/2 against XMoE over 64 of d_ff/8 (equal parameters)."""
+    x, cotangent = _inputs(s)
+    top2_setting = Setting(s.num_tokens, s.d_model, 16, d_ff // 2, s.device, s.dtype, s.seed)
+    xmoe_setting = Setting(s.num_tokens, s.d_model, 64, d_ff // 8, s.device, s.dtype, s.seed)
+    layers = {
+        f"top-2 16x{d_ff // 2}": calibrated_xmoe(top2_setting, 4.0, router="topk", top_k=2),
+        f"XMoE 64x{d_ff // 8} t=0.9": calibrated_xmoe(xmoe_setting, 4.0, threshold=0.9),
+    }
+    variants = {}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            stats = layer(x).routing
+        variants[name] = _module_variant(
+            layer,
+            x,
+            cotangent,
+            experts_per_token=stats.experts_per_token,
+            moe_flops_per_token=float(stats.flops_per_token),
+        )
+    return variants
