@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := test,dev,hf,plot
 
-.PHONY: setup test demo bench lint format clean
+.PHONY: setup test demo bench reproduce lint format clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.layer
+
+# every preset x 3 seeds at one token budget (under 2 hours on 2 cores) -> docs/results/lm.md
+reproduce: setup
+	$(BIN)/xmoe reproduce
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

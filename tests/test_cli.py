@@ -1,23 +1,58 @@
-"""The command line parses and the demo runs end to end on a tiny budget."""
+"""The command line: parsing, and train / eval / generate / layer-demo end to end on `tiny`."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from xmoe.cli.main import build_parser, main
 
 
-def test_demo_runs_and_reports(capsys):
-    assert main(["demo", "--tokens", "64", "--steps", "3"]) == 0
+def test_layer_demo_runs_and_reports(capsys):
+    assert main(["layer-demo", "--tokens", "64", "--steps", "3"]) == 0
     printed = capsys.readouterr().out
     assert "XMoE / top-2 MoE FLOPs per token" in printed
     assert "experts per token of the first 24 held-out tokens" in printed
 
 
-def test_help_lists_demo():
-    assert "demo" in build_parser().format_help()
+def test_help_lists_commands():
+    text = build_parser().format_help()
+    for command in ("demo", "layer-demo", "train", "eval", "generate", "reproduce"):
+        assert command in text
 
 
 def test_bad_threads_rejected():
     with pytest.raises(SystemExit, match="--threads"):
-        main(["--threads", "0", "demo"])
+        main(["--threads", "0", "layer-demo"])
+
+
+def test_train_eval_generate_on_tiny(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--max-steps", "6", "--out", str(out), "--no-progress"]
+    assert main([*args, "lr=0.01", "moe.threshold=0.8"]) == 0
+    assert "val perplexity" in capsys.readouterr().out
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["lr"] == 0.01 and config["model"]["moe"]["threshold"] == 0.8
+
+    with pytest.raises(FileExistsError, match="resume"):
+        main(args)
+
+    assert main(["eval", str(out), "--threshold", "0.5", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "experts/token" in printed
+
+    assert main(["generate", str(out), "--prompt", "1 2 3", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.split()) == 8  # 3 prompt ids + 5 new ids
+    assert "tokens/s" in captured.err
+
+    with pytest.raises(ValueError, match="space-separated token ids"):
+        main(["generate", str(out), "--prompt", "hello"])
+
+
+def test_train_rejects_bad_override(tmp_path):
+    with pytest.raises(ValueError, match="unknown field 'nope'"):
+        main(["train", "--preset", "tiny", "--out", str(tmp_path), "nope=1"])
+    with pytest.raises(ValueError, match="lr"):
+        main(["train", "--preset", "tiny", "--out", str(tmp_path), "lr=-1"])

@@ -50,6 +50,8 @@ class MoEConfig:
         capacity_factor: None for dropless routing, or γ > 0 for a per-expert capacity
             ``C = min(max(ceil(S / E · γ), min_capacity), S)`` over the S tokens of a call.
         min_capacity: lower bound of C (≥ 1).
+        capacity_at_eval: also apply the capacity in eval mode. Off by default: inference is
+            dropless, so a token's output never depends on the other tokens of the batch.
         activation: one of :data:`ACTIVATIONS`.
         bias: whether the experts carry biases ``b1``, ``b2``.
         aux_loss_coef: coefficient of the Switch balance loss on the top-1 choice (≥ 0).
@@ -68,6 +70,7 @@ class MoEConfig:
     top_k: int = 2
     capacity_factor: float | None = None
     min_capacity: int = 4
+    capacity_at_eval: bool = False
     activation: str = "gelu"
     bias: bool = True
     aux_loss_coef: float = 0.01
@@ -114,6 +117,12 @@ class MoEConfig:
             "min_capacity",
             self.min_capacity,
             "an integer >= 1",
+        )
+        _require(
+            isinstance(self.capacity_at_eval, bool),
+            "capacity_at_eval",
+            self.capacity_at_eval,
+            "True or False",
         )
         _require(
             self.activation in ACTIVATIONS, "activation", self.activation, f"one of {ACTIVATIONS}"

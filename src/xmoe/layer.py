@@ -35,6 +35,8 @@ class MoELayer(nn.Module):
     a token, and returns :class:`MoEOutput`. Parameters: ``router.weight`` (E, d_model) and the
     stacked expert weights under ``experts.`` (see :class:`~xmoe.experts.FFNExperts`).
 
+    Capacity (``capacity_factor``) applies in training mode only, unless ``capacity_at_eval``.
+
     Compute dtype: the autocast dtype when autocast is on, else the parameters' dtype; the output
     is returned in the input's dtype outside autocast. The router always runs in fp32 or wider.
     """
@@ -76,9 +78,8 @@ class MoELayer(nn.Module):
 
         probs_SE = self.router.probabilities(x_SD)
         selection = self.router.select(probs_SE)
-        pairs = route_pairs(
-            selection, config.num_experts, config.capacity(num_tokens), config.renormalize
-        )
+        capacity = config.capacity(num_tokens) if self.training or config.capacity_at_eval else None
+        pairs = route_pairs(selection, config.num_experts, capacity, config.renormalize)
         plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, num_tokens)
 
         compute_dtype = self._compute_dtype(x)

@@ -4,29 +4,177 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _layer_demo(args: argparse.Namespace) -> int:
     from xmoe.demos.layer import DemoSettings, run_demo
 
     run_demo(DemoSettings(num_tokens=args.tokens, steps=args.steps, seed=args.seed))
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from xmoe.demos.lm import LMDemoSettings, run_lm_demo
+
+    run_lm_demo(LMDemoSettings(steps=args.steps, out=Path(args.out), seed=args.seed))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from xmoe.training.config import apply_overrides
+    from xmoe.training.presets import preset
+    from xmoe.training.trainer import train
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    config = apply_overrides(preset(args.preset), overrides)
+    out = Path(args.out or f"runs/{args.preset}")
+    result = train(config, out, resume=args.resume, progress=not args.no_progress)
+    ev = result.final_eval
+    print(
+        f"{config.preset}: {result.steps} steps, train loss {result.train_loss:.4f}, "
+        f"val perplexity {ev.perplexity:.2f}, experts/token {ev.experts_per_token:.2f}, "
+        f"MoE MFLOP/token {ev.moe_flops_per_token / 1e6:.3f}, "
+        f"{result.train_tokens_per_second:,.0f} train tokens/s -> {out}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from xmoe.training.evaluate import evaluate
+    from xmoe.training.trainer import load_model, load_token_data
+
+    model, config, meta = load_model(args.checkpoint)
+    if args.threshold is not None:
+        model.set_threshold(args.threshold)
+    model.set_capacity_at_eval(args.capacity)
+    data = load_token_data(config, progress=not args.no_progress)
+    parts = {"all": data.val}
+    for domain, (start, end) in (data.val_domains or {}).items():
+        parts[domain] = data.val[start:end]
+    print(f"{args.checkpoint}: {config.preset}, step {meta['step']}")
+    for name, tokens in parts.items():
+        ev = evaluate(model, tokens, config.batch_size, config.seq_len, args.batches or None)
+        print(
+            f"  {name:>12}: perplexity {ev.perplexity:.3f} (loss {ev.loss:.4f}, {ev.tokens:,} "
+            f"tokens), experts/token {ev.experts_per_token:.2f}, "
+            f"MoE MFLOP/token {ev.moe_flops_per_token / 1e6:.3f}"
+        )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from xmoe.demos.text import generate_text
+
+    text, stats = generate_text(
+        args.checkpoint,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        threshold=args.threshold,
+    )
+    print(text)
+    print(
+        f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: "
+        f"{stats['tokens_per_second']:.1f} tokens/s, "
+        f"experts/token {stats['experts_per_token']:.2f}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from xmoe.experiments.reproduce import ReproduceSettings, reproduce
+
+    settings = ReproduceSettings(
+        presets=tuple(args.presets),
+        seeds=args.seeds,
+        tokens=args.tokens,
+        eval_batches=args.eval_batches,
+        out=Path(args.out),
+        docs=Path(args.docs),
+        progress=not args.no_progress,
+        command="xmoe " + " ".join(sys.argv[1:]) if sys.argv[1:] else "xmoe reproduce",
+    )
+    print(f"wrote {reproduce(settings)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from xmoe.experiments.reproduce import FAMILY
+    from xmoe.training.presets import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="xmoe", description="Adaptive, fine-grained Mixture-of-Experts for PyTorch."
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="show an XMoE layer against a top-2 layer")
-    demo.add_argument("--tokens", type=int, default=512, help="training tokens (default 512)")
-    demo.add_argument("--steps", type=int, default=400, help="fitting steps (default 400)")
+    demo = commands.add_parser(
+        "demo", help="train a small XMoE and a top-2 LM on Shakespeare+KJV and compare them"
+    )
+    demo.add_argument("--steps", type=int, default=120, help="training steps per model")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    layer = commands.add_parser("layer-demo", help="an XMoE layer against a top-2 layer (toy)")
+    layer.add_argument("--tokens", type=int, default=512, help="training tokens (default 512)")
+    layer.add_argument("--steps", type=int, default=400, help="fitting steps (default 400)")
+    layer.add_argument("--seed", type=int, default=0)
+    layer.set_defaults(func=_layer_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train a language model from a preset",
+        description="Train a preset; override any field with KEY=VALUE (lr=1e-3, "
+        "model.d_model=256, moe.threshold=0.8).",
+    )
+    train.add_argument("--preset", required=True, choices=PRESETS)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--out", default=None, help="run directory (default runs/PRESET)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="validation perplexity and expert use")
+    evaluate.add_argument("checkpoint", help="run directory or checkpoint file")
+    evaluate.add_argument("--threshold", type=float, default=None, help="evaluate at this t")
+    evaluate.add_argument("--batches", type=int, default=0, help="batches (0 = all)")
+    evaluate.add_argument(
+        "--capacity", action="store_true", help="apply the training capacity (paper-style)"
+    )
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=_eval)
+
+    generate = commands.add_parser("generate", help="sample text from a trained model")
+    generate.add_argument("checkpoint", help="run directory or checkpoint file")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=100)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--threshold", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=_generate)
+
+    repro = commands.add_parser(
+        "reproduce", help="train the paper's family over seeds; write docs/results/lm.md"
+    )
+    repro.add_argument("--presets", nargs="+", default=list(FAMILY), choices=FAMILY)
+    repro.add_argument("--seeds", type=int, default=3)
+    repro.add_argument("--tokens", type=int, default=800_000, help="training tokens per run")
+    repro.add_argument("--eval-batches", type=int, default=12)
+    repro.add_argument("--out", default="runs/reproduce")
+    repro.add_argument("--docs", default="docs/results")
+    repro.add_argument("--no-progress", action="store_true")
+    repro.set_defaults(func=_reproduce)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""Text in and out of trained runs: prompts to ids, generation, per-token expert counts."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from xmoe.models import TransformerLM
+from xmoe.models.generation import generate
+from xmoe.training.checkpoint import resolve_checkpoint_path
+from xmoe.training.evaluate import experts_per_token
+from xmoe.training.trainer import TOKENIZER_NAME, load_model
+
+
+class TextCodec:
+    """Encodes and decodes text for a run: its BPE tokenizer, or space-separated ids for runs on
+    synthetic data (which have no tokenizer)."""
+
+    def __init__(self, run_dir: Path, vocab_size: int) -> None:
+        path = run_dir / TOKENIZER_NAME
+        self.vocab_size = vocab_size
+        self.tokenizer = None
+        if path.exists():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text).ids
+        try:
+            ids = [int(part) for part in text.split()]
+        except ValueError:
+            raise ValueError(
+                "this run has no tokenizer (synthetic data): give the prompt as space-separated "
+                f"token ids in [0, {self.vocab_size})"
+            ) from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"prompt ids must be in [0, {self.vocab_size})")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(ids)
+        return " ".join(str(i) for i in ids)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The text of each token on its own."""
+        return [self.decode([i]) for i in ids]
+
+
+def load_run(path: str | os.PathLike) -> tuple[TransformerLM, TextCodec]:
+    """A trained model (eval mode) and its text codec from a run directory or checkpoint."""
+    checkpoint = resolve_checkpoint_path(path)
+    model, config, _ = load_model(checkpoint)
+    return model, TextCodec(checkpoint.parent, config.model.vocab_size)
+
+
+def generate_text(
+    path: str | os.PathLike,
+    prompt: str,
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+    threshold: float | None = None,
+) -> tuple[str, dict[str, float]]:
+    """Sample a continuation of ``prompt``; returns the text and speed / expert statistics."""
+    model, codec = load_run(path)
+    if threshold is not None:
+        model.set_threshold(threshold)
+    ids = codec.encode(prompt)
+    if not ids:
+        raise ValueError("prompt is empty after tokenization: give at least one token")
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    out, experts = generate(
+        model,
+        torch.tensor([ids]),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+    )
+    seconds = time.perf_counter() - started
+    stats = {
+        "new_tokens": max_new_tokens,
+        "seconds": seconds,
+        "tokens_per_second": max_new_tokens / seconds if seconds > 0 else float("inf"),
+        "experts_per_token": sum(experts) / len(experts) if experts else 0.0,
+    }
+    return codec.decode(out[0].tolist()), stats
+
+
+def expert_count_lines(model: TransformerLM, codec: TextCodec, text: str, width: int = 100):
+    """Lines showing each token of ``text`` with the experts it used (mean over MoE layers)
+    underneath, wrapped at ``width`` characters."""
+    ids = codec.encode(text)
+    counts = experts_per_token(model, torch.tensor([ids]))[0].tolist()
+    lines, top, bottom = [], "", ""
+    for piece, count in zip(codec.pieces(ids), counts, strict=True):
+        label = piece.replace("\n", "⏎")
+        cell = max(len(label), len(f"{count:.1f}")) + 1
+        if len(top) + cell > width and top:
+            lines += [top, bottom, ""]
+            top = bottom = ""
+        top += label.ljust(cell)
+        bottom += f"{count:.1f}".ljust(cell)
+    return [*lines, top, bottom]

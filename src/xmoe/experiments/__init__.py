@@ -1,0 +1,1 @@
+"""Experiments built from the training code: the paper-style LM comparison (`xmoe reproduce`)."""

@@ -1,0 +1,131 @@
+"""ModelConfig: the decoder-only language model, validated like :class:`xmoe.MoEConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from xmoe.config import ConfigError, MoEConfig, _is_int, _require
+
+DENSE_ACTIVATIONS = ("gelu", "relu", "silu")
+
+
+@dataclass
+class ModelConfig:
+    """A pre-norm decoder-only transformer whose FFN is an MoE layer in some blocks.
+
+    Args:
+        vocab_size: number of token ids.
+        d_model: residual width.
+        num_layers: transformer blocks.
+        num_heads: attention heads; ``d_model`` must be divisible by it.
+        max_seq_len: longest sequence (positions are rotary, so this only bounds inputs).
+        d_ff: hidden width of the dense FFN in blocks without an MoE layer.
+        dense_activation: activation of the dense FFN, one of :data:`DENSE_ACTIVATIONS`.
+        moe: the MoE layer of MoE blocks, or None for a dense model. ``moe.d_model`` must equal
+            ``d_model``.
+        moe_every: block ``i`` (0-based) is an MoE block iff ``(i + 1) % moe_every == 0``:
+            1 = every block, 2 = every second block (blocks 2, 4, ... as in the paper).
+        rope_theta: base of the rotary position frequencies.
+        norm_eps: epsilon of the RMSNorms.
+        dropout: dropout on attention probabilities and residual branches, in [0, 1).
+        tie_embeddings: use the token embedding as the output projection.
+        init_std: standard deviation of the normal init of dense weights; residual output
+            projections use ``init_std / sqrt(2 * num_layers)``.
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    max_seq_len: int = 256
+    d_ff: int = 512
+    dense_activation: str = "gelu"
+    moe: MoEConfig | None = None
+    moe_every: int = 2
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "d_ff"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, value, "a positive integer")
+        _require(
+            self.d_model % self.num_heads == 0 and (self.d_model // self.num_heads) % 2 == 0,
+            "num_heads",
+            self.num_heads,
+            f"a divisor of d_model={self.d_model} leaving an even head width",
+        )
+        _require(
+            self.dense_activation in DENSE_ACTIVATIONS,
+            "dense_activation",
+            self.dense_activation,
+            f"one of {DENSE_ACTIVATIONS}",
+        )
+        _require(
+            self.moe is None or isinstance(self.moe, MoEConfig),
+            "moe",
+            self.moe,
+            "None or an MoEConfig",
+        )
+        if self.moe is not None and self.moe.d_model != self.d_model:
+            raise ConfigError(
+                f"moe.d_model={self.moe.d_model} is invalid: it must equal d_model={self.d_model}"
+            )
+        _require(
+            _is_int(self.moe_every) and 1 <= self.moe_every <= self.num_layers,
+            "moe_every",
+            self.moe_every,
+            f"an integer in [1, num_layers={self.num_layers}]",
+        )
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int | float) and math.isfinite(value) and value > 0,
+                name,
+                value,
+                "a finite number > 0",
+            )
+        _require(
+            isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0,
+            "dropout",
+            self.dropout,
+            "a number in [0, 1)",
+        )
+        _require(
+            isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "a bool"
+        )
+
+    def is_moe_block(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) holds an MoE layer."""
+        return self.moe is not None and (index + 1) % self.moe_every == 0
+
+    @property
+    def num_moe_blocks(self) -> int:
+        """Blocks at MoE positions (counted for dense models too, for FLOP comparisons)."""
+        return self.num_layers // self.moe_every
+
+    @property
+    def dense_ffn_flops(self) -> int:
+        """Forward FLOPs per token of one dense FFN (2 per multiply-add, matrices only)."""
+        return 4 * self.d_model * self.d_ff
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**values)

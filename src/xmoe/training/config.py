@@ -1,0 +1,177 @@
+"""TrainConfig: one training run (model, data, optimizer, schedule, logging), validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from xmoe.config import ConfigError, _is_int, _require
+from xmoe.models.config import ModelConfig
+
+DATA_SOURCES = ("corpus", "synthetic")
+"""``corpus``: Shakespeare + King James Bible with a BPE tokenizer (``xmoe.data``);
+``synthetic``: a small learnable Markov stream, no download (tests, the ``tiny`` preset)."""
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs besides its output directory.
+
+    Args:
+        model: the :class:`~xmoe.models.ModelConfig`.
+        data: one of :data:`DATA_SOURCES`; for ``corpus``, ``model.vocab_size`` is the BPE size.
+        batch_size: sequences per micro-batch. seq_len: tokens per sequence (≤ max_seq_len).
+        grad_accum_steps: micro-batches per optimizer step.
+        max_steps: optimizer steps; the cosine schedule ends here.
+        lr: peak learning rate; min_lr_ratio: final lr / peak lr.
+        warmup_fraction: share of max_steps with a linear warmup.
+        weight_decay: AdamW decay of matrices (norms, biases and embeddings are not decayed).
+        beta1, beta2: AdamW betas. grad_clip: max global gradient norm (0 disables clipping).
+        precision: ``fp32``, or ``bf16`` autocast.
+        eval_interval: steps between evaluations (and at the end); eval_batches: batches of
+            validation windows per evaluation (0 = the whole validation split).
+        checkpoint_interval: steps between checkpoints (and at the end).
+        log_interval: steps between training-metric log lines.
+        seed: seeds initialisation (torch) and the batch order (a separate generator).
+    """
+
+    model: ModelConfig
+    data: str = "corpus"
+    batch_size: int = 32
+    seq_len: int = 128
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.01
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    eval_interval: int = 200
+    eval_batches: int = 0
+    checkpoint_interval: int = 200
+    log_interval: int = 10
+    seed: int = 0
+    preset: str = field(default="custom")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        _require(isinstance(self.model, ModelConfig), "model", self.model, "a ModelConfig")
+        _require(self.data in DATA_SOURCES, "data", self.data, f"one of {DATA_SOURCES}")
+        for name in ("batch_size", "seq_len", "grad_accum_steps", "max_steps"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, value, "a positive integer")
+        for name in ("eval_interval", "checkpoint_interval", "log_interval"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, value, "a positive integer")
+        _require(
+            _is_int(self.eval_batches) and self.eval_batches >= 0,
+            "eval_batches",
+            self.eval_batches,
+            "an integer >= 0",
+        )
+        _require(
+            self.seq_len <= self.model.max_seq_len,
+            "seq_len",
+            self.seq_len,
+            f"at most model.max_seq_len={self.model.max_seq_len}",
+        )
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _require(
+            _finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+            "min_lr_ratio",
+            self.min_lr_ratio,
+            "a number in [0, 1]",
+        )
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(_finite(value) and 0 <= value < 1, name, value, "a number in [0, 1)")
+        _require(
+            _finite(self.warmup_fraction) and 0 <= self.warmup_fraction < 1,
+            "warmup_fraction",
+            self.warmup_fraction,
+            "a number in [0, 1)",
+        )
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _require(_finite(value) and value >= 0, name, value, "a finite number >= 0")
+        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if isinstance(current, bool):
+        if lowered not in ("true", "false", "1", "0"):
+            raise ConfigError(f"expected true or false, got {text!r}")
+        return lowered in ("true", "1")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float) or current is None:
+        try:
+            return int(text) if lowered.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            return text
+    return text
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A validated copy of ``config`` with ``key=value`` overrides applied.
+
+    Keys name TrainConfig fields (``lr=1e-3``), model fields (``model.d_model=256``) or MoE
+    fields (``moe.threshold=0.8``, short for ``model.moe.threshold``). Values are parsed to the
+    type of the field they replace; ``none`` gives None.
+    """
+    values = config.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is invalid: expected KEY=VALUE")
+        path = key.strip().split(".")
+        if path[0] == "moe":
+            path = ["model", *path]
+        target = values
+        for part in path[:-1]:
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a config section here")
+            target = target[part]
+        leaf = path[-1]
+        if leaf not in target:
+            raise ConfigError(
+                f"override {item!r}: unknown field {leaf!r}; known fields: {sorted(target)}"
+            )
+        try:
+            target[leaf] = _parse_value(text, target[leaf])
+        except ValueError as error:
+            raise ConfigError(f"override {item!r}: {error}") from None
+    return TrainConfig.from_dict(values)

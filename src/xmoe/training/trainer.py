@@ -1,0 +1,240 @@
+"""The training loop (nanoGPT-shaped): AdamW, warmup + cosine, clipping, accumulation,
+periodic eval, atomic checkpoints and exact resume, JSONL metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from xmoe.data import TokenData, prepare_corpus, random_batch, synthetic_token_data
+from xmoe.models import TransformerLM
+from xmoe.training.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from xmoe.training.config import TrainConfig
+from xmoe.training.evaluate import EvalResult, autocast_context, evaluate
+
+LOG_NAME = "log.jsonl"
+CONFIG_NAME = "train_config.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+@dataclass
+class TrainResult:
+    """Summary of a finished run: final validation metrics, throughput, where it was saved."""
+
+    out_dir: Path
+    steps: int
+    final_eval: EvalResult
+    train_tokens_per_second: float
+    train_loss: float
+
+
+def load_token_data(config: TrainConfig, progress: bool = True) -> TokenData:
+    """The token arrays a config trains on (fetching and tokenizing the corpus once)."""
+    if config.data == "synthetic":
+        return synthetic_token_data(vocab_size=config.model.vocab_size)
+    return prepare_corpus(vocab_size=config.model.vocab_size, progress=progress)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    warmup = round(config.warmup_fraction * config.max_steps)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.max_steps - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * cosine
+
+
+def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays matrices and expert weights, not norms, biases or embeddings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_matrix = param.dim() >= 2 and not name.startswith("embed.")
+        (decay if is_matrix else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _routing_summary(routing) -> dict[str, float]:
+    if not routing:
+        return {}
+    return {
+        "experts_per_token": sum(s.experts_per_token for s in routing) / len(routing),
+        "drop_fraction": sum(float(s.drop_fraction) for s in routing) / len(routing),
+    }
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    data: TokenData | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train (or resume) a run into ``out_dir``.
+
+    Args:
+        config: the run. out_dir: where checkpoint, config, tokenizer and log live.
+        resume: continue from ``out_dir``'s checkpoint (its config must match ``config``);
+            without it, an existing checkpoint is an error rather than silently overwritten.
+        data: token arrays to use instead of :func:`load_token_data` (tests).
+        progress: show a tqdm bar (on stderr).
+        stop_after: stop (after checkpointing) once this many steps are done, as if the
+            process had been interrupted there; the schedule still targets ``max_steps``.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(
+            f"{ckpt_path} exists: pass resume=True (--resume) to continue it or pick another out"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else load_token_data(config, progress)
+    if data.vocab_size != config.model.vocab_size:
+        raise ValueError(
+            f"data has vocab_size={data.vocab_size}, model.vocab_size={config.model.vocab_size}"
+        )
+
+    torch.manual_seed(config.seed)
+    model = TransformerLM(config.model)
+    optimizer = build_optimizer(model, config)
+    data_rng = torch.Generator().manual_seed(config.seed + 1)
+    step = 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.meta["train_config"] != config.to_dict():
+            raise CheckpointError(
+                f"{ckpt_path} was written by a different config; resume with the same settings"
+            )
+        model.load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.optimizer_state)
+        torch.set_rng_state(state.rng_state["torch"])
+        data_rng.set_state(state.rng_state["data"])
+        step = int(state.meta["step"])
+        _truncate_log(out_dir / LOG_NAME, step)
+    _write_json_atomic(out_dir / CONFIG_NAME, config.to_dict())
+    if data.tokenizer is not None:
+        data.tokenizer.save(str(out_dir / TOKENIZER_NAME))
+
+    def checkpoint(at_step: int) -> None:
+        meta = {"step": at_step, "train_config": config.to_dict()}
+        rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state()}
+        save_checkpoint(
+            ckpt_path, Checkpoint(model.state_dict(), optimizer.state_dict(), rng, meta)
+        )
+
+    def run_eval() -> EvalResult:
+        return evaluate(
+            model, data.val, config.batch_size, config.seq_len, config.eval_batches,
+            config.precision,
+        )  # fmt: skip
+
+    last_step = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
+    device = next(model.parameters()).device
+    model.train()
+    log = open(out_dir / LOG_NAME, "a", encoding="utf-8")  # noqa: SIM115
+    bar = tqdm(total=config.max_steps, initial=step, desc=config.preset, disable=not progress)
+    train_seconds = train_tokens = 0.0
+    loss_value = float("nan")
+    final_eval = None
+    try:
+        while step < last_step:
+            started = time.perf_counter()
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = aux_sum = 0.0
+            for _ in range(config.grad_accum_steps):
+                x_BT, y_BT = random_batch(data.train, config.batch_size, config.seq_len, data_rng)
+                x_BT, y_BT = x_BT.to(device), y_BT.to(device)
+                with autocast_context(config.precision, device):
+                    out = model(x_BT, y_BT)
+                    loss = (out.loss + out.aux_loss) / config.grad_accum_steps
+                loss.backward()
+                loss_sum += out.loss.item() / config.grad_accum_steps
+                aux_sum += out.aux_loss.item() / config.grad_accum_steps
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - started
+            train_seconds += elapsed
+            train_tokens += config.tokens_per_step
+            loss_value = loss_sum
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{config.tokens_per_step / elapsed:.0f}")
+            if step % config.log_interval == 0 or step == last_step:
+                record = {"step": step, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr}
+                record |= {
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_second": train_tokens / train_seconds,
+                }
+                record |= _routing_summary(out.routing)
+                log.write(json.dumps(record) + "\n")
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                final_eval = run_eval()
+                log.write(json.dumps({"step": step, "eval": final_eval.to_dict()}) + "\n")
+                bar.set_postfix(loss=f"{loss_sum:.3f}", val_ppl=f"{final_eval.perplexity:.2f}")
+            if step % config.checkpoint_interval == 0 or step == last_step:
+                log.flush()
+                checkpoint(step)
+            log.flush()
+    finally:
+        bar.close()
+        log.close()
+    if final_eval is None:
+        final_eval = run_eval()
+    tokens_per_second = train_tokens / train_seconds if train_seconds else float("nan")
+    return TrainResult(out_dir, step, final_eval, tokens_per_second, loss_value)
+
+
+def load_model(path: str | os.PathLike) -> tuple[TransformerLM, TrainConfig, dict]:
+    """A trained model (eval mode) from a run directory or checkpoint file, its config and
+    checkpoint metadata."""
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(state.meta["train_config"])
+    model = TransformerLM(config.model)
+    model.load_state_dict(state.model_state)
+    model.eval()
+    return model, config, state.meta

@@ -1,0 +1,130 @@
+"""The decoder LM: shapes, caching, masks, MoE placement, thresholds and config errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from xmoe import ConfigError, MoEConfig
+from xmoe.models import ModelConfig, TransformerLM
+from xmoe.models.generation import generate
+
+
+def _config(moe: bool = True, **overrides) -> ModelConfig:
+    values = {"vocab_size": 50, "d_model": 32, "num_layers": 4, "num_heads": 4}
+    values |= {"max_seq_len": 48, "d_ff": 64}
+    values |= overrides
+    moe_config = MoEConfig(d_model=values["d_model"], num_experts=8, d_expert=16) if moe else None
+    return ModelConfig(**values, moe=moe_config)
+
+
+def _model(seed: int = 0, **kwargs) -> TransformerLM:
+    torch.manual_seed(seed)
+    model = TransformerLM(_config(**kwargs))
+    # a trained-looking router: peaked probabilities, so thresholds matter
+    for layer in model.moe_layers:
+        torch.nn.init.normal_(layer.router.weight, std=1.0)
+    return model.eval()
+
+
+def test_moe_blocks_every_second_and_outputs():
+    model = _model()
+    assert [block.is_moe for block in model.blocks] == [False, True, False, True]
+    ids = torch.randint(0, 50, (3, 10))
+    out = model(ids, ids)
+    assert out.logits.shape == (3, 10, 50)
+    assert out.loss.shape == () and len(out.routing) == 2 and out.aux_loss.shape == ()
+    assert model.moe_flops_per_token(out.routing) > 0
+
+
+def test_dense_model_has_no_routing_and_counts_dense_flops():
+    model = _model(moe=False)
+    out = model(torch.randint(0, 50, (2, 5)))
+    assert out.routing == [] and float(out.aux_loss) == 0.0
+    assert model.moe_flops_per_token(out.routing) == 2 * 4 * 32 * 64
+
+
+def test_causal_prefix_independence():
+    """Logits at position i never depend on later tokens."""
+    model = _model()
+    ids = torch.randint(0, 50, (2, 12))
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 50
+    torch.testing.assert_close(model(ids).logits[:, :8], model(changed).logits[:, :8])
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_cached_greedy_generation_matches_uncached(moe):
+    model = _model(moe=moe)
+    prompt = torch.randint(0, 50, (2, 5))
+    cached, _ = generate(model, prompt, 12, temperature=0)
+    uncached, _ = generate(model, prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_left_padding_with_mask_matches_unpadded():
+    model = _model()
+    ids = torch.randint(1, 50, (1, 7))
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), ids), dim=1)
+    mask = torch.cat((torch.zeros(1, 3), torch.ones(1, 7)), dim=1)
+    positions = (mask.cumsum(1) - 1).clamp_min(0).long()
+    alone = model(ids).logits
+    inside = model(padded, attention_mask=mask, position_ids=positions).logits[:, 3:]
+    torch.testing.assert_close(inside, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_threshold_never_adds_experts():
+    model = _model()
+    ids = torch.randint(0, 50, (4, 16))
+    counts = []
+    for threshold in (1.0, 0.9, 0.7, 0.5, 0.2):
+        model.set_threshold(threshold)
+        out = model(ids)
+        counts.append(torch.stack([s.kept_per_token for s in out.routing]))
+        assert all(layer.config.threshold == threshold for layer in model.moe_layers)
+    for more, fewer in itertools.pairwise(counts):
+        assert bool((fewer <= more).all())
+    assert counts[0].float().mean() > counts[-1].float().mean()
+    with pytest.raises(ConfigError, match="threshold"):
+        model.set_threshold(1.5)
+
+
+def test_capacity_applies_in_training_only_by_default():
+    torch.manual_seed(0)
+    config = _config()
+    config.moe = MoEConfig(d_model=32, num_experts=8, d_expert=16, capacity_factor=0.5)
+    model = TransformerLM(config)
+    ids = torch.randint(0, 50, (4, 16))
+    model.train()
+    assert float(model(ids).routing[0].drop_fraction) > 0
+    model.eval()
+    assert float(model(ids).routing[0].drop_fraction) == 0
+    model.set_capacity_at_eval(True)
+    assert float(model(ids).routing[0].drop_fraction) > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ({"num_heads": 5}, "num_heads"),
+        ({"moe_every": 9}, "moe_every"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"dense_activation": "tanh"}, "dense_activation"),
+    ],
+)
+def test_bad_model_config_names_the_field(overrides, name):
+    with pytest.raises(ConfigError, match=name):
+        _config(**overrides)
+
+
+def test_moe_width_must_match_model():
+    with pytest.raises(ConfigError, match=r"moe\.d_model"):
+        ModelConfig(vocab_size=10, d_model=32, num_heads=2, moe=MoEConfig(64, 4, 8))
+
+
+def test_too_long_input_rejected():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        _model()(torch.zeros(1, 49, dtype=torch.long))
