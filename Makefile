@@ -23,6 +23,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.layer
+	$(BIN)/python -m benchmarks.decode
 
 # every preset x 3 seeds at one token budget (under 2 hours on 2 cores) -> docs/results/lm.md
 reproduce: setup

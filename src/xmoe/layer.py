@@ -35,7 +35,8 @@ class MoELayer(nn.Module):
     a token, and returns :class:`MoEOutput`. Parameters: ``router.weight`` (E, d_model) and the
     stacked expert weights under ``experts.`` (see :class:`~xmoe.experts.FFNExperts`).
 
-    Capacity (``capacity_factor``) applies in training mode only, unless ``capacity_at_eval``.
+    Capacity (``capacity_factor``) applies in training mode only, unless ``capacity_at_eval``;
+    the balance loss is computed in training mode only (zero in eval mode).
 
     Compute dtype: the autocast dtype when autocast is on, else the parameters' dtype; the output
     is returned in the input's dtype outside autocast. The router always runs in fp32 or wider.
@@ -91,7 +92,8 @@ class MoELayer(nn.Module):
             y_SD = y_SD.to(x.dtype)
 
         top1_expert_S = selection.expert_idx_SK[:, 0]
-        if num_tokens == 0:
+        if num_tokens == 0 or not self.training:
+            # the balance loss only steers training; inference skips its kernels
             aux_loss = probs_SE.sum() * 0.0
         else:
             aux_loss = config.aux_loss_coef * switch_balance_loss(probs_SE, top1_expert_S)

@@ -23,6 +23,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_if_possible(run: Path) -> None:
+    """Make a finished run a transformers directory too (needs the ``hf`` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: skipped the HF export (pip install xmoe[hf])")
+        return
+    from xmoe.hf import export_run
+
+    export_run(run)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from xmoe.hf import export_run
+
+    out = export_run(args.run, args.out)
+    print(f"wrote a transformers model directory: {out}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from xmoe.training.config import apply_overrides
     from xmoe.training.presets import preset
@@ -34,6 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     config = apply_overrides(preset(args.preset), overrides)
     out = Path(args.out or f"runs/{args.preset}")
     result = train(config, out, resume=args.resume, progress=not args.no_progress)
+    _export_if_possible(out)
     ev = result.final_eval
     print(
         f"{config.preset}: {result.steps} steps, train loss {result.train_loss:.4f}, "
@@ -164,12 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(func=_generate)
 
+    export = commands.add_parser(
+        "export", help="write a run as a transformers directory (AutoModelForCausalLM)"
+    )
+    export.add_argument("run", help="run directory or checkpoint file")
+    export.add_argument("--out", default=None, help="target directory (default: the run)")
+    export.set_defaults(func=_export)
+
     repro = commands.add_parser(
         "reproduce", help="train the paper's family over seeds; write docs/results/lm.md"
     )
     repro.add_argument("--presets", nargs="+", default=list(FAMILY), choices=FAMILY)
     repro.add_argument("--seeds", type=int, default=3)
-    repro.add_argument("--tokens", type=int, default=800_000, help="training tokens per run")
+    repro.add_argument("--tokens", type=int, default=400_000, help="training tokens per run")
     repro.add_argument("--eval-batches", type=int, default=12)
     repro.add_argument("--out", default="runs/reproduce")
     repro.add_argument("--docs", default="docs/results")

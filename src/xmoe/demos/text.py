@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from xmoe.models import TransformerLM
-from xmoe.models.generation import generate
+from xmoe.models.usage import ExpertUsage
 from xmoe.training.checkpoint import resolve_checkpoint_path
 from xmoe.training.evaluate import experts_per_token
 from xmoe.training.trainer import TOKENIZER_NAME, load_model
@@ -69,29 +69,47 @@ def generate_text(
     seed: int = 0,
     threshold: float | None = None,
 ) -> tuple[str, dict[str, float]]:
-    """Sample a continuation of ``prompt``; returns the text and speed / expert statistics."""
-    model, codec = load_run(path)
+    """Sample a continuation of ``prompt`` through the transformers model and its
+    ``generate()`` (KV cache); returns the text and speed / expert statistics.
+    ``temperature=0`` is greedy."""
+    from xmoe.hf import hf_model_from_run
+
+    checkpoint = resolve_checkpoint_path(path)
+    model = hf_model_from_run(checkpoint)
+    codec = TextCodec(checkpoint.parent, model.config.vocab_size)
     if threshold is not None:
         model.set_threshold(threshold)
     ids = codec.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty after tokenization: give at least one token")
-    generator = torch.Generator().manual_seed(seed)
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is invalid: must be >= 0 (0 = greedy)")
+    limit = model.config.max_seq_len
+    if len(ids) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds "
+            f"max_seq_len={limit}"
+        )
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0}
+    torch.manual_seed(seed)
     started = time.perf_counter()
-    out, experts = generate(
-        model,
-        torch.tensor([ids]),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        generator=generator,
-    )
+    with ExpertUsage(model) as usage:
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            pad_token_id=model.config.pad_token_id,
+            **sampling,
+        )
     seconds = time.perf_counter() - started
+    new_tokens = out.shape[1] - len(ids)
     stats = {
-        "new_tokens": max_new_tokens,
+        "new_tokens": new_tokens,
         "seconds": seconds,
-        "tokens_per_second": max_new_tokens / seconds if seconds > 0 else float("inf"),
-        "experts_per_token": sum(experts) / len(experts) if experts else 0.0,
+        "tokens_per_second": new_tokens / seconds if seconds > 0 else float("inf"),
+        "experts_per_token": usage.experts_per_token,
     }
     return codec.decode(out[0].tolist()), stats
 

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from xmoe.dispatch.plan import DispatchPlan
 
-BATCHED_MAX_PAIRS = 32
-"""Up to this many pairs, gathering one weight copy per pair and a ``bmm`` beats walking all E
-groups (perf_notes §2.2: decode-sized batches)."""
+BATCHED_MAX_WEIGHT_ELEMENTS = 1 << 19
+"""While pairs x d_model x d_expert stays within this, gathering one weight copy per pair and a
+``bmm`` beats walking all E groups (perf_notes §2.2: decode-sized batches). Measured on 2 CPU
+threads at d_model=512, d_expert=128: batched wins up to 8 pairs, grouped from 16."""
 
 
 class LoopEngine:
@@ -97,7 +98,8 @@ def choose_engine(
         dims: the matrix widths (d_model, d_expert) that must meet ``grouped_mm``'s alignment.
     """
     if backend == "auto":
-        if num_pairs <= BATCHED_MAX_PAIRS:
+        d_model, d_expert = dims[0], dims[1]
+        if num_pairs * d_model * d_expert <= BATCHED_MAX_WEIGHT_ELEMENTS:
             return BatchedEngine
         return GroupedEngine if grouped_supported(dtype, device, *dims) else LoopEngine
     if backend == "grouped" and not grouped_supported(dtype, device, *dims):

@@ -51,7 +51,7 @@ class ReproduceSettings:
 
     presets: tuple[str, ...] = FAMILY
     seeds: int = 3
-    tokens: int = 800_000
+    tokens: int = 400_000
     eval_batches: int = 12
     out: Path = Path("runs/reproduce")
     docs: Path = Path("docs/results")

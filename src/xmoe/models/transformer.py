@@ -238,22 +238,16 @@ class TransformerLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(
+    def backbone(
         self,
         input_ids: torch.Tensor,
-        targets: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KeyValueCache | None = None,
-    ) -> LMOutput:
-        """Args:
-        input_ids: (B, T) token ids.
-        targets: (B, T) next-token ids, -100 where ignored; None skips the loss.
-        position_ids: (B, T) rotary positions; default ``past + arange(T)``.
-        attention_mask: (B, past + T) 1 for real tokens, 0 for padding, or None.
-        cache: a :class:`KeyValueCache` to read and extend, or None.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats]]:
+        """The blocks and the final norm: (B, T, D) hidden states, summed aux loss, routing.
+        Arguments as in :meth:`forward`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: need (B, T)")
         B, T = input_ids.shape
@@ -277,7 +271,28 @@ class TransformerLM(nn.Module):
             if stats is not None:
                 aux_loss = aux_loss + block_aux
                 routing.append(stats)
-        logits_BTV = F.linear(self.norm(x_BTD), self.output_weight())
+        return self.norm(x_BTD), aux_loss, routing
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KeyValueCache | None = None,
+    ) -> LMOutput:
+        """Args:
+        input_ids: (B, T) token ids.
+        targets: (B, T) next-token ids, -100 where ignored; None skips the loss.
+        position_ids: (B, T) rotary positions; default ``past + arange(T)``.
+        attention_mask: (B, past + T) 1 for real tokens, 0 for padding, or None.
+        cache: a :class:`KeyValueCache` to read and extend, or None.
+        """
+        hidden_BTD, aux_loss, routing = self.backbone(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
+        )
+        logits_BTV = F.linear(hidden_BTD, self.output_weight())
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

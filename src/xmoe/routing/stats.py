@@ -1,19 +1,22 @@
-"""Per-call routing statistics (all detached; reading them as numbers syncs once)."""
+"""Per-call routing statistics, computed on first access (all detached).
+
+Building them eagerly cost a dozen small kernels per call, which shows at decode sizes; the
+router's decisions are kept and each statistic is derived when read.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from xmoe.routing.pairs import RoutedPairs
 
 
-@dataclass
 class RoutingStats:
     """What the router decided in one call.
 
-    Attributes:
+    Attributes (tensors, computed on first access):
         wanted_per_token: (S,) experts each token's rule selected, before capacity.
         kept_per_token: (S,) experts each token was computed with, after capacity.
         expert_load: (E,) kept pairs per expert.
@@ -25,39 +28,58 @@ class RoutingStats:
             the expert's FLOPs, plus the router, divided by S.
     """
 
-    wanted_per_token: torch.Tensor
-    kept_per_token: torch.Tensor
-    expert_load: torch.Tensor
-    top1_load: torch.Tensor
-    drop_fraction: torch.Tensor
-    top1_drop_fraction: torch.Tensor
-    tokens_with_drop_fraction: torch.Tensor
-    flops_per_token: torch.Tensor
-
-    @classmethod
-    @torch.no_grad()
-    def from_pairs(
-        cls,
+    def __init__(
+        self,
         pairs: RoutedPairs,
         top1_expert_S: torch.Tensor,
         expert_flops: int,
         router_flops: int,
+    ) -> None:
+        self._wanted_SK = pairs.wanted_SK.detach()
+        self._kept_SK = pairs.kept_SK.detach()
+        self._top1_expert_S = top1_expert_S.detach()
+        self.expert_load = pairs.counts_E.detach()
+        self._expert_flops = expert_flops
+        self._router_flops = router_flops
+
+    @classmethod
+    def from_pairs(
+        cls, pairs: RoutedPairs, top1_expert_S: torch.Tensor, expert_flops: int, router_flops: int
     ) -> RoutingStats:
-        wanted_S = pairs.wanted_SK.sum(dim=1)
-        kept_S = pairs.kept_SK.sum(dim=1)
-        num_tokens = max(wanted_S.numel(), 1)
-        num_wanted = wanted_S.sum().clamp_min(1)
-        num_kept = kept_S.sum()
-        return cls(
-            wanted_per_token=wanted_S,
-            kept_per_token=kept_S,
-            expert_load=pairs.counts_E,
-            top1_load=torch.bincount(top1_expert_S, minlength=pairs.counts_E.numel()),
-            drop_fraction=1.0 - num_kept / num_wanted,
-            top1_drop_fraction=(~pairs.kept_SK[:, 0]).sum() / num_tokens,
-            tokens_with_drop_fraction=(kept_S < wanted_S).sum() / num_tokens,
-            flops_per_token=(num_kept * expert_flops) / num_tokens + router_flops,
-        )
+        return cls(pairs, top1_expert_S, expert_flops, router_flops)
+
+    @cached_property
+    def wanted_per_token(self) -> torch.Tensor:
+        return self._wanted_SK.sum(dim=1)
+
+    @cached_property
+    def kept_per_token(self) -> torch.Tensor:
+        return self._kept_SK.sum(dim=1)
+
+    @property
+    def _num_tokens(self) -> int:
+        return max(self._wanted_SK.shape[0], 1)
+
+    @cached_property
+    def top1_load(self) -> torch.Tensor:
+        return torch.bincount(self._top1_expert_S, minlength=self.expert_load.numel())
+
+    @cached_property
+    def drop_fraction(self) -> torch.Tensor:
+        return 1.0 - self.kept_per_token.sum() / self.wanted_per_token.sum().clamp_min(1)
+
+    @cached_property
+    def top1_drop_fraction(self) -> torch.Tensor:
+        return (~self._kept_SK[:, 0]).sum() / self._num_tokens
+
+    @cached_property
+    def tokens_with_drop_fraction(self) -> torch.Tensor:
+        return (self.kept_per_token < self.wanted_per_token).sum() / self._num_tokens
+
+    @cached_property
+    def flops_per_token(self) -> torch.Tensor:
+        kept = self.kept_per_token.sum()
+        return (kept * self._expert_flops) / self._num_tokens + self._router_flops
 
     @property
     def experts_per_token(self) -> float:

@@ -1,0 +1,65 @@
+"""XMoEConfig: the transformers ``PretrainedConfig`` of xmoe language models."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from transformers import PretrainedConfig
+
+from xmoe.config import MoEConfig
+from xmoe.models.config import ModelConfig
+
+_MODEL_FIELDS = [f for f in dataclasses.fields(ModelConfig) if f.name != "moe"]
+
+
+class XMoEConfig(PretrainedConfig):
+    """A :class:`~xmoe.models.ModelConfig` as a transformers config (``model_type="xmoe"``).
+
+    Takes the ModelConfig fields as keyword arguments (``moe`` as a dict of
+    :class:`~xmoe.MoEConfig` fields, or None for a dense model) and validates them with the same
+    rules at construction: a bad value raises :class:`xmoe.ConfigError` naming the field.
+    """
+
+    model_type = "xmoe"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    attribute_map: ClassVar[dict[str, str]] = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "max_position_embeddings": "max_seq_len",
+        "intermediate_size": "d_ff",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        moe: dict[str, Any] | MoEConfig | None = None,
+        eos_token_id: int | None = 0,
+        pad_token_id: int | None = 0,
+        **kwargs: Any,
+    ) -> None:
+        model_values = {f.name: kwargs.pop(f.name) for f in _MODEL_FIELDS if f.name in kwargs}
+        if isinstance(moe, MoEConfig):
+            moe = moe.to_dict()
+        checked = ModelConfig(
+            vocab_size=vocab_size,
+            moe=MoEConfig.from_dict(moe) if moe is not None else None,
+            **model_values,
+        )
+        for field in _MODEL_FIELDS:
+            setattr(self, field.name, getattr(checked, field.name))
+        self.moe = checked.moe.to_dict() if checked.moe is not None else None
+        kwargs.setdefault("tie_word_embeddings", checked.tie_embeddings)
+        super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    def to_model_config(self) -> ModelConfig:
+        """The validated :class:`~xmoe.models.ModelConfig` these settings describe."""
+        values = {f.name: getattr(self, f.name) for f in _MODEL_FIELDS}
+        moe = MoEConfig.from_dict(self.moe) if self.moe is not None else None
+        return ModelConfig(moe=moe, **values)
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig, **kwargs: Any) -> XMoEConfig:
+        values = config.to_dict()
+        return cls(**values, **kwargs)
