@@ -118,3 +118,50 @@ def test_empty_input():
     assert out.hidden_states.shape == (0, 8)
     (out.hidden_states.sum() + out.aux_loss).backward()
     assert x.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", ["grouped", "loop", "batched"])
+@pytest.mark.parametrize(("activation", "bias"), [("gelu", True), ("swiglu", False)])
+def test_chunked_expert_ranges_match_reference(monkeypatch, backend, activation, bias):
+    """Large plans run expert range by expert range; force many small chunks (one expert over
+    the limit on its own included) and check outputs and every gradient."""
+    from xmoe.experts import ffn_function
+
+    monkeypatch.setattr(ffn_function, "CHUNK_ELEMENTS", 16 * 7)  # 7 rows per chunk at d=16
+    dtype = torch.float64 if backend == "loop" else torch.float32
+    tolerance = (
+        {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    )
+    config = MoEConfig(
+        d_model=16, num_experts=12, d_expert=8, threshold=0.8, capacity_factor=2.0,
+        activation=activation, bias=bias, backend=backend,
+    )  # fmt: skip
+    layer = make_layer(config, dtype=dtype, seed=11)
+    x = torch.randn(48, 16)
+    out, ref, layer_grads, ref_grads = run_both(layer, x)
+    assert int(out.routing.kept_per_token.sum()) > 3 * 7  # really several chunks
+    torch.testing.assert_close(out.hidden_states.double(), ref.hidden_states, **tolerance)
+    assert_close_grads(layer_grads, ref_grads, **tolerance)
+
+
+def test_plan_chunks_cover_rows_and_experts_in_order():
+    from xmoe.dispatch import DispatchPlan
+
+    counts = torch.tensor([3, 0, 9, 1, 0, 2, 4, 0])
+    expert_N = torch.repeat_interleave(torch.arange(8), counts)
+    plan = DispatchPlan(torch.arange(expert_N.numel()), expert_N, counts, expert_N.numel())
+    expected = {  # a chunk closes once it holds max_rows; trailing empty experts join the last
+        4: ([(0, 12), (12, 19)], [(0, 3), (3, 8)]),
+        1: (
+            [(0, 3), (3, 12), (12, 13), (13, 15), (15, 19)],
+            [(0, 1), (1, 3), (3, 4), (4, 6), (6, 8)],
+        ),
+    }
+    for max_rows, (row_ranges, expert_ranges) in expected.items():
+        chunks = plan.chunks(max_rows)
+        assert [(r.start, r.stop) for _, r, _ in chunks] == row_ranges
+        assert [(e.start, e.stop) for _, _, e in chunks] == expert_ranges
+        for sub, rows, experts in chunks:
+            assert torch.equal(sub.expert_idx_N + experts.start, expert_N[rows])
+            assert torch.equal(sub.counts_E, counts[experts])
+    assert plan.chunks(100)[0][0] is plan

@@ -128,3 +128,19 @@ def test_moe_width_must_match_model():
 def test_too_long_input_rejected():
     with pytest.raises(ValueError, match="max_seq_len"):
         _model()(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_expert_usage_counts_what_the_layers_computed():
+    from xmoe.models.usage import ExpertUsage
+
+    model = _model()
+    ids = torch.randint(0, 50, (2, 9))
+    with ExpertUsage(model) as usage:
+        out = model(ids)
+        model(ids[:, :3])
+    kept = [s.kept_per_token.float() for s in out.routing]
+    assert usage.tokens == [18 + 6] * 2
+    first_call = sum(float(k.sum()) for k in kept)
+    assert sum(usage.pairs) > first_call  # the second call was counted too
+    model(ids)  # hooks are gone after the block
+    assert usage.tokens == [24, 24]

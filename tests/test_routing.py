@@ -34,20 +34,22 @@ def test_threshold_one_keeps_every_positive_probability_only():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ranked_topk_breaks_ties_toward_lower_index(dtype):
+@pytest.mark.parametrize("repeats", [1, 1100])  # a small call sorts; a large fp32 one uses keys
+def test_ranked_topk_breaks_ties_toward_lower_index(dtype, repeats):
     probs = torch.tensor([[0.2, 0.3, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25]], dtype=dtype)
-    values, idx = ranked_topk(probs, 3)
-    assert idx.tolist() == [[1, 3, 0], [0, 1, 2]]
+    values, idx = ranked_topk(probs.repeat(repeats, 1), 3)
+    assert idx.tolist() == [[1, 3, 0], [0, 1, 2]] * repeats
     assert values.dtype == dtype
 
 
 def test_ranked_topk_fp32_key_agrees_with_stable_sort():
     """The fp32 bit-key ranking and the float64 stable sort give the same order, ties included."""
-    probs = torch.randint(0, 6, (500, 33)).float().softmax(-1)  # many exact ties per row
-    for k in (1, 5, 33):
-        _, idx32 = ranked_topk(probs, k)
-        _, idx64 = ranked_topk(probs.double(), k)
-        assert torch.equal(idx32, idx64)
+    for rows in (500, 20):  # the key path and the small-call sort path
+        probs = torch.randint(0, 6, (rows, 33)).float().softmax(-1)  # many exact ties per row
+        for k in (1, 5, 33):
+            _, idx32 = ranked_topk(probs, k)
+            _, idx64 = ranked_topk(probs.double(), k)
+            assert torch.equal(idx32, idx64)
 
 
 @pytest.mark.parametrize(

@@ -47,13 +47,48 @@ class DispatchPlan:
         counts = self.counts_E.tolist()
         return [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends, strict=True)) if n]
 
+    def chunks(self, max_rows: int) -> list[tuple[DispatchPlan, slice, slice]]:
+        """Split into consecutive expert ranges of about ``max_rows`` rows each.
+
+        Returns ``(sub_plan, rows, experts)`` triples covering all rows and all E experts in
+        order; a sub-plan's expert ids are relative to ``experts.start``. One chunk (this plan,
+        no host sync) when the plan is small enough. An expert with more rows than
+        ``max_rows`` is a chunk of its own.
+        """
+        if self.num_pairs <= max_rows:
+            return [(self, slice(0, self.num_pairs), slice(0, self.num_experts))]
+        cuts, total = [0], 0  # expert index where each chunk starts
+        counts = self.counts_E.tolist()
+        for expert, count in enumerate(counts[:-1]):
+            total += count
+            if total >= max_rows:
+                cuts.append(expert + 1)
+                total = 0
+        ends = self.counts_E.cumsum(0).tolist()
+        if len(cuts) > 1 and ends[-1] == ends[cuts[-1] - 1]:
+            cuts.pop()  # only empty experts after the last cut: fold them into the chunk before
+        result = []
+        for first, last in zip(cuts, [*cuts[1:], len(counts)], strict=True):
+            rows = slice(ends[first - 1] if first else 0, ends[last - 1])
+            experts = slice(first, last)
+            sub = DispatchPlan(
+                self.token_idx_N[rows],
+                self.expert_idx_N[rows] - first,
+                self.counts_E[experts],
+                self.num_tokens,
+            )
+            result.append((sub, rows, experts))
+        return result
+
     def gather(self, x_SD: torch.Tensor) -> torch.Tensor:
         """(S, D) token rows -> (N, D) grouped rows."""
         return x_SD.index_select(0, self.token_idx_N)
 
-    def scatter_add(self, y_ND: torch.Tensor) -> torch.Tensor:
-        """(N, D) grouped rows -> (S, D) token rows, summing the rows of each token."""
-        out_SD = y_ND.new_zeros(self.num_tokens, y_ND.shape[1])
+    def scatter_add(self, y_ND: torch.Tensor, out_SD: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) grouped rows -> (S, D) token rows, summing the rows of each token (into
+        ``out_SD`` when given, else into zeros)."""
+        if out_SD is None:
+            out_SD = y_ND.new_zeros(self.num_tokens, y_ND.shape[1])
         return out_SD.index_add_(0, self.token_idx_N, y_ND)
 
     def expert_sum(self, y_ND: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ import torch
 
 _INDEX_BITS = 20  # room for E < 2**20 experts in the low bits of the fp32 sort key
 
+SMALL_SORT_ELEMENTS = 4096
+"""Up to this many probabilities (S x E), one stable full sort is cheaper than building the
+int64 tie-break keys for ``topk`` (decode-sized calls are dominated by per-op overhead)."""
+
 
 @dataclass
 class Selection:
@@ -33,8 +37,9 @@ def ranked_topk(probs_SE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
     ``torch.topk`` leaves the order of equal values unspecified, so for fp32 probabilities the
     ranking runs on an int64 key holding the float's bits (monotone for non-negative floats) above
-    the reversed expert id. Wider dtypes take a stable full sort (they are the reference and
-    gradcheck path, where E is small).
+    the reversed expert id. Wider dtypes (the reference and gradcheck path) and small calls
+    (at most :data:`SMALL_SORT_ELEMENTS` probabilities) take a stable full sort, whose order of
+    equal values is the same.
 
     Args:
         probs_SE: (S, E) non-negative probabilities, fp32 or float64.
@@ -44,7 +49,8 @@ def ranked_topk(probs_SE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         ``(probs_SK, expert_idx_SK)``; ``probs_SK`` keeps the autograd graph of ``probs_SE``.
     """
     num_experts = probs_SE.shape[-1]
-    if probs_SE.dtype == torch.float32 and num_experts < 2**_INDEX_BITS:
+    small = probs_SE.numel() <= SMALL_SORT_ELEMENTS
+    if probs_SE.dtype == torch.float32 and num_experts < 2**_INDEX_BITS and not small:
         bits_SE = probs_SE.detach().view(torch.int32).to(torch.int64)
         reversed_id_E = torch.arange(
             num_experts - 1, -1, -1, device=probs_SE.device, dtype=torch.int64

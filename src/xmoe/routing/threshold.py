@@ -6,7 +6,7 @@ import torch
 
 from xmoe.routing import ROUTERS
 from xmoe.routing.base import Router
-from xmoe.routing.selection import Selection, ranked_topk
+from xmoe.routing.selection import SMALL_SORT_ELEMENTS, Selection, ranked_topk
 
 _FIRST_GUESS = 8  # experts ranked per token before widening; most trained tokens need fewer
 
@@ -23,7 +23,8 @@ class ThresholdRouter(Router):
     def select(self, probs_SE: torch.Tensor) -> Selection:
         threshold = float(self.config.threshold)
         num_experts = probs_SE.shape[-1]
-        width = num_experts if threshold >= 1.0 else min(num_experts, _FIRST_GUESS)
+        full = threshold >= 1.0 or probs_SE.numel() <= SMALL_SORT_ELEMENTS  # one sort is cheapest
+        width = num_experts if full else min(num_experts, _FIRST_GUESS)
         while True:
             probs_SK, expert_idx_SK = ranked_topk(probs_SE, width)
             if threshold >= 1.0:
