@@ -96,6 +96,7 @@ def _generate_fn(model, prompt, new_tokens):
     def run():
         model.generate(
             prompt,
+            attention_mask=torch.ones_like(prompt),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,

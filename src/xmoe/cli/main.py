@@ -65,6 +65,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_same_tokenizer(run: Path, data) -> None:
+    """Refuse to score a run on token ids from a different tokenizer than it was trained with."""
+    from xmoe.training.checkpoint import resolve_checkpoint_path
+    from xmoe.training.trainer import TOKENIZER_NAME
+
+    saved = resolve_checkpoint_path(run).parent / TOKENIZER_NAME
+    if data.tokenizer is None or not saved.exists():
+        return
+    from tokenizers import Tokenizer
+
+    if Tokenizer.from_file(str(saved)).get_vocab() != data.tokenizer.get_vocab():
+        raise SystemExit(
+            f"the tokenizer in {saved} differs from the corpus tokenizer in the cache; "
+            "evaluate with the cache the run was trained with (XMOE_CACHE_DIR)"
+        )
+
+
 def _eval(args: argparse.Namespace) -> int:
     from xmoe.training.evaluate import evaluate
     from xmoe.training.trainer import load_model, load_token_data
@@ -74,6 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
         model.set_threshold(args.threshold)
     model.set_capacity_at_eval(args.capacity)
     data = load_token_data(config, progress=not args.no_progress)
+    _check_same_tokenizer(Path(args.checkpoint), data)
     parts = {"all": data.val}
     for domain, (start, end) in (data.val_domains or {}).items():
         parts[domain] = data.val[start:end]

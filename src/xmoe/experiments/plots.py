@@ -20,22 +20,27 @@ def _pyplot():
 
 def plot_ppl_vs_flops(records: list[dict], table: dict, path: Path) -> None:
     """Validation perplexity against MoE FLOPs per token: one point per preset (mean ± std over
-    seeds), and the XMoE models' evaluation-time t sweeps as lines."""
+    seeds; hollow: with the training capacity applied at evaluation), and the XMoE models'
+    evaluation-time t sweeps (dropless) as dashed lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, row in table.items():
         (ppl, ppl_sd), (flops, flops_sd) = row["perplexity"], row["moe_mflops"]
-        ax.errorbar(flops, ppl, xerr=flops_sd, yerr=ppl_sd, fmt="o", capsize=3, label=name)
+        bar = ax.errorbar(flops, ppl, xerr=flops_sd, yerr=ppl_sd, fmt="o", capsize=3, label=name)
+        color = bar.lines[0].get_color()
+        if name != "dense":
+            (cap_ppl, _), (cap_flops, _) = row["perplexity_capacity"], row["moe_mflops_capacity"]
+            ax.plot(cap_flops, cap_ppl, "o", mfc="none", color=color, ms=9)
         runs = [r for r in records if r["preset"] == name and r["sweep"]]
         if runs:
             xs = np.mean([[p["moe_flops_per_token"] / 1e6 for p in r["sweep"]] for r in runs], 0)
             ys = np.mean([[p["perplexity"] for p in r["sweep"]] for r in runs], 0)
-            ax.plot(xs, ys, "--", color=ax.lines[-1].get_color(), alpha=0.6)
+            ax.plot(xs, ys, "--", color=color, alpha=0.6)
             for point, x, y in zip(runs[0]["sweep"], xs, ys, strict=True):
                 ax.annotate(f"t={point['threshold']}", (x, y), fontsize=6, alpha=0.7)
     ax.set_xlabel("MoE-position FFN MFLOP per token (forward, computed)")
     ax.set_ylabel("validation perplexity")
-    ax.set_title("Perplexity vs MoE compute (dashed: t swept at evaluation)")
+    ax.set_title("Perplexity vs MoE compute (hollow: capacity at eval; dashed: t sweep)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
