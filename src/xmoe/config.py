@@ -35,8 +35,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class DictConfig:
+    """``to_dict`` / ``from_dict`` for the config dataclasses; unknown keys are an error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**values)
+
+
 @dataclass
-class MoEConfig:
+class MoEConfig(DictConfig):
     """Configuration of one :class:`xmoe.MoELayer`.
 
     Args:
@@ -169,16 +186,3 @@ class MoEConfig:
             return None
         raw = math.ceil(num_tokens / self.num_experts * self.capacity_factor)
         return min(max(raw, self.min_capacity), num_tokens)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown MoEConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**values)

@@ -12,7 +12,7 @@ from xmoe.models import TransformerLM
 from xmoe.models.usage import ExpertUsage
 from xmoe.training.checkpoint import resolve_checkpoint_path
 from xmoe.training.evaluate import experts_per_token
-from xmoe.training.trainer import TOKENIZER_NAME, load_model
+from xmoe.training.trainer import TOKENIZER_NAME
 
 
 class TextCodec:
@@ -50,13 +50,6 @@ class TextCodec:
     def pieces(self, ids: list[int]) -> list[str]:
         """The text of each token on its own."""
         return [self.decode([i]) for i in ids]
-
-
-def load_run(path: str | os.PathLike) -> tuple[TransformerLM, TextCodec]:
-    """A trained model (eval mode) and its text codec from a run directory or checkpoint."""
-    checkpoint = resolve_checkpoint_path(path)
-    model, config, _ = load_model(checkpoint)
-    return model, TextCodec(checkpoint.parent, config.model.vocab_size)
 
 
 def generate_text(

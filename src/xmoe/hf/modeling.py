@@ -82,8 +82,6 @@ def _positions_from_mask(
 class XMoEModel(XMoEPreTrainedModel):
     """The decoder without its output projection: (B, T, D) final hidden states."""
 
-    base_model_prefix = "model"
-
     def __init__(self, config: XMoEConfig) -> None:
         super().__init__(config)
         self.lm = TransformerLM(config.to_model_config())
@@ -148,10 +146,10 @@ class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.model.lm.embed
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value) -> None:
-        self.model.lm.embed = value
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self):
         return self.model.lm.lm_head  # None when tied: the embedding matrix is used directly

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from xmoe.config import ConfigError, MoEConfig, _is_int, _require
+from xmoe.config import ConfigError, DictConfig, MoEConfig, _is_int, _require
 
 DENSE_ACTIVATIONS = ("gelu", "relu", "silu")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
     """A pre-norm decoder-only transformer whose FFN is an MoE layer in some blocks.
 
     Args:
@@ -116,16 +114,3 @@ class ModelConfig:
     def dense_ffn_flops(self) -> int:
         """Forward FLOPs per token of one dense FFN (2 per multiply-add, matrices only)."""
         return 4 * self.d_model * self.d_ff
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**values)

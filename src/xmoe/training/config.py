@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from xmoe.config import ConfigError, _is_int, _require
+from xmoe.config import ConfigError, DictConfig, _is_int, _require
 from xmoe.models.config import ModelConfig
 
 DATA_SOURCES = ("corpus", "synthetic")
@@ -18,7 +17,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Everything a run needs besides its output directory.
 
     Args:
@@ -58,7 +57,7 @@ class TrainConfig:
     checkpoint_interval: int = 200
     log_interval: int = 10
     seed: int = 0
-    preset: str = field(default="custom")
+    preset: str = "custom"
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -108,19 +107,6 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum_steps
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**values)
 
 
 def _finite(value: Any) -> bool:
