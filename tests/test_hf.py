@@ -109,6 +109,36 @@ def test_set_threshold_changes_experts_monotonically_and_is_saved(tmp_path):
     )
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, 1.5, None])
+def test_bad_threshold_is_rejected_before_model_or_config_change(bad):
+    model = _model()
+    with pytest.raises(ConfigError, match=r"^threshold="):
+        model.set_threshold(bad)
+    assert model.config.moe["threshold"] == 0.9
+    assert model.model.lm.config.moe.threshold == 0.9
+    assert all(layer.config.threshold == 0.9 for layer in model.model.lm.moe_layers)
+
+
+def test_set_threshold_on_a_dense_model_changes_nothing():
+    model = XMoEModel(_config(moe=None))
+    with pytest.raises(ConfigError, match="threshold-routed"):
+        model.set_threshold(0.5)
+    assert model.config.moe is None
+
+
+@pytest.mark.parametrize("cls", [XMoEModel, XMoEForCausalLM])
+def test_bad_input_ids_fail_clearly(cls):
+    model = cls(_config()).eval()
+    with pytest.raises(
+        ValueError, match=r"^input_ids\.shape=\(7,\) is invalid: .*\(batch, seq_len\)"
+    ):
+        model(torch.zeros(7, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"^input_ids\.dtype=torch\.float32 is invalid"):
+        model(torch.zeros(1, 7))
+    with pytest.raises(ValueError, match=r"^input_ids range \[0, 60\] is invalid: .*vocab_size=60"):
+        model(torch.tensor([[0, 60]]))
+
+
 @pytest.mark.parametrize(
     ("overrides", "name"),
     [
@@ -116,6 +146,10 @@ def test_set_threshold_changes_experts_monotonically_and_is_saved(tmp_path):
         ({"moe": {"d_model": 32, "num_experts": 8, "d_expert": 16, "threshold": 2.0}}, "threshold"),
         ({"moe": {"d_model": 32, "num_experts": 0, "d_expert": 16}}, "num_experts"),
         ({"moe_every": 0}, "moe_every"),
+        ({"moe": {"d_model": 32, "d_expert": 16}}, "num_experts"),
+        ({"moe": ["threshold"]}, "dict"),
+        ({"dropout": float("nan")}, "dropout"),
+        ({"rope_theta": True}, "rope_theta"),
     ],
 )
 def test_bad_config_fails_at_construction(overrides, name):

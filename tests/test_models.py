@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import re
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from xmoe import ConfigError, MoEConfig
 from xmoe.models import ModelConfig, TransformerLM
 from xmoe.models.generation import generate
+from xmoe.models.transformer import check_input_ids
 
 
 def _config(moe: bool = True, **overrides) -> ModelConfig:
@@ -94,7 +97,7 @@ def test_lower_threshold_never_adds_experts():
 def test_capacity_applies_in_training_only_by_default():
     torch.manual_seed(0)
     config = _config()
-    config.moe = MoEConfig(d_model=32, num_experts=8, d_expert=16, capacity_factor=0.5)
+    config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, capacity_factor=0.5))
     model = TransformerLM(config)
     ids = torch.randint(0, 50, (4, 16))
     model.train()
@@ -123,6 +126,59 @@ def test_bad_model_config_names_the_field(overrides, name):
 def test_moe_width_must_match_model():
     with pytest.raises(ConfigError, match=r"moe\.d_model"):
         ModelConfig(vocab_size=10, d_model=32, num_heads=2, moe=MoEConfig(64, 4, 8))
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 4), ()])
+def test_input_ids_of_wrong_rank_rejected(shape):
+    ids = torch.zeros(shape, dtype=torch.long)
+    expected = rf"^input_ids\.shape={re.escape(str(tuple(shape)))} is invalid: .*\(batch, seq_len\)"
+    with pytest.raises(ValueError, match=expected):
+        _model()(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.int16, torch.uint8])
+def test_input_ids_of_non_index_dtype_rejected(dtype):
+    with pytest.raises(TypeError, match=rf"^input_ids\.dtype={dtype} is invalid: .*integer"):
+        _model()(torch.zeros(2, 3, dtype=dtype))
+
+
+def test_int32_input_ids_accepted():
+    model = _model()
+    ids = torch.randint(0, 50, (2, 5))
+    torch.testing.assert_close(model(ids.int()).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 50), (-1, 5), (-5, 60)])
+def test_out_of_range_input_ids_rejected_on_cpu(low, high):
+    ids = torch.tensor([[low, 1, 2], [3, 4, high]])
+    message = rf"^input_ids range \[{low}, {high}\] is invalid: .*\[0, vocab_size=50\)"
+    with pytest.raises(ValueError, match=message):
+        _model()(ids)
+
+
+def test_input_ids_range_checked_only_on_cpu():
+    """Off the CPU the range check would need a host sync, so it is skipped."""
+    check_input_ids(torch.full((1, 2), 99, dtype=torch.long, device="meta"), 50)
+    with pytest.raises(ValueError, match="vocab_size=50"):
+        check_input_ids(torch.full((1, 2), 99, dtype=torch.long), 50)
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        check_input_ids([[1, 2]], 50)
+
+
+def test_bad_threshold_changes_nothing_and_good_one_replaces_configs():
+    model = _model()
+    config = model.config
+    for bad in (float("nan"), float("inf"), True, 0.0, "0.5"):
+        with pytest.raises(ConfigError, match=r"^threshold="):
+            model.set_threshold(bad)
+    assert model.config is config
+    assert all(layer.config.threshold == 0.9 for layer in model.moe_layers)
+    model.set_threshold(0.5)
+    assert config.moe.threshold == 0.9  # the frozen original is untouched
+    assert model.config.moe.threshold == 0.5
+    for layer in model.moe_layers:
+        assert layer.config.threshold == layer.router.config.threshold == 0.5
+        assert layer.experts.config is layer.config
 
 
 def test_too_long_input_rejected():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from xmoe import MoEConfig, MoELayer
@@ -35,7 +37,8 @@ def test_lowering_threshold_never_adds_experts():
     x = torch.randn(200, 8)
     previous = None
     for t in (1.0, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2, 0.05):
-        layer.config.threshold = t
+        # configs are frozen: install a replaced copy where the layer and its router read it
+        layer.config = layer.router.config = dataclasses.replace(layer.config, threshold=t)
         wanted = layer(x).routing.wanted_per_token
         if previous is not None:
             assert bool((wanted <= previous).all()), t

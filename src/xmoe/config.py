@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Collection, Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
@@ -32,29 +33,67 @@ def _require(condition: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (``True`` is an ``int`` to Python, never a size to us)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float, and not a bool: the test every float field goes through."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    # an int is finite (and may be too large for math.isfinite, which converts to float)
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _require_bool(name: str, value: Any) -> None:
+    _require(isinstance(value, bool), name, value, "a bool (True or False)")
+
+
+def _require_choice(name: str, value: Any, choices: Collection[str]) -> None:
+    """``value`` is a str among ``choices`` (checked as a str first: a list is not hashable)."""
+    allowed = sorted(choices) if isinstance(choices, Mapping) else tuple(choices)
+    _require(isinstance(value, str) and value in choices, name, value, f"one of {allowed}")
+
+
 class DictConfig:
-    """``to_dict`` / ``from_dict`` for the config dataclasses; unknown keys are an error."""
+    """``to_dict`` / ``from_dict`` for the config dataclasses; unknown or missing keys, and
+    anything but a dict, are a :class:`ConfigError`."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]):
+    def from_dict(cls, values: Mapping[str, Any]):
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"{cls.__name__} must be given as a dict of its fields, got "
+                f"{type(values).__name__} {values!r}"
+            )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known, key=str)
         if unknown:
             raise ConfigError(
                 f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}"
             )
+        required = [
+            f.name
+            for f in fields(cls)
+            if f.init and f.default is MISSING and f.default_factory is MISSING
+        ]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ConfigError(
+                f"missing {cls.__name__} field(s) {missing}: {cls.__name__} requires {required}"
+            )
         return cls(**values)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig(DictConfig):
     """Configuration of one :class:`xmoe.MoELayer`.
+
+    Frozen: every value is checked at construction, so change one with
+    ``dataclasses.replace(config, threshold=0.7)``, which checks the result again.
 
     Args:
         d_model: width of the tokens entering and leaving the layer.
@@ -103,9 +142,9 @@ class MoEConfig(DictConfig):
         for name in ("d_model", "num_experts", "d_expert"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, value, "a positive integer")
-        _require(self.router in ROUTERS, "router", self.router, f"one of {sorted(ROUTERS)}")
+        _require_choice("router", self.router, ROUTERS)
         _require(
-            isinstance(self.threshold, int | float) and 0.0 < self.threshold <= 1.0,
+            _is_number(self.threshold) and 0.0 < self.threshold <= 1.0,
             "threshold",
             self.threshold,
             "a number in (0, 1]",
@@ -120,49 +159,38 @@ class MoEConfig(DictConfig):
             self.top_k,
             f"an integer in [1, num_experts={self.num_experts}]",
         )
-        if self.capacity_factor is not None:
-            _require(
-                isinstance(self.capacity_factor, int | float)
-                and math.isfinite(self.capacity_factor)
-                and self.capacity_factor > 0,
-                "capacity_factor",
-                self.capacity_factor,
-                "None (dropless) or a finite number > 0",
-            )
+        _require(
+            self.capacity_factor is None
+            or (_is_number(self.capacity_factor) and self.capacity_factor > 0),
+            "capacity_factor",
+            self.capacity_factor,
+            "None (dropless) or a finite number > 0",
+        )
         _require(
             _is_int(self.min_capacity) and self.min_capacity >= 1,
             "min_capacity",
             self.min_capacity,
             "an integer >= 1",
         )
+        _require_bool("capacity_at_eval", self.capacity_at_eval)
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_bool("bias", self.bias)
         _require(
-            isinstance(self.capacity_at_eval, bool),
-            "capacity_at_eval",
-            self.capacity_at_eval,
-            "True or False",
-        )
-        _require(
-            self.activation in ACTIVATIONS, "activation", self.activation, f"one of {ACTIVATIONS}"
-        )
-        _require(isinstance(self.bias, bool), "bias", self.bias, "True or False")
-        _require(
-            isinstance(self.aux_loss_coef, int | float)
-            and math.isfinite(self.aux_loss_coef)
-            and self.aux_loss_coef >= 0,
+            _is_number(self.aux_loss_coef) and self.aux_loss_coef >= 0,
             "aux_loss_coef",
             self.aux_loss_coef,
             "a finite number >= 0",
         )
-        _require(isinstance(self.renormalize, bool), "renormalize", self.renormalize, "a bool")
-        _require(self.init in INITS, "init", self.init, f"one of {INITS}")
+        _require_bool("renormalize", self.renormalize)
+        _require_choice("init", self.init, INITS)
         _require(
-            isinstance(self.init_std, int | float) and self.init_std > 0,
+            _is_number(self.init_std) and self.init_std > 0,
             "init_std",
             self.init_std,
-            "a number > 0",
+            "a finite number > 0",
         )
-        _require(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
-        _require(isinstance(self.check_finite, bool), "check_finite", self.check_finite, "a bool")
+        _require_choice("backend", self.backend, BACKENDS)
+        _require_bool("check_finite", self.check_finite)
 
     @property
     def gated(self) -> bool:

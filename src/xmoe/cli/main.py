@@ -23,27 +23,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_if_possible(run: Path) -> None:
-    """Make a finished run a transformers directory too (needs the ``hf`` extra)."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is None:
-        print("transformers is not installed: skipped the HF export (pip install xmoe[hf])")
-        return
-    from xmoe.hf import export_run
-
-    export_run(run)
-
-
 def _export(args: argparse.Namespace) -> int:
     from xmoe.hf import export_run
 
-    out = export_run(args.run, args.out)
+    out = export_run(args.run, args.out, force=args.force)
     print(f"wrote a transformers model directory: {out}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from xmoe.training.config import apply_overrides
     from xmoe.training.presets import preset
     from xmoe.training.trainer import train
@@ -53,8 +43,10 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"max_steps={args.max_steps}")
     config = apply_overrides(preset(args.preset), overrides)
     out = Path(args.out or f"runs/{args.preset}")
-    result = train(config, out, resume=args.resume, progress=not args.no_progress)
-    _export_if_possible(out)
+    export = importlib.util.find_spec("transformers") is not None
+    if not export:
+        print("transformers is not installed: the HF export is skipped (pip install xmoe[hf])")
+    result = train(config, out, resume=args.resume, progress=not args.no_progress, export=export)
     ev = result.final_eval
     print(
         f"{config.preset}: {result.steps} steps, train loss {result.train_loss:.4f}, "
@@ -65,33 +57,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_same_tokenizer(run: Path, data) -> None:
-    """Refuse to score a run on token ids from a different tokenizer than it was trained with."""
-    from xmoe.training.checkpoint import resolve_checkpoint_path
-    from xmoe.training.trainer import TOKENIZER_NAME
-
-    saved = resolve_checkpoint_path(run).parent / TOKENIZER_NAME
-    if data.tokenizer is None or not saved.exists():
-        return
-    from tokenizers import Tokenizer
-
-    if Tokenizer.from_file(str(saved)).get_vocab() != data.tokenizer.get_vocab():
-        raise SystemExit(
-            f"the tokenizer in {saved} differs from the corpus tokenizer in the cache; "
-            "evaluate with the cache the run was trained with (XMOE_CACHE_DIR)"
-        )
-
-
 def _eval(args: argparse.Namespace) -> int:
     from xmoe.training.evaluate import evaluate
-    from xmoe.training.trainer import load_model, load_token_data
+    from xmoe.training.rundir import RunDir, tokenizer_fingerprint
+    from xmoe.training.trainer import load_token_data
 
-    model, config, meta = load_model(args.checkpoint)
+    run = RunDir(args.checkpoint)
+    model, config, meta = run.load_model()
+    tokenizer = run.load_tokenizer()
+    run.check_tokenizer(tokenizer, meta, config.model.vocab_size)
     if args.threshold is not None:
         model.set_threshold(args.threshold)
     model.set_capacity_at_eval(args.capacity)
     data = load_token_data(config, progress=not args.no_progress)
-    _check_same_tokenizer(Path(args.checkpoint), data)
+    same = tokenizer is None or data.tokenizer is None
+    if not (same or tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(data.tokenizer)):
+        raise ValueError(
+            f"the tokenizer in {run.tokenizer_path} differs from the corpus tokenizer in the "
+            "cache; evaluate with the cache the run was trained with (XMOE_CACHE_DIR)"
+        )
     parts = {"all": data.val}
     for domain, (start, end) in (data.val_domains or {}).items():
         parts[domain] = data.val[start:end]
@@ -153,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xmoe", description="Adaptive, fine-grained Mixture-of-Experts for PyTorch."
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -208,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run", help="run directory or checkpoint file")
     export.add_argument("--out", default=None, help="target directory (default: the run)")
+    export.add_argument(
+        "--force", action="store_true", help="write into a non-empty directory other than the run"
+    )
     export.set_defaults(func=_export)
 
     repro = commands.add_parser(
@@ -224,13 +212,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors with messages meant for users: printed in one line, without a traceback."""
+    from xmoe.storage import DamagedFileError, LockedError
+    from xmoe.training.checkpoint import CheckpointError
+    from xmoe.training.trainer import DivergenceError
+
+    return (ValueError, OSError, CheckpointError, DamagedFileError, LockedError, DivergenceError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``xmoe`` command; returns the exit status (1 on an expected error, 130 on
+    Ctrl-C). ``--debug`` lets the exception through with its traceback."""
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads={args.threads} is invalid: must be >= 1")
-        torch.set_num_threads(args.threads)
-    return args.func(args)
+    if args.threads is not None and args.threads < 1:
+        build_parser().error(f"--threads={args.threads} is invalid: must be >= 1")
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("xmoe: interrupted", file=sys.stderr)
+        return 130
+    except _expected_errors() as error:
+        if args.debug:
+            raise
+        print(f"xmoe: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

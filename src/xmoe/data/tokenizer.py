@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from xmoe.data.corpus import resolve_cache_dir
+from xmoe.storage import atomic_write_text
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -99,26 +99,6 @@ def tokenizer_key(texts: Sequence[str], vocab_size: int) -> str:
 def tokenizer_path(key: str, vocab_size: int, cache_dir: str | os.PathLike[str] | None) -> Path:
     """``<cache_dir>/tokenizers/bpe-{vocab_size}-{key}.json``."""
     return resolve_cache_dir(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_or_train_tokenizer(

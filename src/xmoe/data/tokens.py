@@ -24,12 +24,8 @@ import torch
 from tqdm import tqdm
 
 from xmoe.data.corpus import Document, load_documents, resolve_cache_dir, split_documents
-from xmoe.data.tokenizer import (
-    EOT_ID,
-    _import_tokenizers,
-    atomic_write_text,
-    load_or_train_tokenizer_with_key,
-)
+from xmoe.data.tokenizer import EOT_ID, _import_tokenizers, load_or_train_tokenizer_with_key
+from xmoe.storage import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -121,13 +117,7 @@ def _encode_stream(
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, buf.getbuffer())
 
 
 def _spans(raw: dict[str, list[int]]) -> dict[str, Span]:

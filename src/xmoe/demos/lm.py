@@ -10,6 +10,7 @@ from pathlib import Path
 from xmoe.demos.text import TextCodec, expert_count_lines, generate_text
 from xmoe.training.config import apply_overrides
 from xmoe.training.presets import preset
+from xmoe.training.rundir import RunDir
 from xmoe.training.trainer import load_model, load_token_data, train
 
 DEMO_PRESETS = ("xmoe-32", "top2")
@@ -74,7 +75,7 @@ def run_lm_demo(settings: LMDemoSettings) -> dict[str, dict[str, float]]:
     text, stats = generate_text(xmoe_dir, "ROMEO:", max_new_tokens=60, seed=settings.seed)
     print(f"\nSample from {DEMO_PRESETS[0]} ({stats['tokens_per_second']:.0f} tokens/s):\n{text}\n")
     model, config, _ = load_model(xmoe_dir)
-    codec = TextCodec(xmoe_dir, config.model.vocab_size)
+    codec = TextCodec(RunDir(xmoe_dir), config.model.vocab_size)
     print(f"Experts used per token by {DEMO_PRESETS[0]} (mean of its MoE layers, t=0.9):")
     print("\n".join(expert_count_lines(model, codec, SENTENCE)))
     print(

@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from xmoe.models import TransformerLM
 from xmoe.models.usage import ExpertUsage
-from xmoe.training.checkpoint import resolve_checkpoint_path
 from xmoe.training.evaluate import experts_per_token
-from xmoe.training.trainer import TOKENIZER_NAME
+from xmoe.training.rundir import RunDir
 
 
 class TextCodec:
     """Encodes and decodes text for a run: its BPE tokenizer, or space-separated ids for runs on
     synthetic data (which have no tokenizer)."""
 
-    def __init__(self, run_dir: Path, vocab_size: int) -> None:
-        path = run_dir / TOKENIZER_NAME
+    def __init__(self, run: RunDir, vocab_size: int, meta: dict | None = None) -> None:
+        """The run's tokenizer, checked against the model (:meth:`RunDir.check_tokenizer`)
+        when the checkpoint ``meta`` is given."""
         self.vocab_size = vocab_size
-        self.tokenizer = None
-        if path.exists():
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer = run.load_tokenizer()
+        if meta is not None:
+            run.check_tokenizer(self.tokenizer, meta, vocab_size)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is not None:
-            return self.tokenizer.encode(text).ids
+            ids = self.tokenizer.encode(text).ids
+            if any(not 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(
+                    f"the tokenizer gave ids outside the model's vocabulary [0, {self.vocab_size})"
+                )
+            return ids
         try:
             ids = [int(part) for part in text.split()]
         except ValueError:
@@ -65,18 +68,25 @@ def generate_text(
     """Sample a continuation of ``prompt`` through the transformers model and its
     ``generate()`` (KV cache); returns the text and speed / expert statistics.
     ``temperature=0`` is greedy."""
-    from xmoe.hf import hf_model_from_run
+    from xmoe.hf.export import hf_model_from_lm
 
-    checkpoint = resolve_checkpoint_path(path)
-    model = hf_model_from_run(checkpoint)
-    codec = TextCodec(checkpoint.parent, model.config.vocab_size)
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or temperature < 0:
+        raise ValueError(
+            f"temperature={temperature} is invalid: must be a finite number >= 0 (0 = greedy)"
+        )
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} is invalid: must be >= 0 (0 = no top-k filter)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    run = RunDir(path)
+    lm, train_config, meta = run.load_model()
+    codec = TextCodec(run, train_config.model.vocab_size, meta)
+    model = hf_model_from_lm(lm, train_config.model)
     if threshold is not None:
         model.set_threshold(threshold)
     ids = codec.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty after tokenization: give at least one token")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is invalid: must be >= 0 (0 = greedy)")
     limit = model.config.max_seq_len
     if len(ids) + max_new_tokens > limit:
         raise ValueError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -27,11 +26,12 @@ from xmoe.experiments.analysis import (
     experts_by_kind,
     measure_adaptivity,
 )
-from xmoe.training.checkpoint import CHECKPOINT_NAME
+from xmoe.storage import atomic_write_text
 from xmoe.training.config import TrainConfig, apply_overrides
 from xmoe.training.evaluate import evaluate
 from xmoe.training.presets import preset
-from xmoe.training.trainer import LOG_NAME, load_model, load_token_data, train
+from xmoe.training.rundir import RunDir
+from xmoe.training.trainer import load_model, load_token_data, train
 
 FAMILY = ("dense", "switch", "top2", "xmoe-16", "xmoe-32", "xmoe-64")
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -86,7 +86,7 @@ def run_config(name: str, seed: int, settings: ReproduceSettings) -> TrainConfig
 
 
 def _train_log_summary(run_dir: Path) -> dict[str, float]:
-    lines = [json.loads(x) for x in (run_dir / LOG_NAME).read_text().splitlines() if x.strip()]
+    lines = RunDir(run_dir).read_log()
     train_lines = [x for x in lines if "loss" in x]
     tail = train_lines[len(train_lines) // 2 :]  # second half: routers have settled somewhat
     return {
@@ -109,7 +109,7 @@ def run_one(name: str, seed: int, settings: ReproduceSettings, data: TokenData) 
     train(
         config,
         run_dir,
-        resume=(run_dir / CHECKPOINT_NAME).exists(),
+        resume=RunDir(run_dir).has_checkpoint,
         data=data,
         progress=settings.progress,
     )
@@ -135,9 +135,7 @@ def run_one(name: str, seed: int, settings: ReproduceSettings, data: TokenData) 
         "sweep": sweep,
         **_train_log_summary(run_dir),
     }
-    tmp = results_path.with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, results_path)
+    atomic_write_text(results_path, json.dumps(record, indent=2))
     return record
 
 

@@ -9,7 +9,9 @@ training code's own cache answers.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -19,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from xmoe.hf.configuration import XMoEConfig
 from xmoe.models.transformer import TransformerLM
+from xmoe.storage import read_verified, save_verified
 
 
 @dataclass
@@ -53,10 +56,26 @@ class XMoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, TransformerLM):
             module.reset_parameters()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, then a CRC-32 of every tensor recorded in each
+        ``.safetensors`` file written, which :meth:`from_pretrained` verifies."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        for path in Path(save_directory).glob("*.safetensors"):
+            tensors, metadata, _ = read_verified(path, require_digests=False)
+            save_verified(path, tensors, metadata)
+        return result
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained`` that refuses, rather than randomly initialises, a
-        checkpoint with missing, unexpected or mis-shaped weights."""
+        """``PreTrainedModel.from_pretrained`` that verifies the weight files' digests (naming a
+        damaged tensor) and refuses, rather than randomly initialises, a checkpoint with
+        missing, unexpected or mis-shaped weights."""
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if source is not None and Path(source).is_dir():
+            for path in sorted(Path(source).glob("*.safetensors")):
+                _, _, verified = read_verified(path, require_digests=False)
+                if not verified:
+                    warnings.warn(f"{path} carries no digests: loaded unverified", stacklevel=2)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {
@@ -94,11 +113,15 @@ class XMoEModel(XMoEPreTrainedModel):
         self.lm.embed = value
 
     def set_threshold(self, threshold: float) -> None:
-        """Change t of the threshold-routed MoE layers, in the model and in its config."""
-        self.lm.set_threshold(threshold)
+        """Change t of the threshold-routed MoE layers, in the model and in its config.
+
+        An invalid t raises :class:`xmoe.ConfigError` before anything (model or config) changes.
+        """
+        self.lm.set_threshold(threshold)  # validates first
         self.config.moe = dict(self.config.moe, threshold=threshold)
 
     def _run(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
+        self.lm.check_input_ids(input_ids)  # before input_ids.shape[1] below
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from xmoe.config import ConfigError, DictConfig, MoEConfig, _is_int, _require
+from xmoe.config import (
+    ConfigError,
+    DictConfig,
+    MoEConfig,
+    _is_int,
+    _is_number,
+    _require,
+    _require_bool,
+    _require_choice,
+)
 
 DENSE_ACTIVATIONS = ("gelu", "relu", "silu")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(DictConfig):
     """A pre-norm decoder-only transformer whose FFN is an MoE layer in some blocks.
+
+    Frozen like :class:`~xmoe.MoEConfig`: change it with ``dataclasses.replace``, which
+    validates the result.
 
     Args:
         vocab_size: number of token ids.
@@ -22,8 +34,8 @@ class ModelConfig(DictConfig):
         max_seq_len: longest sequence (positions are rotary, so this only bounds inputs).
         d_ff: hidden width of the dense FFN in blocks without an MoE layer.
         dense_activation: activation of the dense FFN, one of :data:`DENSE_ACTIVATIONS`.
-        moe: the MoE layer of MoE blocks, or None for a dense model. ``moe.d_model`` must equal
-            ``d_model``.
+        moe: the MoE layer of MoE blocks (an :class:`~xmoe.MoEConfig` or a dict of its fields),
+            or None for a dense model. ``moe.d_model`` must equal ``d_model``.
         moe_every: block ``i`` (0-based) is an MoE block iff ``(i + 1) % moe_every == 0``:
             1 = every block, 2 = every second block (blocks 2, 4, ... as in the paper).
         rope_theta: base of the rotary position frequencies.
@@ -50,8 +62,8 @@ class ModelConfig(DictConfig):
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.moe, Mapping):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))  # frozen: no plain set
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "d_ff"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, value, "a positive integer")
@@ -61,17 +73,12 @@ class ModelConfig(DictConfig):
             self.num_heads,
             f"a divisor of d_model={self.d_model} leaving an even head width",
         )
-        _require(
-            self.dense_activation in DENSE_ACTIVATIONS,
-            "dense_activation",
-            self.dense_activation,
-            f"one of {DENSE_ACTIVATIONS}",
-        )
+        _require_choice("dense_activation", self.dense_activation, DENSE_ACTIVATIONS)
         _require(
             self.moe is None or isinstance(self.moe, MoEConfig),
             "moe",
             self.moe,
-            "None or an MoEConfig",
+            "None, an MoEConfig or a dict of MoEConfig fields",
         )
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ConfigError(
@@ -85,21 +92,14 @@ class ModelConfig(DictConfig):
         )
         for name in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, name)
-            _require(
-                isinstance(value, int | float) and math.isfinite(value) and value > 0,
-                name,
-                value,
-                "a finite number > 0",
-            )
+            _require(_is_number(value) and value > 0, name, value, "a finite number > 0")
         _require(
-            isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0,
+            _is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
             "dropout",
             self.dropout,
             "a number in [0, 1)",
         )
-        _require(
-            isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "a bool"
-        )
+        _require_bool("tie_embeddings", self.tie_embeddings)
 
     def is_moe_block(self, index: int) -> bool:
         """Whether block ``index`` (0-based) holds an MoE layer."""

@@ -22,6 +22,40 @@ from xmoe.routing import RoutingStats
 
 _DENSE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
+INPUT_ID_DTYPES = (torch.int64, torch.int32)
+"""The index dtypes ``nn.Embedding`` takes."""
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a clear error for token ids the model cannot embed.
+
+    TypeError: not a tensor, or not of an integer dtype in :data:`INPUT_ID_DTYPES`.
+    ValueError: not (batch, seq_len), or (for CPU tensors only, so a GPU call never waits on a
+    host sync) ids outside ``[0, vocab_size)``.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"input_ids={type(input_ids).__name__} is invalid: input_ids must be a torch.Tensor "
+            "of token ids with shape (batch, seq_len)"
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids.shape={tuple(input_ids.shape)} is invalid: input_ids must have shape "
+            "(batch, seq_len)"
+        )
+    if input_ids.dtype not in INPUT_ID_DTYPES:
+        raise TypeError(
+            f"input_ids.dtype={input_ids.dtype} is invalid: input_ids must hold integer token ids "
+            "(torch.int64 or torch.int32)"
+        )
+    if input_ids.device.type == "cpu" and input_ids.numel() > 0:
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids range [{low}, {high}] is invalid: input_ids must be token ids in "
+                f"[0, vocab_size={vocab_size})"
+            )
+
 
 class KeyValueCache(Protocol):
     """What attention needs of a cache; transformers' ``Cache`` classes satisfy it."""
@@ -130,8 +164,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         if config.is_moe_block(layer_idx):
-            # each layer owns its config so a per-layer threshold can change independently
-            self.ffn: nn.Module = MoELayer(dataclasses.replace(config.moe))
+            # configs are frozen, so layers may share one; a change installs a replaced copy
+            self.ffn: nn.Module = MoELayer(config.moe)
         else:
             self.ffn = DenseFFN(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -216,11 +250,17 @@ class TransformerLM(nn.Module):
         return [block.ffn for block in self.blocks if block.is_moe]
 
     def _update_moe_configs(self, layers: list[MoELayer], **changes) -> None:
-        for layer in layers:
-            layer.config = dataclasses.replace(layer.config, **changes)  # validates
-            layer.router.config = layer.config
-            layer.experts.config = layer.config
-        self.config.moe = dataclasses.replace(self.config.moe, **changes)
+        # configs are frozen: build (and so validate) every new one before installing any, so a
+        # bad value raises ConfigError and leaves the model as it was
+        model_config = dataclasses.replace(
+            self.config, moe=dataclasses.replace(self.config.moe, **changes)
+        )
+        layer_configs = [dataclasses.replace(layer.config, **changes) for layer in layers]
+        for layer, layer_config in zip(layers, layer_configs, strict=True):
+            layer.config = layer_config
+            layer.router.config = layer_config
+            layer.experts.config = layer_config
+        self.config = model_config
 
     def set_threshold(self, threshold: float) -> None:
         """Change t of every threshold-routed MoE layer (an inference-time knob)."""
@@ -235,6 +275,10 @@ class TransformerLM(nn.Module):
         if self.moe_layers:
             self._update_moe_configs(self.moe_layers, capacity_at_eval=enabled)
 
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """:func:`check_input_ids` against this model's vocabulary."""
+        check_input_ids(input_ids, self.config.vocab_size)
+
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
@@ -248,8 +292,7 @@ class TransformerLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats]]:
         """The blocks and the final norm: (B, T, D) hidden states, summed aux loss, routing.
         Arguments as in :meth:`forward`."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids.shape={tuple(input_ids.shape)} is invalid: need (B, T)")
+        self.check_input_ids(input_ids)
         B, T = input_ids.shape
         past_len = cache.get_seq_length() if cache is not None else 0
         if past_len + T > self.config.max_seq_len:
@@ -283,7 +326,9 @@ class TransformerLM(nn.Module):
         cache: KeyValueCache | None = None,
     ) -> LMOutput:
         """Args:
-        input_ids: (B, T) token ids.
+        input_ids: (B, T) token ids (int64 or int32) in [0, vocab_size); other shapes or dtypes
+            raise a ValueError or TypeError naming ``input_ids`` (the range is checked for CPU
+            tensors only, to keep GPU calls free of host syncs).
         targets: (B, T) next-token ids, -100 where ignored; None skips the loss.
         position_ids: (B, T) rotary positions; default ``past + arange(T)``.
         attention_mask: (B, past + T) 1 for real tokens, 0 for padding, or None.

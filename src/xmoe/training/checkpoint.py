@@ -1,26 +1,38 @@
-"""Training checkpoints: one safetensors file, written atomically.
+"""Training checkpoints: one verified safetensors file, written atomically, with the previous one
+kept beside it.
 
 The file holds the model (``model.*``), the optimizer state (``optim.<param>.<key>``) and the
 RNG states (``rng.*``); everything else (step, configs, optimizer hyper-parameters) is JSON in
-the safetensors metadata. It is written to a temporary name in the same directory, flushed to
-disk, then renamed over the target, so a crash at any moment leaves either the previous
-checkpoint or the new one, never a partial file under the real name.
+the safetensors metadata, together with a CRC-32 of every tensor (:mod:`xmoe.storage`). A save
+first links the current checkpoint to ``<name>.prev.safetensors``, then replaces the current one
+atomically, so at every moment the real name holds a complete checkpoint, and a damaged latest
+checkpoint can fall back to the one before it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from xmoe.storage import (
+    DamagedFileError,
+    atomic_write,
+    fsync_directory,
+    read_verified,
+    serialize_verified,
+    sweep_stale_temporaries,
+    temporary_name,
+)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
-FORMAT = "xmoe-checkpoint-1"
+FORMAT = "xmoe-checkpoint-2"
+UNVERIFIED_FORMATS = ("xmoe-checkpoint-1",)  # written before digests; loaded with a warning
 
 
 class CheckpointError(RuntimeError):
@@ -72,8 +84,20 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], info: dict) -> dict[
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically; returns the path written."""
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.prev.safetensors``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(
+    path: str | os.PathLike, checkpoint: Checkpoint, keep_previous: bool = True
+) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically; returns the path written.
+
+    With ``keep_previous`` the checkpoint ``path`` held until now becomes
+    :func:`previous_path` (a hard link, so the real name is never missing).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in checkpoint.model_state.items()}
@@ -83,42 +107,68 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
         optim_tensors, optim_info = _split_optimizer_state(checkpoint.optimizer_state)
         tensors |= optim_tensors
         meta["optimizer"] = optim_info
-    metadata = {"format": FORMAT, "meta": json.dumps(meta)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by writers that were killed
-        stale.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    data = serialize_verified(tensors, {"format": FORMAT, "meta": json.dumps(meta)})
+    if keep_previous and path.exists():
+        _link_previous(path)
+    atomic_write(path, data)
+    sweep_stale_temporaries(path.parent)  # left by writers that were killed
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint file (or a run directory's checkpoint); raises :class:`CheckpointError`
-    with the reason when the file is missing, truncated or of another format."""
+def _link_previous(path: Path) -> None:
+    previous = previous_path(path)
+    tmp = temporary_name(previous)
+    try:
+        os.link(path, tmp)
+    except OSError:  # a file system without hard links: copy instead
+        atomic_write(previous, path.read_bytes())
+        return
+    os.replace(tmp, previous)
+    fsync_directory(path.parent)
+
+
+def load_checkpoint(path: str | os.PathLike, fallback: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint file (or a run directory's checkpoint).
+
+    Raises :class:`CheckpointError` with the reason when the file is missing, damaged (naming
+    the damaged tensor) or of another format. With ``fallback``, a missing or damaged
+    checkpoint whose :func:`previous_path` verifies loads that one instead, with a warning.
+    """
     path = resolve_checkpoint_path(path)
+    try:
+        return _load_verified(path)
+    except CheckpointError as error:
+        previous = previous_path(path)
+        if not fallback or not previous.is_file():
+            raise
+        try:
+            checkpoint = _load_verified(previous)
+        except CheckpointError as previous_error:
+            raise CheckpointError(f"{error}; the previous one too: {previous_error}") from None
+        warnings.warn(
+            f"{error}; using the previous checkpoint {previous.name} "
+            f"(step {checkpoint.meta.get('step')})",
+            stacklevel=2,
+        )
+        return checkpoint
+
+
+def _load_verified(path: Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
-    if metadata.get("format") != FORMAT:
+        tensors, metadata, verified = read_verified(path, require_digests=False)
+    except DamagedFileError as error:
+        raise CheckpointError(str(error)) from None
+    file_format = metadata.get("format")
+    if file_format not in (FORMAT, *UNVERIFIED_FORMATS):
         raise CheckpointError(
-            f"{path} is not an xmoe checkpoint (format={metadata.get('format')!r}, "
-            f"expected {FORMAT!r})"
+            f"{path} is not an xmoe checkpoint (format={file_format!r}, expected {FORMAT!r})"
         )
+    if not verified:
+        if file_format == FORMAT:
+            raise CheckpointError(f"{path} has lost its digests: it is damaged")
+        warnings.warn(f"{path} predates checkpoint digests: loaded unverified", stacklevel=3)
     meta = json.loads(metadata["meta"])
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     rng_state = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from xmoe.config import ConfigError, DictConfig, _is_int, _require
+from xmoe.config import (
+    ConfigError,
+    DictConfig,
+    _is_int,
+    _is_number,
+    _require,
+    _require_choice,
+)
 from xmoe.models.config import ModelConfig
 
 DATA_SOURCES = ("corpus", "synthetic")
@@ -16,9 +23,12 @@ DATA_SOURCES = ("corpus", "synthetic")
 PRECISIONS = ("fp32", "bf16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(DictConfig):
     """Everything a run needs besides its output directory.
+
+    Frozen like :class:`~xmoe.MoEConfig`: change it with ``dataclasses.replace`` (or
+    :func:`apply_overrides`), which validates the result.
 
     Args:
         model: the :class:`~xmoe.models.ModelConfig`.
@@ -36,6 +46,7 @@ class TrainConfig(DictConfig):
         checkpoint_interval: steps between checkpoints (and at the end).
         log_interval: steps between training-metric log lines.
         seed: seeds initialisation (torch) and the batch order (a separate generator).
+        preset: the name of the preset the run came from (a label; ``custom`` otherwise).
     """
 
     model: ModelConfig
@@ -60,10 +71,15 @@ class TrainConfig(DictConfig):
     preset: str = "custom"
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
-        _require(isinstance(self.model, ModelConfig), "model", self.model, "a ModelConfig")
-        _require(self.data in DATA_SOURCES, "data", self.data, f"one of {DATA_SOURCES}")
+        if isinstance(self.model, Mapping):
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))  # frozen
+        _require(
+            isinstance(self.model, ModelConfig),
+            "model",
+            self.model,
+            "a ModelConfig or a dict of ModelConfig fields",
+        )
+        _require_choice("data", self.data, DATA_SOURCES)
         for name in ("batch_size", "seq_len", "grad_accum_steps", "max_steps"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, value, "a positive integer")
@@ -83,34 +99,31 @@ class TrainConfig(DictConfig):
             f"at most model.max_seq_len={self.model.max_seq_len}",
         )
         _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        _require(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
         _require(
-            _finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+            _is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
             "min_lr_ratio",
             self.min_lr_ratio,
             "a number in [0, 1]",
         )
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            _require(_finite(value) and 0 <= value < 1, name, value, "a number in [0, 1)")
+            _require(_is_number(value) and 0 <= value < 1, name, value, "a number in [0, 1)")
         _require(
-            _finite(self.warmup_fraction) and 0 <= self.warmup_fraction < 1,
+            _is_number(self.warmup_fraction) and 0 <= self.warmup_fraction < 1,
             "warmup_fraction",
             self.warmup_fraction,
             "a number in [0, 1)",
         )
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
-            _require(_finite(value) and value >= 0, name, value, "a finite number >= 0")
-        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {PRECISIONS}")
+            _require(_is_number(value) and value >= 0, name, value, "a finite number >= 0")
+        _require_choice("precision", self.precision, PRECISIONS)
+        _require(isinstance(self.preset, str), "preset", self.preset, "a str")
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum_steps
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _parse_value(text: str, current: Any) -> Any:

@@ -37,6 +37,14 @@ class EvalResult:
         return asdict(self)
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; ``inf`` where that overflows a float (a diverged or untrained model)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def autocast_context(precision: str, device: torch.device):
     """bf16 autocast for ``precision="bf16"``, else a no-op context."""
     if precision == "bf16":
@@ -82,7 +90,7 @@ def evaluate(
     loss = total_loss / total_tokens
     return EvalResult(
         loss=loss,
-        perplexity=math.exp(loss),
+        perplexity=perplexity(loss),
         tokens=int(total_tokens),
         experts_per_token=experts / total_tokens,
         moe_flops_per_token=flops / total_tokens,

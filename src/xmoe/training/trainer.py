@@ -3,7 +3,6 @@ periodic eval, atomic checkpoints and exact resume, JSONL metrics."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -15,19 +14,14 @@ from tqdm.auto import tqdm
 
 from xmoe.data import TokenData, prepare_corpus, random_batch, synthetic_token_data
 from xmoe.models import TransformerLM
-from xmoe.training.checkpoint import (
-    CHECKPOINT_NAME,
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from xmoe.training.checkpoint import Checkpoint, CheckpointError
 from xmoe.training.config import TrainConfig
 from xmoe.training.evaluate import EvalResult, autocast_context, evaluate
+from xmoe.training.rundir import RunDir, tokenizer_fingerprint
 
-LOG_NAME = "log.jsonl"
-CONFIG_NAME = "train_config.json"
-TOKENIZER_NAME = "tokenizer.json"
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradient norm became NaN or inf; nothing was saved from that step on."""
 
 
 @dataclass
@@ -72,26 +66,6 @@ def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
 def _routing_summary(routing) -> dict[str, float]:
     if not routing:
         return {}
@@ -109,8 +83,9 @@ def train(
     data: TokenData | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    export: bool = False,
 ) -> TrainResult:
-    """Train (or resume) a run into ``out_dir``.
+    """Train (or resume) a run into ``out_dir``, holding the run's lock throughout.
 
     Args:
         config: the run. out_dir: where checkpoint, config, tokenizer and log live.
@@ -120,14 +95,33 @@ def train(
         progress: show a tqdm bar (on stderr).
         stop_after: stop (after checkpointing) once this many steps are done, as if the
             process had been interrupted there; the schedule still targets ``max_steps``.
+        export: also write the transformers files (``RunDir.export``) at the end.
+
+    Raises:
+        LockedError: another process is writing ``out_dir``.
+        DivergenceError: a non-finite loss or gradient norm; the last checkpoint is kept.
     """
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(
-            f"{ckpt_path} exists: pass resume=True (--resume) to continue it or pick another out"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out_dir)
+    with run.lock("xmoe train"):
+        if run.has_checkpoint and not resume:
+            raise FileExistsError(
+                f"{run.checkpoint_path} exists: pass resume=True (--resume) to continue it or "
+                "pick another out"
+            )
+        result = _train_locked(config, run, resume, data, progress, stop_after)
+        if export:
+            run.export()
+    return result
+
+
+def _train_locked(
+    config: TrainConfig,
+    run: RunDir,
+    resume: bool,
+    data: TokenData | None,
+    progress: bool,
+    stop_after: int | None,
+) -> TrainResult:
     data = data if data is not None else load_token_data(config, progress)
     if data.vocab_size != config.model.vocab_size:
         raise ValueError(
@@ -139,28 +133,35 @@ def train(
     optimizer = build_optimizer(model, config)
     data_rng = torch.Generator().manual_seed(config.seed + 1)
     step = 0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+    if resume and run.has_checkpoint:
+        state = run.load_checkpoint()
         if state.meta["train_config"] != config.to_dict():
             raise CheckpointError(
-                f"{ckpt_path} was written by a different config; resume with the same settings"
+                f"{run.checkpoint_path} was written by a different config; resume with the "
+                "same settings"
             )
         model.load_state_dict(state.model_state)
         optimizer.load_state_dict(state.optimizer_state)
         torch.set_rng_state(state.rng_state["torch"])
         data_rng.set_state(state.rng_state["data"])
         step = int(state.meta["step"])
-        _truncate_log(out_dir / LOG_NAME, step)
-    _write_json_atomic(out_dir / CONFIG_NAME, config.to_dict())
+    run.truncate_log(step)  # lines past the checkpoint (or all, without one) are redone
+    run.write_config(config.to_dict())
+    meta_extra = {}
     if data.tokenizer is not None:
-        data.tokenizer.save(str(out_dir / TOKENIZER_NAME))
+        run.save_tokenizer(data.tokenizer)
+        meta_extra["tokenizer_sha256"] = tokenizer_fingerprint(data.tokenizer)
 
     def checkpoint(at_step: int) -> None:
-        meta = {"step": at_step, "train_config": config.to_dict()}
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise DivergenceError(
+                f"step {at_step}: non-finite values in {bad[:3]}{'...' if len(bad) > 3 else ''}; "
+                "the last checkpoint was kept"
+            )
+        meta = {"step": at_step, "train_config": config.to_dict(), **meta_extra}
         rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state()}
-        save_checkpoint(
-            ckpt_path, Checkpoint(model.state_dict(), optimizer.state_dict(), rng, meta)
-        )
+        run.save_checkpoint(Checkpoint(model.state_dict(), optimizer.state_dict(), rng, meta))
 
     def run_eval() -> EvalResult:
         return evaluate(
@@ -171,7 +172,7 @@ def train(
     last_step = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
     device = next(model.parameters()).device
     model.train()
-    log = open(out_dir / LOG_NAME, "a", encoding="utf-8")  # noqa: SIM115
+    log = run.open_log()
     bar = tqdm(total=config.max_steps, initial=step, desc=config.preset, disable=not progress)
     train_seconds = train_tokens = 0.0
     loss_value = float("nan")
@@ -192,9 +193,17 @@ def train(
                 loss.backward()
                 loss_sum += out.loss.item() / config.grad_accum_steps
                 aux_sum += out.aux_loss.item() / config.grad_accum_steps
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
+                )
             )
+            if not all(map(math.isfinite, (loss_sum, aux_sum, grad_norm))):
+                raise DivergenceError(
+                    f"step {step + 1}: loss {loss_sum}, aux loss {aux_sum}, gradient norm "
+                    f"{grad_norm}; stopped before the update, nothing saved past the last "
+                    "checkpoint (lower lr, or check the data and init)"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -207,34 +216,28 @@ def train(
             if step % config.log_interval == 0 or step == last_step:
                 record = {"step": step, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr}
                 record |= {
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens_per_second": train_tokens / train_seconds,
                 }
                 record |= _routing_summary(out.routing)
-                log.write(json.dumps(record) + "\n")
+                log.append(record)
             if step % config.eval_interval == 0 or step == config.max_steps:
                 final_eval = run_eval()
-                log.write(json.dumps({"step": step, "eval": final_eval.to_dict()}) + "\n")
+                log.append({"step": step, "eval": final_eval.to_dict()})
                 bar.set_postfix(loss=f"{loss_sum:.3f}", val_ppl=f"{final_eval.perplexity:.2f}")
             if step % config.checkpoint_interval == 0 or step == last_step:
-                log.flush()
+                log.sync()  # the log reaches the disk before the checkpoint that covers it
                 checkpoint(step)
-            log.flush()
     finally:
         bar.close()
         log.close()
     if final_eval is None:
         final_eval = run_eval()
     tokens_per_second = train_tokens / train_seconds if train_seconds else float("nan")
-    return TrainResult(out_dir, step, final_eval, tokens_per_second, loss_value)
+    return TrainResult(run.path, step, final_eval, tokens_per_second, loss_value)
 
 
 def load_model(path: str | os.PathLike) -> tuple[TransformerLM, TrainConfig, dict]:
     """A trained model (eval mode) from a run directory or checkpoint file, its config and
-    checkpoint metadata."""
-    state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state.meta["train_config"])
-    model = TransformerLM(config.model)
-    model.load_state_dict(state.model_state)
-    model.eval()
-    return model, config, state.meta
+    checkpoint metadata (see :meth:`RunDir.load_model`)."""
+    return RunDir(path).load_model()

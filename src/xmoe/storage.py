@@ -1,0 +1,258 @@
+"""Files that survive crashes and say when they are damaged.
+
+* :func:`atomic_write` writes bytes to a temporary file of our own naming (exclusive create, the
+  umask's mode), fsyncs it, renames it over the target and fsyncs the directory: at every moment
+  the target holds either its old content or its new content, never a mix.
+* :func:`save_verified` / :func:`read_verified` put a CRC-32 of every tensor's bytes (and of
+  the metadata) into a safetensors file's metadata, and check them on load, naming the damaged
+  tensor. Length and header damage is caught by the safetensors parser itself.
+* :func:`sweep_stale_temporaries` removes temporary files whose writer process is gone.
+* :class:`DirectoryLock` gives one process at a time a directory (``flock``, released by the
+  kernel when the holder dies, so a crash never leaves a stale lock).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as serialize_tensors
+
+DIGESTS_KEY = "xmoe.crc32"
+"""safetensors metadata key holding ``{tensor name: crc32 hex}`` plus ``__metadata__``."""
+
+WRITE_CHUNK_BYTES = 8 << 20
+
+_TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(-[0-9a-f]+)?$")
+_SAFETENSORS_TEMP_PATTERN = re.compile(r"^\.tmp[A-Za-z0-9_]{6,}$")  # left by save_file
+
+
+class DamagedFileError(RuntimeError):
+    """A file whose bytes do not match the digests recorded when it was written, or that does
+    not parse at all."""
+
+
+class LockedError(RuntimeError):
+    """Another live process holds a directory's lock."""
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or create inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name(target: Path) -> Path:
+    """A fresh temporary path beside ``target`` that names its writer's pid."""
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def atomic_write(target: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
+    """Replace ``target`` with ``data`` atomically and durably; returns the target path.
+
+    The temporary file is created exclusively with mode 0o666 minus the umask (as ``open``
+    would), so the result has ordinary permissions.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), WRITE_CHUNK_BYTES):
+            chunk = view[start : start + WRITE_CHUNK_BYTES]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)
+    return target
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    return atomic_write(target, text.encode("utf-8"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temporaries(directory: str | os.PathLike, *, exclusive: bool = False) -> list[Path]:
+    """Delete the temporary files (and staging folders) in ``directory`` whose writer is gone;
+    returns them.
+
+    Our temporaries carry their writer's pid, so one of a live process is left alone. With
+    ``exclusive`` (the caller holds the directory's lock, so no other writer can exist) the
+    pid-less temporaries that ``safetensors.torch.save_file`` leaves when killed go too.
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = _TEMP_PATTERN.match(path.name)
+        if match:
+            pid = int(match["pid"])
+            stale = not _pid_alive(pid) or (exclusive and pid != os.getpid())
+        else:
+            stale = exclusive and _SAFETENSORS_TEMP_PATTERN.match(path.name) is not None
+        if stale:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def tensor_crc32(tensor: torch.Tensor) -> str:
+    """CRC-32 (hex) of a tensor's bytes in row-major order."""
+    flat = tensor.detach().contiguous().reshape(-1).cpu()
+    return f"{zlib.crc32(flat.view(torch.uint8).numpy()):08x}"
+
+
+def _text_crc32(text: str) -> str:
+    return f"{zlib.crc32(text.encode('utf-8')):08x}"
+
+
+def serialize_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes of ``tensors`` whose metadata also records every tensor's CRC-32 and
+    one of the other metadata entries."""
+    if DIGESTS_KEY in metadata:
+        raise ValueError(f"metadata key {DIGESTS_KEY!r} is reserved")
+    digests = {name: tensor_crc32(t) for name, t in tensors.items()}
+    digests["__metadata__"] = _text_crc32(json.dumps(metadata, sort_keys=True))
+    return serialize_tensors(tensors, metadata={**metadata, DIGESTS_KEY: json.dumps(digests)})
+
+
+def save_verified(
+    target: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """:func:`serialize_verified`, written with :func:`atomic_write`."""
+    return atomic_write(target, serialize_verified(tensors, metadata))
+
+
+def read_verified(
+    path: str | os.PathLike, *, require_digests: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
+    """All tensors and the metadata (digests removed) of a safetensors file, checked; the last
+    item says whether the file carried digests (False only without ``require_digests``).
+
+    Raises :class:`DamagedFileError` naming the file and what is wrong: unparsable (truncated,
+    zero-filled, header damage), a tensor whose bytes changed, tensors added or missing, edited
+    metadata, or (with ``require_digests``) no digests at all.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise DamagedFileError(f"{path} is not a readable safetensors file: {error}") from None
+    recorded = metadata.pop(DIGESTS_KEY, None)
+    if recorded is None:
+        if require_digests:
+            raise DamagedFileError(f"{path} carries no digests ({DIGESTS_KEY}); cannot verify it")
+        return tensors, metadata, False
+    try:
+        digests = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise DamagedFileError(f"{path}: its digest record is damaged") from None
+    if digests.pop("__metadata__", None) != _text_crc32(json.dumps(metadata, sort_keys=True)):
+        raise DamagedFileError(f"{path}: its metadata is damaged (does not match its digest)")
+    if set(digests) != set(tensors):
+        missing, extra = sorted(set(digests) - set(tensors)), sorted(set(tensors) - set(digests))
+        raise DamagedFileError(f"{path}: tensors missing {missing}, unexpected {extra}")
+    for name, tensor in tensors.items():
+        if tensor_crc32(tensor) != digests[name]:
+            raise DamagedFileError(
+                f"{path}: tensor {name!r} is damaged (its bytes do not match the CRC-32 "
+                "recorded when the file was written)"
+            )
+    return tensors, metadata, True
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking lock on a directory for the life of this object's ``hold``.
+
+    The lock is ``flock`` on ``<directory>/.lock``, whose content names the holder's pid. A
+    second holder, in this process or another, fails at once with :class:`LockedError`.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str | os.PathLike, purpose: str = "writing") -> None:
+        self.directory = Path(directory)
+        self.purpose = purpose
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.NAME
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = self.path.read_text(errors="replace").strip() or "an unknown process"
+            raise LockedError(
+                f"{self.directory} is in use by {holder}; wait for it to finish or stop it "
+                "(one writer per run directory)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} ({self.purpose})\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    @contextmanager
+    def hold(self) -> Iterator[DirectoryLock]:
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
