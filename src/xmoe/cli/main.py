@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -212,13 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"xmoe: warning: {message}\n"
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors with messages meant for users: printed in one line, without a traceback."""
+    from xmoe.data.corpus import CorpusError
     from xmoe.storage import DamagedFileError, LockedError
     from xmoe.training.checkpoint import CheckpointError
     from xmoe.training.trainer import DivergenceError
 
-    return (ValueError, OSError, CheckpointError, DamagedFileError, LockedError, DivergenceError)
+    return (
+        ValueError,
+        OSError,
+        CheckpointError,
+        DamagedFileError,
+        LockedError,
+        DivergenceError,
+        CorpusError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
         build_parser().error(f"--threads={args.threads} is invalid: must be >= 1")
+    plain_format = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _format_warning
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -241,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"xmoe: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain_format
 
 
 if __name__ == "__main__":
