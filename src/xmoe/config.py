@@ -7,6 +7,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from xmoe.registry import ROUTERS
+
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 """Expert activations. ``gelu`` is the exact (erf) GELU; ``swiglu`` is the gated expert
 ``silu(x·w1) * (x·w3)``, then ``·w2``."""
@@ -87,6 +89,50 @@ class DictConfig:
             )
         return cls(**values)
 
+    @classmethod
+    def coerce(cls, value: Any, name: str):
+        """``value`` as an instance of this class: None gives the defaults, a dict its fields."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise ConfigError(
+            f"{name}={value!r} is invalid: {name} must be None, a dict of {cls.__name__} fields "
+            f"or a {cls.__name__}"
+        )
+
+
+@dataclass(frozen=True)
+class RouterOptions(DictConfig):
+    """Options every router has; a router's ``Options`` class extends this one.
+
+    Args:
+        init: ``"normal"`` (std ``MoEConfig.init_std``) or ``"linear"`` (``nn.Linear``'s default,
+            U(-1/sqrt(d_model), 1/sqrt(d_model)), as the XMoE reference code's router).
+        entropy_coef: β of the router-entropy loss ``β · mean_s H(p_s)`` (Dynamic-MoE's
+            "dynamic loss"), which sharpens the router; 0 disables it.
+    """
+
+    init: str = "normal"
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require_choice("router_options.init", self.init, ROUTER_INITS)
+        _require(
+            _is_number(self.entropy_coef) and self.entropy_coef >= 0,
+            "router_options.entropy_coef",
+            self.entropy_coef,
+            "a finite number >= 0",
+        )
+
+    def check_for(self, config: MoEConfig) -> None:
+        """Checks that need the layer's config (e.g. bounds set by num_experts)."""
+
+
+ROUTER_INITS = ("normal", "linear")
+
 
 @dataclass(frozen=True)
 class MoEConfig(DictConfig):
@@ -99,9 +145,13 @@ class MoEConfig(DictConfig):
         d_model: width of the tokens entering and leaving the layer.
         num_experts: number of experts E.
         d_expert: hidden width of each expert FFN.
-        router: selection rule, a name in ``xmoe.routing.ROUTERS`` (``"threshold"``, ``"topk"``).
-        threshold: t of the threshold router, in (0, 1]: each token keeps the smallest prefix of its
-            experts (sorted by probability) whose mass reaches t.
+        router: selection rule, a name in :data:`xmoe.registry.ROUTERS` (``"threshold"``,
+            ``"topk"``, ``"topp"``; ``docs/routing.md`` explains each).
+        router_options: the router's own options, a dict (or its ``Options`` dataclass) of the
+            fields of ``ROUTERS[router].Options``, validated by it; {} or None for its defaults.
+        threshold: the mass threshold of the ``threshold`` (t, XMoE) and ``topp`` (p,
+            Dynamic-MoE) routers, in (0, 1]: each token keeps the smallest prefix of its experts,
+            sorted by probability, whose mass reaches t (exceeds p).
         top_k: k of the top-k router, in [1, num_experts].
         capacity_factor: None for dropless routing, or γ > 0 for a per-expert capacity
             ``C = min(max(ceil(S / E · γ), min_capacity), S)`` over the S tokens of a call.
@@ -122,6 +172,7 @@ class MoEConfig(DictConfig):
     num_experts: int
     d_expert: int
     router: str = "threshold"
+    router_options: Any = None
     threshold: float = 0.9
     top_k: int = 2
     capacity_factor: float | None = None
@@ -137,12 +188,13 @@ class MoEConfig(DictConfig):
     check_finite: bool = False
 
     def __post_init__(self) -> None:
-        from xmoe.routing import ROUTERS  # the registry lives with the routers it names
-
         for name in ("d_model", "num_experts", "d_expert"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, value, "a positive integer")
         _require_choice("router", self.router, ROUTERS)
+        options = ROUTERS[self.router].Options.coerce(self.router_options, "router_options")
+        object.__setattr__(self, "router_options", options)
+        options.check_for(self)
         _require(
             _is_number(self.threshold) and 0.0 < self.threshold <= 1.0,
             "threshold",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -10,7 +10,8 @@ from torch import nn
 from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan
 from xmoe.experts import FFNExperts
-from xmoe.routing import ROUTERS, RoutingStats, route_pairs, switch_balance_loss
+from xmoe.registry import ROUTERS
+from xmoe.routing import RoutingStats, route_pairs
 
 
 @dataclass
@@ -19,13 +20,16 @@ class MoEOutput:
 
     Attributes:
         hidden_states: same shape as the input.
-        aux_loss: scalar balance loss, already multiplied by ``aux_loss_coef``.
+        aux_loss: scalar sum of ``aux_losses`` (zero in eval mode).
         routing: per-call :class:`~xmoe.routing.RoutingStats`.
+        aux_losses: the router's named auxiliary losses (``balance``, ``entropy``, ...), each
+            already scaled by its coefficient; empty in eval mode.
     """
 
     hidden_states: torch.Tensor
     aux_loss: torch.Tensor
     routing: RoutingStats
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MoELayer(nn.Module):
@@ -36,7 +40,7 @@ class MoELayer(nn.Module):
     stacked expert weights under ``experts.`` (see :class:`~xmoe.experts.FFNExperts`).
 
     Capacity (``capacity_factor``) applies in training mode only, unless ``capacity_at_eval``;
-    the balance loss is computed in training mode only (zero in eval mode).
+    the router's losses are computed in training mode only (zero in eval mode).
 
     Compute dtype: the autocast dtype when autocast is on, else the parameters' dtype; the output
     is returned in the input's dtype outside autocast. The router always runs in fp32 or wider.
@@ -77,8 +81,8 @@ class MoELayer(nn.Module):
         x_SD = x.reshape(-1, config.d_model)
         num_tokens = x_SD.shape[0]
 
-        probs_SE = self.router.probabilities(x_SD)
-        selection = self.router.select(probs_SE)
+        routed = self.router(x_SD)
+        selection = routed.selection
         capacity = config.capacity(num_tokens) if self.training or config.capacity_at_eval else None
         pairs = route_pairs(selection, config.num_experts, capacity, config.renormalize)
         plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, num_tokens)
@@ -91,18 +95,17 @@ class MoELayer(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             y_SD = y_SD.to(x.dtype)
 
-        top1_expert_S = selection.expert_idx_SK[:, 0]
-        if num_tokens == 0 or not self.training:
-            # the balance loss only steers training; inference skips its kernels
-            aux_loss = probs_SE.sum() * 0.0
-        else:
-            aux_loss = config.aux_loss_coef * switch_balance_loss(probs_SE, top1_expert_S)
+        if routed.losses:
+            aux_loss = torch.stack(list(routed.losses.values())).sum()
+        else:  # eval mode: the losses only steer training, and inference skips their kernels
+            aux_loss = routed.probs_SE.sum() * 0.0  # zero, on the autograd graph
         stats = RoutingStats.from_pairs(
-            pairs, top1_expert_S, config.expert_flops, config.router_flops
+            pairs, selection.expert_idx_SK[:, 0], config.expert_flops, config.router_flops
         )
-        return MoEOutput(y_SD.reshape(*x.shape[:-1], config.d_model), aux_loss, stats)
+        output = y_SD.reshape(*x.shape[:-1], config.d_model)
+        return MoEOutput(output, aux_loss, stats, routed.losses)
 
     def extra_repr(self) -> str:
         c = self.config
-        rule = f"threshold={c.threshold}" if c.router == "threshold" else f"top_k={c.top_k}"
+        rule = f"top_k={c.top_k}" if c.router == "topk" else f"threshold={c.threshold}"
         return f"router={c.router!r}, {rule}, capacity_factor={c.capacity_factor}"

@@ -131,7 +131,7 @@ class XMoEModel(XMoEPreTrainedModel):
             )
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: plain causal attention
-        hidden, aux_loss, routing = self.lm.backbone(
+        hidden, aux_loss, routing, _ = self.lm.backbone(
             input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -74,14 +74,17 @@ class LMOutput:
     Attributes:
         logits: (B, T, V).
         loss: mean next-token cross-entropy over targets != -100, or None without targets.
-        aux_loss: scalar sum of the MoE layers' balance losses (0 for dense models).
+        aux_loss: scalar sum of the MoE layers' auxiliary losses (0 for dense models and in eval
+            mode).
         routing: one :class:`~xmoe.RoutingStats` per MoE block, in block order.
+        aux_losses: each named router loss (``balance``, ``entropy``, ...) summed over layers.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
     routing: list[RoutingStats]
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def rotary_cos_sin(
@@ -179,8 +182,8 @@ class Block(nn.Module):
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
             out = self.ffn(h_BTD)
-            return x_BTD + self.dropout(out.hidden_states), out.aux_loss, out.routing
-        return x_BTD + self.dropout(self.ffn(h_BTD)), None, None
+            return x_BTD + self.dropout(out.hidden_states), out
+        return x_BTD + self.dropout(self.ffn(h_BTD)), None
 
 
 def attention_mask_B1TK(
@@ -289,9 +292,10 @@ class TransformerLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KeyValueCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats]]:
-        """The blocks and the final norm: (B, T, D) hidden states, summed aux loss, routing.
-        Arguments as in :meth:`forward`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats], dict[str, torch.Tensor]]:
+        """The blocks and the final norm: (B, T, D) hidden states, summed aux loss, routing
+        statistics per MoE block, and each named aux loss summed over blocks. Arguments as in
+        :meth:`forward`."""
         self.check_input_ids(input_ids)
         B, T = input_ids.shape
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -308,13 +312,16 @@ class TransformerLM(nn.Module):
         mask = attention_mask_B1TK(attention_mask, T, past_len, input_ids.device)
 
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
+        aux_losses: dict[str, torch.Tensor] = {}
         routing: list[RoutingStats] = []
         for block in self.blocks:
-            x_BTD, block_aux, stats = block(x_BTD, cos_sin, mask, cache)
-            if stats is not None:
-                aux_loss = aux_loss + block_aux
-                routing.append(stats)
-        return self.norm(x_BTD), aux_loss, routing
+            x_BTD, moe_out = block(x_BTD, cos_sin, mask, cache)
+            if moe_out is not None:
+                aux_loss = aux_loss + moe_out.aux_loss
+                for name, value in moe_out.aux_losses.items():
+                    aux_losses[name] = aux_losses.get(name, 0.0) + value
+                routing.append(moe_out.routing)
+        return self.norm(x_BTD), aux_loss, routing, aux_losses
 
     def forward(
         self,
@@ -334,7 +341,7 @@ class TransformerLM(nn.Module):
         attention_mask: (B, past + T) 1 for real tokens, 0 for padding, or None.
         cache: a :class:`KeyValueCache` to read and extend, or None.
         """
-        hidden_BTD, aux_loss, routing = self.backbone(
+        hidden_BTD, aux_loss, routing, aux_losses = self.backbone(
             input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
         )
         logits_BTV = F.linear(hidden_BTD, self.output_weight())
@@ -345,7 +352,7 @@ class TransformerLM(nn.Module):
                 targets.reshape(-1),
                 ignore_index=-100,
             )
-        return LMOutput(logits_BTV, loss, aux_loss, routing)
+        return LMOutput(logits_BTV, loss, aux_loss, routing, aux_losses)
 
     def moe_flops_per_token(self, routing: list[RoutingStats]) -> float:
         """Forward FLOPs per token of the FFNs at MoE positions, as computed in that call:
@@ -353,6 +360,11 @@ class TransformerLM(nn.Module):
         if self.config.moe is None:
             return float(self.config.num_moe_blocks * self.config.dense_ffn_flops)
         return float(sum(float(stats.flops_per_token) for stats in routing))
+
+    def end_training_step(self) -> None:
+        """Let the routers adapt between optimizer steps (call after ``optimizer.step()``)."""
+        for layer in self.moe_layers:
+            layer.router.end_step()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

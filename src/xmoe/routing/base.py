@@ -1,13 +1,22 @@
-"""The router: a bias-free linear map to expert probabilities, then a selection rule."""
+"""The router: a bias-free linear map to expert probabilities, a selection rule, and the router's
+own auxiliary losses."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmoe.config import MoEConfig
+from xmoe.config import RouterOptions
+from xmoe.routing.losses import entropy_loss, switch_balance_loss
 from xmoe.routing.selection import Selection
+
+if TYPE_CHECKING:
+    from xmoe.config import MoEConfig
 
 
 def router_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -18,11 +27,33 @@ def router_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return result
 
 
-class Router(nn.Module):
-    """Base class of the routers in :data:`xmoe.routing.ROUTERS`.
+@dataclass
+class RouterOutput:
+    """What a router returns for S tokens.
 
-    Holds ``weight`` of shape (E, d_model) (no bias). Subclasses implement :meth:`select`.
+    Attributes:
+        probs_SE: (S, E) router probabilities (fp32 or float64).
+        selection: the experts each token wants, best first.
+        losses: named auxiliary losses, each a scalar already scaled by its coefficient
+            (training mode only; empty in eval mode). The layer sums them.
     """
+
+    probs_SE: torch.Tensor
+    selection: Selection
+    losses: dict[str, torch.Tensor]
+
+
+class Router(nn.Module):
+    """Base class of the routers in :data:`xmoe.registry.ROUTERS`.
+
+    Holds ``weight`` of shape (E, d_model) (no bias). A subclass sets ``Options`` (a
+    :class:`~xmoe.config.RouterOptions` subclass, validated with the config) and implements
+    :meth:`select`; it may transform :meth:`logits`, add losses in :meth:`losses` and adapt
+    itself between training steps in :meth:`end_step`. Every router has the Switch balance
+    loss (``aux_loss_coef``) and the optional entropy loss (``router_options.entropy_coef``).
+    """
+
+    Options: ClassVar[type[RouterOptions]] = RouterOptions
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -30,27 +61,50 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
         self.reset_parameters()
 
+    @property
+    def options(self) -> RouterOptions:
+        return self.config.router_options
+
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, mean=0.0, std=self.config.init_std)
+        if self.options.init == "linear":
+            bound = 1.0 / math.sqrt(self.config.d_model)
+            nn.init.uniform_(self.weight, -bound, bound)
+        else:
+            nn.init.normal_(self.weight, mean=0.0, std=self.config.init_std)
 
-    def probabilities(self, x_SD: torch.Tensor) -> torch.Tensor:
-        """Softmax router probabilities.
-
-        Args:
-            x_SD: (S, d_model) tokens, any float dtype.
-
-        Returns:
-            (S, E) probabilities in fp32, or float64 when the input or weight is float64.
-            Autocast is disabled here: routing decisions must not depend on bf16 rounding.
-        """
+    def logits(self, x_SD: torch.Tensor) -> torch.Tensor:
+        """(S, E) router logits in fp32 (float64 when the input or weight is float64).
+        Autocast is disabled here: routing decisions must not depend on bf16 rounding."""
         dtype = router_dtype(x_SD.dtype, self.weight.dtype)
         with torch.autocast(device_type=x_SD.device.type, enabled=False):
-            logits_SE = F.linear(x_SD.to(dtype), self.weight.to(dtype))
-        return logits_SE.softmax(dim=-1)
+            return F.linear(x_SD.to(dtype), self.weight.to(dtype))
+
+    def probabilities(self, x_SD: torch.Tensor) -> torch.Tensor:
+        """(S, E) softmax of :meth:`logits` for (S, d_model) tokens of any float dtype."""
+        return self.logits(x_SD).softmax(dim=-1)
 
     def select(self, probs_SE: torch.Tensor) -> Selection:
         """Choose the experts each token wants. Args: probs_SE (S, E). Returns a Selection."""
         raise NotImplementedError
+
+    def losses(self, probs_SE: torch.Tensor, selection: Selection) -> dict[str, torch.Tensor]:
+        """Named auxiliary losses of a training call, scaled by their coefficients."""
+        top1_expert_S = selection.expert_idx_SK[:, 0]
+        losses = {
+            "balance": self.config.aux_loss_coef * switch_balance_loss(probs_SE, top1_expert_S)
+        }
+        if self.options.entropy_coef > 0:
+            losses["entropy"] = self.options.entropy_coef * entropy_loss(probs_SE)
+        return losses
+
+    def forward(self, x_SD: torch.Tensor) -> RouterOutput:
+        probs_SE = self.probabilities(x_SD)
+        selection = self.select(probs_SE)
+        train = self.training and x_SD.shape[0] > 0  # losses only steer training
+        return RouterOutput(probs_SE, selection, self.losses(probs_SE, selection) if train else {})
+
+    def end_step(self) -> None:
+        """Called once after each optimizer step (routers that adapt between steps)."""
 
     def extra_repr(self) -> str:
         return f"d_model={self.config.d_model}, num_experts={self.config.num_experts}"

@@ -21,3 +21,12 @@ def switch_balance_loss(probs_SE: torch.Tensor, top1_expert_S: torch.Tensor) -> 
     top1_fraction_E = torch.bincount(top1_expert_S, minlength=num_experts).to(probs_SE.dtype)
     top1_fraction_E = top1_fraction_E / num_tokens
     return num_experts * (probs_SE.mean(dim=0) * top1_fraction_E).sum()
+
+
+def entropy_loss(probs_SE: torch.Tensor) -> torch.Tensor:
+    """Mean router entropy ``mean_s -Σ_e p[s, e] log p[s, e]`` (nats; 0·log 0 = 0).
+
+    Minimising it sharpens each token's distribution, so a mass threshold keeps fewer experts
+    (Dynamic-MoE's "dynamic loss").
+    """
+    return torch.special.entr(probs_SE).sum(dim=-1).mean()

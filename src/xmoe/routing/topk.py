@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.routing import ROUTERS
+from xmoe.registry import ROUTERS
 from xmoe.routing.base import Router
 from xmoe.routing.selection import Selection, ranked_topk
 

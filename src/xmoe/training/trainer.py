@@ -54,10 +54,12 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW that decays matrices and expert weights, not norms, biases or embeddings."""
+    """AdamW that decays matrices and expert weights, not norms, biases, embeddings or router
+    weights (for every router: decay flattens a router, and so raises experts per token)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        is_matrix = param.dim() >= 2 and not name.startswith("embed.")
+        is_router = ".router." in f".{name}"  # decay would pull routers back toward uniform
+        is_matrix = param.dim() >= 2 and not name.startswith("embed.") and not is_router
         (decay if is_matrix else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
@@ -71,6 +73,7 @@ def _routing_summary(routing) -> dict[str, float]:
         return {}
     return {
         "experts_per_token": sum(s.experts_per_token for s in routing) / len(routing),
+        "experts_wanted_per_token": sum(s.experts_wanted_per_token for s in routing) / len(routing),
         "drop_fraction": sum(float(s.drop_fraction) for s in routing) / len(routing),
     }
 
@@ -184,6 +187,7 @@ def _train_locked(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = aux_sum = 0.0
+            named_aux: dict[str, float] = {}
             for _ in range(config.grad_accum_steps):
                 x_BT, y_BT = random_batch(data.train, config.batch_size, config.seq_len, data_rng)
                 x_BT, y_BT = x_BT.to(device), y_BT.to(device)
@@ -193,6 +197,10 @@ def _train_locked(
                 loss.backward()
                 loss_sum += out.loss.item() / config.grad_accum_steps
                 aux_sum += out.aux_loss.item() / config.grad_accum_steps
+                for name, value in out.aux_losses.items():
+                    named_aux[name] = (
+                        named_aux.get(name, 0.0) + float(value) / config.grad_accum_steps
+                    )
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(
                     model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
@@ -206,6 +214,7 @@ def _train_locked(
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            model.end_training_step()
             step += 1
             elapsed = time.perf_counter() - started
             train_seconds += elapsed
@@ -219,7 +228,12 @@ def _train_locked(
                     "grad_norm": grad_norm,
                     "tokens_per_second": train_tokens / train_seconds,
                 }
+                record |= {f"aux_{name}": value for name, value in named_aux.items()}
                 record |= _routing_summary(out.routing)
+                scales = [float(m.router.logit_scale) for m in model.moe_layers
+                          if hasattr(m.router, "logit_scale")]  # fmt: skip
+                if scales:
+                    record["logit_scale"] = sum(scales) / len(scales)
                 log.append(record)
             if step % config.eval_interval == 0 or step == config.max_steps:
                 final_eval = run_eval()

@@ -1,0 +1,65 @@
+"""Name -> class registries, so that a new router is one new file plus one registry entry.
+
+A registry knows, for each built-in name, the module that registers it, and imports that module
+on first use: ``xmoe.config`` can validate a router name and its options without importing the
+routers (no import cycle), and the routers import ``xmoe.config`` freely.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """A read-only mapping of names to classes, filled by the :meth:`register` decorator.
+
+    Args:
+        kind: what the entries are, for error messages.
+        modules: name -> module whose import registers that name (imported on first lookup).
+    """
+
+    def __init__(self, kind: str, modules: Mapping[str, str] | None = None) -> None:
+        self._kind = kind
+        self._modules = dict(modules or {})
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(entry: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self._kind} {name!r} is already registered")
+            self._entries[name] = entry
+            return entry
+
+        return decorator
+
+    def __getitem__(self, name: str) -> T:
+        if name not in self._entries and name in self._modules:
+            importlib.import_module(self._modules[name])
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"unknown {self._kind} {name!r}; registered: {sorted(self)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries or name in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self._entries) | set(self._modules)))
+
+    def __len__(self) -> int:
+        return len(set(self._entries) | set(self._modules))
+
+
+ROUTERS: Registry = Registry(
+    "router",
+    {
+        "threshold": "xmoe.routing.threshold",
+        "topk": "xmoe.routing.topk",
+        "topp": "xmoe.routing.topp",
+    },
+)
+"""Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""
