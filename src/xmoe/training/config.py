@@ -15,6 +15,7 @@ from xmoe.config import (
     _require_choice,
 )
 from xmoe.models.config import ModelConfig
+from xmoe.registry import ROUTERS
 
 DATA_SOURCES = ("corpus", "synthetic")
 """``corpus``: Shakespeare + King James Bible with a BPE tokenizer (``xmoe.data``);
@@ -147,9 +148,11 @@ def _parse_value(text: str, current: Any) -> Any:
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """A validated copy of ``config`` with ``key=value`` overrides applied.
 
-    Keys name TrainConfig fields (``lr=1e-3``), model fields (``model.d_model=256``) or MoE
-    fields (``moe.threshold=0.8``, short for ``model.moe.threshold``). Values are parsed to the
-    type of the field they replace; ``none`` gives None.
+    Keys name TrainConfig fields (``lr=1e-3``), model fields (``model.d_model=256``), MoE
+    fields (``moe.threshold=0.8``, short for ``model.moe.threshold``) or router options
+    (``moe.router_options.logit_scale=3.7``). Values are parsed to the type of the field they
+    replace; ``none`` gives None. Changing ``moe.router`` resets the router options to the new
+    router's defaults.
     """
     values = config.to_dict()
     for item in overrides:
@@ -173,4 +176,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             target[leaf] = _parse_value(text, target[leaf])
         except ValueError as error:
             raise ConfigError(f"override {item!r}: {error}") from None
+        if path[-2:] == ["moe", "router"] and target[leaf] in ROUTERS:
+            # another router has other options: start from its defaults (later keys may set them)
+            target["router_options"] = ROUTERS[target[leaf]].Options().to_dict()
     return TrainConfig.from_dict(values)
