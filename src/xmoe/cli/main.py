@@ -114,25 +114,31 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from xmoe.experiments.reproduce import ReproduceSettings, reproduce
+    from xmoe.experiments.reproduce import QUICK, ReproduceSettings, reproduce
 
-    settings = ReproduceSettings(
-        presets=tuple(args.presets),
-        seeds=args.seeds,
-        tokens=args.tokens,
-        eval_batches=args.eval_batches,
-        out=Path(args.out),
-        docs=Path(args.docs),
-        progress=not args.no_progress,
-        command="xmoe " + " ".join(sys.argv[1:]) if sys.argv[1:] else "xmoe reproduce",
-    )
-    print(f"wrote {reproduce(settings)}")
+    values = {
+        "presets": tuple(args.presets),
+        "ablations": tuple(args.ablations),
+        "seeds": args.seeds,
+        "tokens": args.tokens,
+        "eval_batches": args.eval_batches,
+        "jobs": args.jobs,
+        "device": args.device,
+        "out": Path(args.out),
+        "docs": Path(args.docs),
+        "progress": not args.no_progress,
+        "command": "xmoe " + " ".join(sys.argv[1:]) if sys.argv[1:] else "xmoe reproduce",
+    }
+    if args.quick:  # a small budget into its own folders, so it never touches the real results
+        values |= QUICK | {"out": Path(args.out + "-quick")}
+        values["docs"] = values["out"] / "docs"
+    print(f"wrote {reproduce(ReproduceSettings(**values))}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from xmoe.experiments.reproduce import FAMILY
-    from xmoe.training.presets import PRESETS
+    from xmoe.training.presets import ABLATIONS, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="xmoe", description="Adaptive, fine-grained Mixture-of-Experts for PyTorch."
@@ -203,9 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", help="train the paper's family over seeds; write docs/results/lm.md"
     )
     repro.add_argument("--presets", nargs="+", default=list(FAMILY), choices=FAMILY)
+    repro.add_argument(
+        "--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
+        help="one-change router rows (one seed each)",
+    )  # fmt: skip
     repro.add_argument("--seeds", type=int, default=3)
-    repro.add_argument("--tokens", type=int, default=400_000, help="training tokens per run")
-    repro.add_argument("--eval-batches", type=int, default=12)
+    repro.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run")
+    repro.add_argument("--eval-batches", type=int, default=16)
+    repro.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    repro.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    repro.add_argument("--quick", action="store_true", help="a tiny budget to check the pipeline")
     repro.add_argument("--out", default="runs/reproduce")
     repro.add_argument("--docs", default="docs/results")
     repro.add_argument("--no-progress", action="store_true")

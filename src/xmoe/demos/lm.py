@@ -51,7 +51,7 @@ def run_lm_demo(settings: LMDemoSettings) -> dict[str, dict[str, float]]:
         run_dir = settings.out / name
         shutil.rmtree(run_dir, ignore_errors=True)
         moe = config.model.moe
-        rule = f"t={moe.threshold}" if moe.router == "threshold" else f"top-{moe.top_k}"
+        rule = f"top-{moe.top_k}" if moe.router == "topk" else f"t={moe.threshold}"
         print(f"Training {name}: {moe.num_experts} experts x {moe.d_expert}, {rule}")
         result = train(config, run_dir, data=data)
         ev = result.final_eval

@@ -51,15 +51,16 @@ def measure_adaptivity(
 ) -> Adaptivity:
     """Run ``model`` (eval mode) over validation windows, keeping per-token expert counts."""
     model.eval()
+    device = next(model.parameters()).device
     ids, experts, loads = [], [], []
     for x_BT, _ in eval_batches(tokens, batch_size, seq_len, max_batches):
-        out = model(x_BT)
+        out = model(x_BT.to(device))
         if not out.routing:
             raise ValueError("measure_adaptivity needs a model with MoE layers")
         ids.append(x_BT.reshape(-1).numpy())
         kept = torch.stack([s.kept_per_token.float() for s in out.routing]).mean(0)
-        experts.append(kept.numpy())
-        loads.append(torch.stack([s.expert_load.float() for s in out.routing]).numpy())
+        experts.append(kept.cpu().numpy())
+        loads.append(torch.stack([s.expert_load.float() for s in out.routing]).cpu().numpy())
     load = np.sum(loads, axis=0)
     return Adaptivity(
         np.concatenate(ids), np.concatenate(experts), load / load.sum(axis=1, keepdims=True)

@@ -267,7 +267,7 @@ class TransformerLM(nn.Module):
 
     def set_threshold(self, threshold: float) -> None:
         """Change t of every threshold-routed MoE layer (an inference-time knob)."""
-        layers = [layer for layer in self.moe_layers if layer.config.router == "threshold"]
+        layers = [layer for layer in self.moe_layers if layer.router.uses_threshold]
         if not layers:
             raise ConfigError("set_threshold needs a model with threshold-routed MoE layers")
         self._update_moe_configs(layers, threshold=threshold)

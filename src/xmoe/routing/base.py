@@ -54,6 +54,8 @@ class Router(nn.Module):
     """
 
     Options: ClassVar[type[RouterOptions]] = RouterOptions
+    uses_threshold: ClassVar[bool] = False
+    """Whether ``MoEConfig.threshold`` drives this router (``set_threshold`` applies)."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()

@@ -134,6 +134,7 @@ class ThresholdRouter(Router):
     """
 
     Options = ThresholdOptions
+    uses_threshold = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)

@@ -62,13 +62,18 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
+def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """Checkpoints hold CPU tensors, so they load on any device."""
+    return tensor.detach().cpu().contiguous()
+
+
 def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entries in state["state"].items():
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value.detach().contiguous()
+                tensors[f"optim.{index}.{key}"] = _on_cpu(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -100,8 +105,8 @@ def save_checkpoint(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in checkpoint.model_state.items()}
-    tensors |= {f"rng.{k}": v.contiguous() for k, v in checkpoint.rng_state.items()}
+    tensors = {f"model.{k}": _on_cpu(v) for k, v in checkpoint.model_state.items()}
+    tensors |= {f"rng.{k}": _on_cpu(v) for k, v in checkpoint.rng_state.items()}
     meta = dict(checkpoint.meta)
     if checkpoint.optimizer_state is not None:
         optim_tensors, optim_info = _split_optimizer_state(checkpoint.optimizer_state)

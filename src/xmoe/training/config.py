@@ -23,6 +23,9 @@ DATA_SOURCES = ("corpus", "synthetic")
 
 PRECISIONS = ("fp32", "bf16")
 
+DEVICES = ("auto", "cpu", "cuda")
+"""Where training runs: ``auto`` is CUDA when a GPU is present, else the CPU."""
+
 
 @dataclass(frozen=True)
 class TrainConfig(DictConfig):
@@ -42,6 +45,8 @@ class TrainConfig(DictConfig):
         weight_decay: AdamW decay of matrices (norms, biases and embeddings are not decayed).
         beta1, beta2: AdamW betas. grad_clip: max global gradient norm (0 disables clipping).
         precision: ``fp32``, or ``bf16`` autocast.
+        device: one of :data:`DEVICES`. Checkpoints hold CPU tensors, so a run trained on one
+            device resumes and evaluates on another (the field is not compared on resume).
         eval_interval: steps between evaluations (and at the end); eval_batches: batches of
             validation windows per evaluation (0 = the whole validation split).
         checkpoint_interval: steps between checkpoints (and at the end).
@@ -64,6 +69,7 @@ class TrainConfig(DictConfig):
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str = "fp32"
+    device: str = "auto"
     eval_interval: int = 200
     eval_batches: int = 0
     checkpoint_interval: int = 200
@@ -120,7 +126,18 @@ class TrainConfig(DictConfig):
             value = getattr(self, name)
             _require(_is_number(value) and value >= 0, name, value, "a finite number >= 0")
         _require_choice("precision", self.precision, PRECISIONS)
+        _require_choice("device", self.device, DEVICES)
         _require(isinstance(self.preset, str), "preset", self.preset, "a str")
+
+    def resolve_device(self):
+        """The ``torch.device`` this config trains on; ``cuda`` without a GPU is an error."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' is invalid here: no CUDA device is available")
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,9 +1,15 @@
-"""Named training presets: the paper's family at a size that trains on 2 CPU cores.
+"""Named training presets: the paper's family at a size that trains on 2 CPU cores, and the
+router ablations of ``xmoe reproduce``.
 
 Total FFN width at MoE positions is held equal (8 x d_ff), as in the paper: Switch 8 x d_ff
 (top-1), top-2 16 x d_ff/2, XMoE 16 / 32 / 64 experts of d_ff/2, d_ff/4, d_ff/8 at t=0.9.
 Capacity factors grow with the split so that the padded worst case equals Switch's
 (γ = 1 for Switch, 2 for 16 experts, 4 for 32, 8 for 64). The dense model has one d_ff FFN.
+
+The ``xmoe-*`` presets route on normalised logits with a fixed scale s = 3.7, the configuration
+that won the reproduction (docs/results/lm.md); ``xmoe-32-paper`` is the paper's own router
+(plain logits, small normal init), and the other ``xmoe-32-*`` / ``topp-32`` presets each change
+one thing from it or from xmoe-32 (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -22,29 +28,51 @@ CORPUS_MODEL = {
 }
 CORPUS_TRAINING = {"batch_size": 32, "seq_len": 128, "max_steps": 1000, "lr": 2e-3}
 
-# (router, experts, width divisor of d_ff, top_k, capacity factor)
+LOGIT_SCALE = 3.7
+_NORMALISED = {"logit_scale": LOGIT_SCALE}
+
+
+# (router, experts, width divisor of d_ff, top_k, capacity factor, router options)
 _FAMILY = {
     "dense": None,
-    "switch": ("topk", 8, 1, 1, 1.0),
-    "top2": ("topk", 16, 2, 2, 2.0),
-    "xmoe-16": ("threshold", 16, 2, 2, 2.0),
-    "xmoe-32": ("threshold", 32, 4, 2, 4.0),
-    "xmoe-64": ("threshold", 64, 8, 2, 8.0),
+    "switch": ("topk", 8, 1, 1, 1.0, {}),
+    "top2": ("topk", 16, 2, 2, 2.0, {}),
+    "xmoe-16": ("threshold", 16, 2, 2, 2.0, _NORMALISED),
+    "xmoe-32": ("threshold", 32, 4, 2, 4.0, _NORMALISED),
+    "xmoe-64": ("threshold", 64, 8, 2, 8.0, _NORMALISED),
 }
+_TARGETED = {**_NORMALISED, "target_experts": 4.0}  # k* = 4 of 32: top-2's FLOPs at t=0.9
+ABLATIONS = {
+    "xmoe-32-paper": ("threshold", 32, 4, 2, 4.0, {}),
+    "xmoe-32-linear-init": ("threshold", 32, 4, 2, 4.0, {"init": "linear"}),
+    "xmoe-32-entropy": ("threshold", 32, 4, 2, 4.0, {"entropy_coef": 0.1}),
+    "xmoe-32-target": ("threshold", 32, 4, 2, 4.0, _TARGETED),
+    "xmoe-32-decay": (
+        "threshold",
+        32,
+        4,
+        2,
+        4.0,
+        {**_TARGETED, "target_start": 16.0, "target_decay_steps": 200},
+    ),
+    "topp-32": ("topp", 32, 4, 2, None, {}),
+}
+_ALL = {**_FAMILY, **ABLATIONS}
 
-PRESETS = (*_FAMILY, "tiny")
+PRESETS = (*_FAMILY, *ABLATIONS, "tiny")
 
 
 def _moe(model: dict, spec: tuple | None) -> MoEConfig | None:
     if spec is None:
         return None
-    router, experts, divisor, top_k, gamma = spec
+    router, experts, divisor, top_k, gamma, options = spec
     return MoEConfig(
         d_model=model["d_model"],
         num_experts=experts,
         d_expert=model["d_ff"] // divisor,
         router=router,
-        threshold=0.9,
+        router_options=options,
+        threshold=0.4 if router == "topp" else 0.9,  # Dynamic-MoE's p; XMoE's t
         top_k=top_k,
         capacity_factor=gamma,
         activation="gelu",
@@ -70,13 +98,14 @@ def preset(name: str) -> TrainConfig:
             eval_batches=4,
             checkpoint_interval=10,
             log_interval=5,
+            device="cpu",  # tests compare runs bit for bit; CUDA kernels need not be deterministic
             preset=name,
         )
-    if name not in _FAMILY:
+    if name not in _ALL:
         raise ConfigError(f"preset={name!r} is invalid: preset must be one of {PRESETS}")
     model = dict(CORPUS_MODEL)
     return TrainConfig(
-        model=ModelConfig(**model, moe=_moe(model, _FAMILY[name])),
+        model=ModelConfig(**model, moe=_moe(model, _ALL[name])),
         data="corpus",
         preset=name,
         **CORPUS_TRAINING,

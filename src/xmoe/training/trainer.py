@@ -68,6 +68,11 @@ def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
+def _comparable(config_dict: dict) -> dict:
+    """A config as compared on resume: where it runs does not change the run."""
+    return {k: v for k, v in config_dict.items() if k != "device"}
+
+
 def _routing_summary(routing) -> dict[str, float]:
     if not routing:
         return {}
@@ -131,14 +136,15 @@ def _train_locked(
             f"data has vocab_size={data.vocab_size}, model.vocab_size={config.model.vocab_size}"
         )
 
+    device = config.resolve_device()
     torch.manual_seed(config.seed)
-    model = TransformerLM(config.model)
+    model = TransformerLM(config.model).to(device)
     optimizer = build_optimizer(model, config)
     data_rng = torch.Generator().manual_seed(config.seed + 1)
     step = 0
     if resume and run.has_checkpoint:
         state = run.load_checkpoint()
-        if state.meta["train_config"] != config.to_dict():
+        if _comparable(state.meta["train_config"]) != _comparable(config.to_dict()):
             raise CheckpointError(
                 f"{run.checkpoint_path} was written by a different config; resume with the "
                 "same settings"
@@ -147,6 +153,8 @@ def _train_locked(
         optimizer.load_state_dict(state.optimizer_state)
         torch.set_rng_state(state.rng_state["torch"])
         data_rng.set_state(state.rng_state["data"])
+        if device.type == "cuda" and "cuda" in state.rng_state:
+            torch.cuda.set_rng_state(state.rng_state["cuda"])
         step = int(state.meta["step"])
     run.truncate_log(step)  # lines past the checkpoint (or all, without one) are redone
     run.write_config(config.to_dict())
@@ -164,6 +172,8 @@ def _train_locked(
             )
         meta = {"step": at_step, "train_config": config.to_dict(), **meta_extra}
         rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
         run.save_checkpoint(Checkpoint(model.state_dict(), optimizer.state_dict(), rng, meta))
 
     def run_eval() -> EvalResult:
@@ -173,7 +183,6 @@ def _train_locked(
         )  # fmt: skip
 
     last_step = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
-    device = next(model.parameters()).device
     model.train()
     log = run.open_log()
     bar = tqdm(total=config.max_steps, initial=step, desc=config.preset, disable=not progress)
@@ -198,9 +207,8 @@ def _train_locked(
                 loss_sum += out.loss.item() / config.grad_accum_steps
                 aux_sum += out.aux_loss.item() / config.grad_accum_steps
                 for name, value in out.aux_losses.items():
-                    named_aux[name] = (
-                        named_aux.get(name, 0.0) + float(value) / config.grad_accum_steps
-                    )
+                    share = value.item() / config.grad_accum_steps
+                    named_aux[name] = named_aux.get(name, 0.0) + share
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(
                     model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
