@@ -25,7 +25,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.layer
 	$(BIN)/python -m benchmarks.decode
 
-# every preset x 3 seeds at one token budget (under 2 hours on 2 cores) -> docs/results/lm.md
+# every preset x 3 seeds + router ablations, 2M tokens each (hours on 2 cores, resumable) -> docs/results/lm.md
 reproduce: setup
 	$(BIN)/xmoe reproduce
 

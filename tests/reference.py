@@ -1,8 +1,8 @@
 """A slow, plainly written MoE layer: a Python loop over tokens, for tests only.
 
-It follows ``shared/spec/xmoe.md`` word by word and shares no code with ``xmoe`` beyond the config
-dataclass. Routing decisions are made on Python floats; the outputs and the aux loss are built
-from tensor ops so that autograd gives reference gradients.
+It follows the XMoE rule as ``docs/routing.md`` states it, word by word, and shares no code
+with ``xmoe`` beyond the config dataclass. Routing decisions are made on Python floats; the
+outputs and the aux loss are built from tensor ops so that autograd gives reference gradients.
 """
 
 from __future__ import annotations

@@ -22,10 +22,12 @@ def plot_ppl_vs_flops(records: list[dict], table: dict, path: Path) -> None:
     (dropless) as dashed lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, row in table.items():
+    for index, (name, row) in enumerate(table.items()):
         (ppl, ppl_sd), (flops, flops_sd) = row["perplexity"], row["moe_mflops"]
-        bar = ax.errorbar(flops, ppl, xerr=flops_sd, yerr=ppl_sd, fmt="o", capsize=3, label=name)
-        color = bar.lines[0].get_color()
+        color = plt.cm.tab20(index % 20)
+        ax.errorbar(
+            flops, ppl, xerr=flops_sd, yerr=ppl_sd, fmt="o", capsize=3, label=name, color=color
+        )
         runs = [r for r in records if r["preset"] == name and r["sweep"]]
         if runs:
             xs = np.mean([[p["moe_flops_per_token"] / 1e6 for p in r["sweep"]] for r in runs], 0)
@@ -48,19 +50,19 @@ def plot_experts_over_training(records: list[dict], path: Path) -> None:
     """Experts each token wanted (mean over tokens and MoE layers, before capacity) against the
     training step, one line per adaptive preset (seed 0)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for record in records:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for index, record in enumerate(records):
         if record["seed"] != 0 or not record["train_curve"] or not record["sweep"]:
             continue
         steps, experts = zip(*record["train_curve"], strict=True)
-        ax.plot(steps, experts, label=record["preset"])
+        ax.plot(steps, experts, label=record["preset"], color=plt.cm.tab20(index % 20))
     ax.axhline(2.0, color="k", lw=0.8, ls=":", label="top-2")
     ax.set_xlabel("training step")
     ax.set_ylabel("experts wanted per token (mean)")
     ax.set_yscale("log")
     ax.set_title("How sparse the routers become during training")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
