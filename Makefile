@@ -9,10 +9,10 @@ EXTRAS := test,dev,hf,plot
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 test: setup
@@ -24,6 +24,7 @@ demo: setup
 bench: setup
 	$(BIN)/python -m benchmarks.layer
 	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.hf_experts
 
 # every preset x 3 seeds + router ablations, 2M tokens each (hours on 2 cores, resumable) -> docs/results/lm.md
 reproduce: setup

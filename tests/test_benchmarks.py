@@ -1,8 +1,9 @@
-"""The layer benchmark runs end to end at tiny sizes and writes its table and plot."""
+"""The benchmarks run end to end at tiny sizes and write their tables (and plot)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.layer import main
 
@@ -28,3 +29,21 @@ def test_layer_benchmark_quick(tmp_path, monkeypatch):
     table = (tmp_path / "layer_cpu-quick.md").read_text()
     assert "### Targets" in table and "HF grouped_mm" in table and "capacity padding" in table
     assert (tmp_path / "layer_sweep_cpu-quick.png").stat().st_size > 1000
+
+
+def test_hf_experts_benchmark_quick(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from benchmarks.hf_experts import main as hf_experts_main
+
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # as the harness would set; avoids a re-exec
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
+    threads = torch.get_num_threads()
+    try:
+        hf_experts_main(
+            ["--quick", "--threads", "1", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    table = (tmp_path / "hf_experts_quick.md").read_text()
+    assert "python -m benchmarks.hf_experts --quick" in table
+    assert "### Mixtral" in table and "### Qwen3-MoE" in table and "| xmoe t=0.5 |" in table

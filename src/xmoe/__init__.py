@@ -13,8 +13,8 @@ from xmoe.routing import ROUTERS, RoutingStats
 __version__ = "0.1.0"
 
 if importlib.util.find_spec("transformers") is not None:  # the optional ``hf`` extra
-    from xmoe import hf
+    from xmoe.hf import autoregister
 
-    hf.register()
+    autoregister.install()  # registers when transformers loads its Auto classes, not now
 
 __all__ = ["ROUTERS", "ConfigError", "MoEConfig", "MoELayer", "MoEOutput", "RoutingStats"]

@@ -1,43 +1,52 @@
 """xmoe models inside Hugging Face transformers (needs the ``hf`` extra).
 
-``import xmoe`` registers the classes with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM`` when transformers is installed; :func:`register` is idempotent.
+Importing this package does not import transformers: the classes below load on first use
+(PEP 562), so ``import xmoe`` stays fast for users of the layer alone.
+
+Registration with transformers' Auto classes (``model_type="xmoe"``) and of the ``"xmoe"``
+experts implementation happens when the transformers module that needs it finishes loading:
+``import xmoe`` installs a post-import hook (:mod:`xmoe.hf.autoregister`), so
+``import xmoe`` then ``AutoModelForCausalLM.from_pretrained(dir)`` works in either import order
+and a program that never touches the Auto classes never pays for them. :func:`register` does
+all of it at once, explicitly; it is idempotent.
 """
 
-from xmoe.hf.configuration import XMoEConfig
-from xmoe.hf.export import export_run, hf_model_from_run
-from xmoe.hf.modeling import (
-    XMoECausalLMOutput,
-    XMoEForCausalLM,
-    XMoEModel,
-    XMoEModelOutput,
-    XMoEPreTrainedModel,
-)
+from __future__ import annotations
 
-_registered = False
+import importlib
+from typing import Any
+
+_LAZY = {
+    "XMoEConfig": "xmoe.hf.configuration",
+    "XMoECausalLMOutput": "xmoe.hf.modeling",
+    "XMoEForCausalLM": "xmoe.hf.modeling",
+    "XMoEModel": "xmoe.hf.modeling",
+    "XMoEModelOutput": "xmoe.hf.modeling",
+    "XMoEPreTrainedModel": "xmoe.hf.modeling",
+    "export_run": "xmoe.hf.export",
+    "hf_model_from_run": "xmoe.hf.export",
+}
 
 
 def register() -> None:
-    """Register ``model_type="xmoe"`` with the transformers Auto classes (once)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    """Register xmoe with transformers now: ``AutoConfig``, ``AutoModel``,
+    ``AutoModelForCausalLM`` and the ``"xmoe"`` experts implementation (idempotent)."""
+    from xmoe.hf import autoregister
 
-    AutoConfig.register("xmoe", XMoEConfig, exist_ok=True)
-    AutoModel.register(XMoEConfig, XMoEModel, exist_ok=True)
-    AutoModelForCausalLM.register(XMoEConfig, XMoEForCausalLM, exist_ok=True)
-    _registered = True
+    for step in autoregister.STEPS.values():
+        step()
 
 
-__all__ = [
-    "XMoECausalLMOutput",
-    "XMoEConfig",
-    "XMoEForCausalLM",
-    "XMoEModel",
-    "XMoEModelOutput",
-    "XMoEPreTrainedModel",
-    "export_run",
-    "hf_model_from_run",
-    "register",
-]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'xmoe.hf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = [*_LAZY, "register"]
