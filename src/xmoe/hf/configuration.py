@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-from xmoe.config import MoEConfig
+from xmoe.config import ConfigError, MoEConfig
 from xmoe.models.config import ModelConfig
 
 _MODEL_FIELDS = [f for f in dataclasses.fields(ModelConfig) if f.name != "moe"]
@@ -19,10 +19,20 @@ class XMoEConfig(PretrainedConfig):
     Takes the ModelConfig fields as keyword arguments (``moe`` as a dict of
     :class:`~xmoe.MoEConfig` fields, or None for a dense model) and validates them with the same
     rules at construction: a bad value raises :class:`xmoe.ConfigError` naming the field.
+
+    transformers' ``tie_word_embeddings`` is ``tie_embeddings`` (either name sets both; given
+    both, they must agree). ``use_cache`` (default True): forward returns the key/value cache.
+    ``output_router_logits`` (default False): forward returns each MoE layer's router logits.
     """
 
     model_type = "xmoe"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    # outputs the Trainer's evaluation leaves out of the predictions (as Mixtral's only logits)
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [
+        "past_key_values",
+        "aux_loss",
+        "lm_loss",
+        "experts_per_token",
+    ]
     attribute_map: ClassVar[dict[str, str]] = {
         "hidden_size": "d_model",
         "num_hidden_layers": "num_layers",
@@ -37,9 +47,19 @@ class XMoEConfig(PretrainedConfig):
         moe: dict[str, Any] | MoEConfig | None = None,
         eos_token_id: int | None = 0,
         pad_token_id: int | None = 0,
+        use_cache: bool = True,
+        output_router_logits: bool = False,
         **kwargs: Any,
     ) -> None:
         model_values = {f.name: kwargs.pop(f.name) for f in _MODEL_FIELDS if f.name in kwargs}
+        tie_word_embeddings = kwargs.pop("tie_word_embeddings", None)
+        if tie_word_embeddings is not None:
+            tied = model_values.setdefault("tie_embeddings", tie_word_embeddings)
+            if tied != tie_word_embeddings:
+                raise ConfigError(
+                    f"tie_word_embeddings={tie_word_embeddings!r} is invalid: it names the same "
+                    f"setting as tie_embeddings={tied!r}, and the two disagree"
+                )
         if isinstance(moe, MoEConfig):
             moe = moe.to_dict()
         checked = ModelConfig(
@@ -50,8 +70,10 @@ class XMoEConfig(PretrainedConfig):
         for field in _MODEL_FIELDS:
             setattr(self, field.name, getattr(checked, field.name))
         self.moe = checked.moe.to_dict() if checked.moe is not None else None
-        kwargs.setdefault("tie_word_embeddings", checked.tie_embeddings)
+        kwargs["tie_word_embeddings"] = checked.tie_embeddings
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        self.use_cache = use_cache
+        self.output_router_logits = output_router_logits
 
     def to_model_config(self) -> ModelConfig:
         """The validated :class:`~xmoe.models.ModelConfig` these settings describe."""

@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xmoe.config import ConfigError
-from xmoe.layer import MoELayer
+from xmoe.layer import MoELayer, MoEOutput
 from xmoe.models.config import ModelConfig
 from xmoe.routing import RoutingStats
 
@@ -25,13 +25,18 @@ _DENSE_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 INPUT_ID_DTYPES = (torch.int64, torch.int32)
 """The index dtypes ``nn.Embedding`` takes."""
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+"""How attention is computed: ``scaled_dot_product_attention``, or explicit softmax(QKᵀ)V that
+can return the attention probabilities."""
+
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise a clear error for token ids the model cannot embed.
 
     TypeError: not a tensor, or not of an integer dtype in :data:`INPUT_ID_DTYPES`.
     ValueError: not (batch, seq_len), or (for CPU tensors only, so a GPU call never waits on a
-    host sync) ids outside ``[0, vocab_size)``.
+    host sync) ids outside ``[0, vocab_size)``. The range is not checked while ``torch.compile``
+    or ``torch.export`` traces (it reads the ids' values, which a traced graph cannot).
     """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(
@@ -48,7 +53,8 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             f"input_ids.dtype={input_ids.dtype} is invalid: input_ids must hold integer token ids "
             "(torch.int64 or torch.int32)"
         )
-    if input_ids.device.type == "cpu" and input_ids.numel() > 0:
+    tracing = torch.compiler.is_compiling()
+    if input_ids.device.type == "cpu" and input_ids.numel() > 0 and not tracing:
         low, high = (int(v) for v in torch.aminmax(input_ids))
         if low < 0 or high >= vocab_size:
             raise ValueError(
@@ -108,8 +114,134 @@ def apply_rotary(x_BHTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return x_BHTC * cos + _rotate_half(x_BHTC) * sin
 
 
+class AttentionMask:
+    """Which keys each new query may see, built for a key length known only after the cache update.
+
+    A dynamic cache returns cached + new keys (K = past + T), a static cache all of its slots
+    (K = its capacity, the unwritten ones past every query), so the (B|1, 1, T, K) mask is made
+    by the first attention layer that sees K and reused by the others.
+
+    Args:
+        attention_mask: None; a (B, L) padding mask, 1 = real token, 0 = padding, over the cached
+            and new positions (``L = past + T``; a static cache may be given up to K); or a
+            prepared 4-D (B|1, 1|H, T, K) mask, bool (True = attend) or float (added to the
+            scores: 0 = attend, a large negative number = masked), used as given.
+        num_new: T, the new (query) positions.
+        past_len: positions already cached: an int, or a 0-d tensor (static caches count on the
+            device, so that compiled decoding need not sync).
+        batch_size: B. num_heads: H (a 4-D mask may hold one mask per head).
+    """
+
+    def __init__(
+        self,
+        attention_mask: torch.Tensor | None,
+        num_new: int,
+        past_len: int | torch.Tensor,
+        batch_size: int,
+        num_heads: int,
+    ) -> None:
+        if attention_mask is not None:
+            check_padding_mask(attention_mask, num_new, past_len)
+        self.attention_mask = attention_mask
+        self.num_new = num_new
+        self.past_len = past_len
+        self.batch_size = batch_size
+        self.num_heads = num_heads
+        self._built: dict[int, torch.Tensor | None] = {}
+
+    def for_keys(self, num_keys: int, device: torch.device) -> torch.Tensor | None:
+        """The mask for K = ``num_keys`` keys: None for plain causal attention (no padding, no
+        cache offset; keys from 0), else (B|1, 1|H, T, K), bool or additive float."""
+        if num_keys not in self._built:
+            self._built[num_keys] = self._build(num_keys, device)
+        return self._built[num_keys]
+
+    def _build(self, num_keys: int, device: torch.device) -> torch.Tensor | None:
+        mask = self.attention_mask
+        T = self.num_new
+        if mask is not None and mask.dim() == 4:
+            expected = (self.batch_size, self.num_heads, T, num_keys)
+            if (
+                mask.shape[0] not in (1, self.batch_size)
+                or mask.shape[1] not in (1, self.num_heads)
+                or tuple(mask.shape[2:]) != expected[2:]
+            ):
+                raise ValueError(
+                    f"attention_mask.shape={tuple(mask.shape)} is invalid: a 4-D mask must have "
+                    f"shape (batch={self.batch_size} or 1, 1 or num_heads={self.num_heads}, "
+                    f"new tokens={T}, keys={num_keys})"
+                )
+            # integer 0/1 masks mean attend/ignore like the 2-D ones; float masks are additive
+            return mask.to(device) if mask.is_floating_point() else mask.to(device, torch.bool)
+        if mask is None and isinstance(self.past_len, int) and self.past_len == 0:
+            return None  # keys start at position 0: SDPA's is_causal (top-left aligned) suffices
+        key_pos_K = torch.arange(num_keys, device=device)
+        query_pos_T = torch.arange(T, device=device) + self.past_len
+        mask_TK = key_pos_K[None, :] <= query_pos_T[:, None]
+        if mask is None:
+            return mask_TK[None, None]
+        if mask.shape[-1] > num_keys:
+            raise ValueError(
+                f"attention_mask has {mask.shape[-1]} positions; the cache holds only {num_keys}"
+            )
+        padding_BK = F.pad(mask.to(device, torch.bool), (0, num_keys - mask.shape[-1]))
+        mask_BTK = mask_TK[None] & padding_BK[:, None, :]
+        # a left-padding query would see no key at all (NaN softmax): let it see itself
+        mask_BTK |= key_pos_K[None, None, :] == query_pos_T[None, :, None]
+        return mask_BTK.unsqueeze(1)
+
+
+def check_padding_mask(
+    attention_mask: torch.Tensor, num_new: int, past_len: int | torch.Tensor
+) -> None:
+    """Raise a ValueError for a mask that is neither 2-D nor 4-D, or a 2-D mask whose length is
+    not cached + new (checked when ``past_len`` is an int: a static cache's count lives on the
+    device, and its mask may also cover the slots to come)."""
+    if attention_mask.dim() not in (2, 4):
+        raise ValueError(
+            f"attention_mask.shape={tuple(attention_mask.shape)} is invalid: expected a (batch, "
+            "cached + new) padding mask or a 4-D (batch, 1, new tokens, keys) mask"
+        )
+    if attention_mask.dim() == 2 and isinstance(past_len, int):
+        total = past_len + num_new
+        if attention_mask.shape[-1] != total:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[-1]} positions; expected cached + new "
+                f"= {past_len} + {num_new} = {total}"
+            )
+
+
+def eager_attention(
+    q_BHTC: torch.Tensor,
+    k_BHKC: torch.Tensor,
+    v_BHKC: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(QKᵀ/√C + mask)·V`` written out: the (B, H, T, C) output and the (B, H, T, K)
+    attention probabilities (after dropout, as transformers' eager attention returns them).
+
+    ``mask`` as :meth:`AttentionMask.for_keys` gives it; None is causal with keys from 0, as
+    ``scaled_dot_product_attention(is_causal=True)``.
+    """
+    T, K = q_BHTC.shape[-2], k_BHKC.shape[-2]
+    scores_BHTK = q_BHTC @ k_BHKC.transpose(-1, -2) * q_BHTC.shape[-1] ** -0.5
+    if mask is None:
+        mask = torch.ones(T, K, dtype=torch.bool, device=q_BHTC.device).tril()
+    if mask.dtype == torch.bool:
+        # the dtype's minimum, not -inf: a row masked everywhere stays finite (uniform), not NaN
+        scores_BHTK = scores_BHTK.masked_fill(~mask, torch.finfo(scores_BHTK.dtype).min)
+    else:
+        scores_BHTK = scores_BHTK + mask.to(scores_BHTK.dtype)
+    # softmax in fp32 or wider, as SDPA accumulates
+    probs_BHTK = scores_BHTK.softmax(-1, dtype=torch.promote_types(q_BHTC.dtype, torch.float32))
+    probs_BHTK = F.dropout(probs_BHTK.to(q_BHTC.dtype), dropout_p, training=dropout_p > 0)
+    return probs_BHTK @ v_BHKC, probs_BHTK
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention with rotary positions via ``scaled_dot_product_attention``."""
+    """Multi-head causal attention with rotary positions: ``scaled_dot_product_attention``, or
+    :func:`eager_attention` where the attention probabilities are wanted."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -124,9 +256,14 @@ class CausalSelfAttention(nn.Module):
         self,
         x_BTD: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask_B1TK: torch.Tensor | None,
+        mask: AttentionMask | torch.Tensor | None,
         cache: KeyValueCache | None,
-    ) -> torch.Tensor:
+        *,
+        attn_implementation: str = "sdpa",
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, D) output and, with ``output_attentions`` (computed eagerly then, whatever
+        ``attn_implementation``), the (B, H, T, K) attention probabilities, else None."""
         B, T, D = x_BTD.shape
         qkv = self.qkv(x_BTD).view(B, T, 3, self.num_heads, self.head_dim)
         q_BHTC, k_BHTC, v_BHTC = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -134,15 +271,25 @@ class CausalSelfAttention(nn.Module):
         k_BHTC = apply_rotary(k_BHTC, *cos_sin)
         if cache is not None:
             k_BHTC, v_BHTC = cache.update(k_BHTC, v_BHTC, self.layer_idx)
-        out_BHTC = F.scaled_dot_product_attention(
-            q_BHTC,
-            k_BHTC,
-            v_BHTC,
-            attn_mask=mask_B1TK,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask_B1TK is None,
-        )
-        return self.proj(out_BHTC.transpose(1, 2).reshape(B, T, D))
+        if isinstance(mask, AttentionMask):
+            mask = mask.for_keys(k_BHTC.shape[-2], x_BTD.device)
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions or attn_implementation == "eager":
+            out_BHTC, weights = eager_attention(q_BHTC, k_BHTC, v_BHTC, mask, dropout_p)
+        else:
+            if mask is not None and mask.is_floating_point():
+                mask = mask.to(q_BHTC.dtype)  # SDPA takes an additive mask in the query's dtype
+            out_BHTC = F.scaled_dot_product_attention(
+                q_BHTC,
+                k_BHTC,
+                v_BHTC,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=mask is None,
+            )
+        out_BTD = self.proj(out_BHTC.transpose(1, 2).reshape(B, T, D))
+        return out_BTD, weights if output_attentions else None
 
 
 class DenseFFN(nn.Module):
@@ -156,6 +303,20 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.activation(self.fc(x)))
+
+
+class BlockOutput(NamedTuple):
+    """What a :class:`Block` returns.
+
+    hidden_states: (B, T, D). moe: the MoE layer's output, None in dense blocks. attentions:
+    (B, H, T, K) attention probabilities, or None unless asked for. router_logits: (B·T, E)
+    router logits of an MoE block, or None unless asked for (or in a dense block).
+    """
+
+    hidden_states: torch.Tensor
+    moe: MoEOutput | None
+    attentions: torch.Tensor | None
+    router_logits: torch.Tensor | None
 
 
 class Block(nn.Module):
@@ -177,39 +338,75 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x_BTD, cos_sin, mask_B1TK, cache):
-        x_BTD = x_BTD + self.dropout(self.attn(self.attn_norm(x_BTD), cos_sin, mask_B1TK, cache))
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask | torch.Tensor | None,
+        cache: KeyValueCache | None,
+        *,
+        attn_implementation: str = "sdpa",
+        output_attentions: bool = False,
+        output_router_logits: bool = False,
+    ) -> BlockOutput:
+        attn_BTD, attentions = self.attn(
+            self.attn_norm(x_BTD),
+            cos_sin,
+            mask,
+            cache,
+            attn_implementation=attn_implementation,
+            output_attentions=output_attentions,
+        )
+        x_BTD = x_BTD + self.dropout(attn_BTD)
         h_BTD = self.ffn_norm(x_BTD)
-        if self.is_moe:
-            out = self.ffn(h_BTD)
-            return x_BTD + self.dropout(out.hidden_states), out
-        return x_BTD + self.dropout(self.ffn(h_BTD)), None
+        if not self.is_moe:
+            return BlockOutput(x_BTD + self.dropout(self.ffn(h_BTD)), None, attentions, None)
+        out = self.ffn(h_BTD)
+        router_logits = None
+        if output_router_logits:
+            # the layer keeps only probabilities; the logits are one (S, D)·(D, E) product again,
+            # through the router's own logits() (which may normalise them), on the same input
+            router_logits = self.ffn.router.logits(h_BTD.reshape(-1, h_BTD.shape[-1]))
+        return BlockOutput(x_BTD + self.dropout(out.hidden_states), out, attentions, router_logits)
 
 
 def attention_mask_B1TK(
     attention_mask_BK: torch.Tensor | None, num_new: int, past_len: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Boolean mask (True = attend) for queries at positions ``past_len .. past_len+T-1``.
+    """Boolean mask (True = attend) for queries at positions ``past_len .. past_len+T-1`` over
+    ``past_len + T`` keys (a dynamic cache); see :class:`AttentionMask`.
 
     None (plain causal attention) when there is neither padding nor a cache offset. A query that
     would see no key (a left-padding position) is allowed to see itself, so no row is empty.
     """
-    if attention_mask_BK is None and past_len == 0:
-        return None
-    total = past_len + num_new
-    key_pos_K = torch.arange(total, device=device)
-    query_pos_T = torch.arange(past_len, total, device=device)
-    mask_TK = key_pos_K[None, :] <= query_pos_T[:, None]
-    if attention_mask_BK is None:
-        return mask_TK[None, None]
-    if attention_mask_BK.shape[-1] != total:
-        raise ValueError(
-            f"attention_mask has {attention_mask_BK.shape[-1]} positions; expected cached + new "
-            f"= {past_len} + {num_new} = {total}"
-        )
-    mask_BTK = mask_TK[None] & attention_mask_BK.bool()[:, None, :]
-    mask_BTK |= key_pos_K[None, None, :] == query_pos_T[None, :, None]
-    return mask_BTK.unsqueeze(1)
+    batch = attention_mask_BK.shape[0] if attention_mask_BK is not None else 1
+    masks = AttentionMask(attention_mask_BK, num_new, past_len, batch, 1)
+    return masks.for_keys(past_len + num_new, device)
+
+
+@dataclass
+class BackboneOutput:
+    """What :meth:`TransformerLM.run_backbone` returns.
+
+    Attributes:
+        last_hidden_state: (B, T, D) after the final norm.
+        aux_loss: scalar sum of the MoE layers' auxiliary losses.
+        routing: one :class:`~xmoe.RoutingStats` per MoE block.
+        aux_losses: each named aux loss summed over blocks.
+        hidden_states: when asked for, the (B, T, D) input of every block then the last
+            block's output after the final norm (``num_layers + 1`` tensors, as transformers'
+            models return them), else None.
+        attentions: when asked for, one (B, H, T, K) attention-probability tensor per block.
+        router_logits: when asked for, one (B·T, E) router-logit tensor per MoE block.
+    """
+
+    last_hidden_state: torch.Tensor
+    aux_loss: torch.Tensor
+    routing: list[RoutingStats]
+    aux_losses: dict[str, torch.Tensor]
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 class TransformerLM(nn.Module):
@@ -295,33 +492,126 @@ class TransformerLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats], dict[str, torch.Tensor]]:
         """The blocks and the final norm: (B, T, D) hidden states, summed aux loss, routing
         statistics per MoE block, and each named aux loss summed over blocks. Arguments as in
-        :meth:`forward`."""
-        self.check_input_ids(input_ids)
-        B, T = input_ids.shape
+        :meth:`forward`; :meth:`run_backbone` has the options."""
+        out = self.run_backbone(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
+        )
+        return out.last_hidden_state, out.aux_loss, out.routing, out.aux_losses
+
+    def _embed(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, T, D) block input from exactly one of token ids or embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
+            return self.dropout(self.embed(input_ids))
+        d_model = self.config.d_model
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError(
+                f"inputs_embeds={type(inputs_embeds).__name__} is invalid: inputs_embeds must be a "
+                f"floating-point torch.Tensor of shape (batch, seq_len, d_model={d_model})"
+            )
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d_model:
+            raise ValueError(
+                f"inputs_embeds.shape={tuple(inputs_embeds.shape)} is invalid: inputs_embeds must "
+                f"have shape (batch, seq_len, d_model={d_model})"
+            )
+        return self.dropout(inputs_embeds)  # the same dropout the token embeddings get
+
+    def run_backbone(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KeyValueCache | None = None,
+        attn_implementation: str = "sdpa",
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_router_logits: bool = False,
+    ) -> BackboneOutput:
+        """The blocks and the final norm, with the per-layer outputs transformers asks for.
+
+        Args:
+            input_ids: (B, T) token ids, or None with ``inputs_embeds`` (exactly one of them).
+            inputs_embeds: (B, T, D) embeddings used in place of ``embed(input_ids)``.
+            position_ids: (B, T) rotary positions; default ``past + arange(T)``.
+            attention_mask: None, a (B, past + T) padding mask (1 = real token), or a 4-D mask;
+                see :class:`AttentionMask`.
+            cache: a :class:`KeyValueCache` to read and extend (a dynamic or a static one), or
+                None.
+            attn_implementation: one of :data:`ATTENTION_IMPLEMENTATIONS`.
+            output_hidden_states / output_attentions / output_router_logits: also return
+                those (see :class:`BackboneOutput`).
+        """
+        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported: use one of "
+                f"{ATTENTION_IMPLEMENTATIONS}"
+            )
+        x_BTD = self._embed(input_ids, inputs_embeds)
+        B, T, _ = x_BTD.shape
         past_len = cache.get_seq_length() if cache is not None else 0
-        if past_len + T > self.config.max_seq_len:
+        if isinstance(past_len, torch.Tensor):
+            # a static cache's own counter, which its update() advances in place: keep the
+            # count from before this call for the masks built after the first update
+            past_len = past_len.clone()
+        # a static cache counts on the device: comparing would sync, and stop a traced graph
+        device_count = isinstance(past_len, torch.Tensor) and torch.compiler.is_compiling()
+        if not device_count and past_len + T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {past_len + T} exceeds max_seq_len={self.config.max_seq_len}"
             )
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)
+            position_ids = torch.arange(T, device=x_BTD.device) + past_len
             position_ids = position_ids.expand(B, T)
-        x_BTD = self.dropout(self.embed(input_ids))
         head_dim = self.config.d_model // self.config.num_heads
         cos_sin = rotary_cos_sin(position_ids, head_dim, self.config.rope_theta, x_BTD.dtype)
-        mask = attention_mask_B1TK(attention_mask, T, past_len, input_ids.device)
+        mask = AttentionMask(attention_mask, T, past_len, B, self.config.num_heads)
 
         aux_loss = x_BTD.new_zeros((), dtype=torch.float32)
         aux_losses: dict[str, torch.Tensor] = {}
         routing: list[RoutingStats] = []
+        hidden_states: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        router_logits: list[torch.Tensor] = []
         for block in self.blocks:
-            x_BTD, moe_out = block(x_BTD, cos_sin, mask, cache)
-            if moe_out is not None:
-                aux_loss = aux_loss + moe_out.aux_loss
-                for name, value in moe_out.aux_losses.items():
+            if output_hidden_states:
+                hidden_states.append(x_BTD)
+            out = block(
+                x_BTD,
+                cos_sin,
+                mask,
+                cache,
+                attn_implementation=attn_implementation,
+                output_attentions=output_attentions,
+                output_router_logits=output_router_logits,
+            )
+            x_BTD = out.hidden_states
+            if out.attentions is not None:
+                attentions.append(out.attentions)
+            if out.router_logits is not None:
+                router_logits.append(out.router_logits)
+            if out.moe is not None:
+                aux_loss = aux_loss + out.moe.aux_loss
+                for name, value in out.moe.aux_losses.items():
                     aux_losses[name] = aux_losses.get(name, 0.0) + value
-                routing.append(moe_out.routing)
-        return self.norm(x_BTD), aux_loss, routing, aux_losses
+                routing.append(out.moe.routing)
+        x_BTD = self.norm(x_BTD)
+        if output_hidden_states:
+            hidden_states.append(x_BTD)  # the last one after the final norm, as Llama's
+        return BackboneOutput(
+            x_BTD,
+            aux_loss,
+            routing,
+            aux_losses,
+            tuple(hidden_states) if output_hidden_states else None,
+            tuple(attentions) if output_attentions else None,
+            tuple(router_logits) if output_router_logits else None,
+        )
 
     def forward(
         self,
