@@ -19,6 +19,7 @@ from typing import Any
 _LAZY = {
     "XMoEConfig": "xmoe.hf.configuration",
     "XMoECausalLMOutput": "xmoe.hf.modeling",
+    "XMoEEndTrainingStepCallback": "xmoe.hf.modeling",
     "XMoEForCausalLM": "xmoe.hf.modeling",
     "XMoEModel": "xmoe.hf.modeling",
     "XMoEModelOutput": "xmoe.hf.modeling",
