@@ -60,15 +60,19 @@ _LOAD = (
 )
 
 
-@pytest.mark.parametrize("xmoe_first", [True, False], ids=["xmoe-first", "transformers-first"])
-def test_auto_classes_load_xmoe_in_either_import_order(saved_model, xmoe_first):
-    imports = "import sys, xmoe\n" if xmoe_first else "import sys\n"
-    code = (
-        imports + _LOAD
-        if xmoe_first
-        else imports + _LOAD.replace("config = ", "import xmoe\nconfig = ", 1)
-    )
-    out = _run("import warnings; warnings.simplefilter('error')\n" + code, str(saved_model))
+_ORDERS = {
+    "xmoe-first": "import xmoe\n" + _LOAD,
+    "transformers-first": _LOAD.replace("config = ", "import xmoe\nconfig = ", 1),
+    # configuration_llama loads the Auto modules while it is itself half-initialised
+    "xmoe-then-llama": "import xmoe\nfrom transformers import LlamaConfig, LlamaForCausalLM\n"
+    + _LOAD,
+}
+
+
+@pytest.mark.parametrize("order", list(_ORDERS))
+def test_auto_classes_load_xmoe_in_either_import_order(saved_model, order):
+    code = "import sys, warnings\nwarnings.simplefilter('error')\n" + _ORDERS[order]
+    out = _run(code, str(saved_model))
     assert out.splitlines()[-1] == "XMoEConfig XMoEForCausalLM True"
 
 

@@ -113,6 +113,40 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparsify(args: argparse.Namespace) -> int:
+    from xmoe.conversion.pipeline import REAL_MODEL_HINT, real_model_available, sparsify_directory
+    from xmoe.conversion.sparsify import sparse_mlps
+
+    if not real_model_available():
+        print(f"note: {REAL_MODEL_HINT}")
+    sparse = sparsify_directory(
+        args.model,
+        args.out,
+        args.expert_size,
+        calibration_tokens=args.calibration_tokens,
+        seq_len=args.seq_len,
+        calibration_text=args.calibration_text,
+        progress=not args.no_progress,
+        partition=args.partition,
+        router=args.router,
+        active_fraction=args.active_fraction,
+        threshold=args.threshold,
+        router_steps=args.router_steps,
+        seed=args.seed,
+    )
+    modules = sparse_mlps(sparse)
+    rule = (
+        f"threshold {args.threshold}"
+        if args.threshold is not None
+        else f"active fraction {modules[0].settings.active_fraction}"
+    )
+    print(
+        f"{len(modules)} MLPs -> {modules[0].num_experts} experts of {args.expert_size} neurons "
+        f"({args.partition} partition, {args.router} router, {rule}) -> {args.out}"
+    )
+    return 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from xmoe.experiments.reproduce import QUICK, ReproduceSettings, reproduce
 
@@ -204,6 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="write into a non-empty directory other than the run"
     )
     export.set_defaults(func=_export)
+
+    sparsify = commands.add_parser(
+        "sparsify",
+        help="convert a dense Llama/Qwen2 causal LM directory into neuron-group MoE MLPs",
+    )
+    sparsify.add_argument("model", help="directory with a transformers causal LM (and tokenizer)")
+    sparsify.add_argument("--expert-size", type=int, required=True, help="neurons per expert")
+    sparsify.add_argument("--out", required=True, help="output model directory")
+    sparsify.add_argument("--partition", default="contiguous", choices=("contiguous", "clustered"))
+    sparsify.add_argument("--router", default="learned", choices=("learned", "oracle"))
+    rule = sparsify.add_mutually_exclusive_group()
+    rule.add_argument("--active-fraction", type=float, default=None, help="top-k: f of E (0.5)")
+    rule.add_argument("--threshold", type=float, default=None, help="router mass threshold t")
+    sparsify.add_argument("--calibration-tokens", type=int, default=16384)
+    sparsify.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    sparsify.add_argument(
+        "--calibration-text", default=None, help="text file (default: the Shakespeare+KJV corpus)"
+    )
+    sparsify.add_argument("--router-steps", type=int, default=300)
+    sparsify.add_argument("--seed", type=int, default=0)
+    sparsify.add_argument("--no-progress", action="store_true")
+    sparsify.set_defaults(func=_sparsify)
 
     repro = commands.add_parser(
         "reproduce", help="train the paper's family over seeds; write docs/results/lm.md"

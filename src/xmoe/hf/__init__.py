@@ -31,11 +31,15 @@ _LAZY = {
 
 def register() -> None:
     """Register xmoe with transformers now: ``AutoConfig``, ``AutoModel``,
-    ``AutoModelForCausalLM`` and the ``"xmoe"`` experts implementation (idempotent)."""
+    ``AutoModelForCausalLM``, the ``"xmoe"`` experts implementation and the sparsified model
+    types of :mod:`xmoe.conversion` (idempotent)."""
     from xmoe.hf import autoregister
 
     for step in autoregister.STEPS.values():
         step()
+    from xmoe.conversion import register as register_sparsified
+
+    register_sparsified()
 
 
 def __getattr__(name: str) -> Any:

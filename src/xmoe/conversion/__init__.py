@@ -1,0 +1,54 @@
+"""Dense -> sparse conversion (MoEfication / XMoE-on-dense) of transformers Llama-family LMs.
+
+``sparsify(model, expert_size, ...)`` splits each decoder layer's SwiGLU FFN into unweighted
+neuron-group experts with a router; ``set_active_fraction`` / ``set_threshold`` pick how many run
+per token; ``save_pretrained`` + :func:`load_sparsified` (or ``AutoModelForCausalLM``) round-trip
+it. Importing this package registers the sparse model types with the Auto classes (it imports
+transformers' Llama and Qwen2 classes anyway); ``import xmoe`` alone does not load it.
+"""
+
+from xmoe.conversion.architecture import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from xmoe.conversion.config import PARTITIONS, ROUTERS, SparsifyConfig
+from xmoe.conversion.modeling import (
+    SparseLlamaConfig,
+    SparseLlamaForCausalLM,
+    SparseQwen2Config,
+    SparseQwen2ForCausalLM,
+    load_sparsified,
+    register,
+)
+from xmoe.conversion.partition import clustered_partition, contiguous_partition
+from xmoe.conversion.sparse_mlp import SparseMLP
+from xmoe.conversion.sparsify import (
+    experts_per_token,
+    set_active_fraction,
+    set_router,
+    set_threshold,
+    sparse_mlps,
+    sparsify,
+)
+
+register()
+
+__all__ = [
+    "PARTITIONS",
+    "ROUTERS",
+    "SUPPORTED_MODEL_TYPES",
+    "SparseLlamaConfig",
+    "SparseLlamaForCausalLM",
+    "SparseMLP",
+    "SparseQwen2Config",
+    "SparseQwen2ForCausalLM",
+    "SparsifyConfig",
+    "UnsupportedModelError",
+    "clustered_partition",
+    "contiguous_partition",
+    "experts_per_token",
+    "load_sparsified",
+    "register",
+    "set_active_fraction",
+    "set_router",
+    "set_threshold",
+    "sparse_mlps",
+    "sparsify",
+]

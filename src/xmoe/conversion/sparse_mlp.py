@@ -1,0 +1,91 @@
+"""SparseMLP: a dense SwiGLU MLP split into unweighted neuron-group experts with a router.
+
+Shape legend: S tokens, D hidden size, E experts, H neurons per expert, K ranked experts per
+token, N computed (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xmoe.conversion.config import SparsifyConfig
+from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
+from xmoe.conversion.selection import select_experts
+from xmoe.dispatch import DispatchPlan, choose_engine
+from xmoe.experts import expert_ffn
+from xmoe.routing import route_pairs, switch_balance_loss
+
+
+class SparseMLP(nn.Module):
+    """Drop-in replacement of a transformers ``LlamaMLP``: (..., D) -> (..., D).
+
+    Expert e computes ``down_e(silu(gate_e x) · up_e x)`` on its H neurons; the selected experts
+    are summed **unweighted**, so each contributes exactly its slice of the dense FFN and
+    selecting all E reproduces the dense MLP. Only the selected pairs are computed, through
+    xmoe's dispatch (:class:`~xmoe.dispatch.DispatchPlan`, :func:`~xmoe.experts.expert_ffn`).
+
+    Scores: the router's softmax (``learned``) or the true expert output-norm shares
+    (``oracle``, which computes every expert to rank them). Selection: top-k or threshold, from
+    :attr:`settings` (changed with :meth:`configure`).
+
+    After each forward: ``experts_per_token`` (S,) int64 selected experts per token and
+    ``aux_loss`` (Switch balance loss of the router softmax; 0 for the oracle).
+
+    Parameters: ``w_gate``, ``w_up`` (E, D, H), ``w_down`` (E, H, D), ``router`` (E, D).
+    """
+
+    def __init__(self, hidden_size: int, settings: SparsifyConfig, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.expert_size = settings.expert_size
+        self.settings = settings
+        shape = (num_experts, hidden_size, settings.expert_size)
+        self.w_gate = nn.Parameter(torch.zeros(shape))
+        self.w_up = nn.Parameter(torch.zeros(shape))
+        self.w_down = nn.Parameter(torch.zeros(num_experts, settings.expert_size, hidden_size))
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.zeros_(self.router.weight)
+        self.experts_per_token: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def configure(self, settings: SparsifyConfig) -> None:
+        """Switch the selection rule or router kind (weights are unchanged)."""
+        if settings.expert_size != self.expert_size:
+            raise ValueError(
+                f"expert_size={settings.expert_size} does not match this module's "
+                f"{self.expert_size}"
+            )
+        self.settings = settings
+
+    def scores(self, x_SD: torch.Tensor) -> torch.Tensor:
+        """(S, E) expert scores summing to 1 per token (at least fp32)."""
+        dtype = torch.promote_types(x_SD.dtype, torch.float32)
+        if self.settings.router == "oracle":
+            with torch.no_grad():
+                norms_SE = expert_output_norms(x_SD, self.w_gate, self.w_up, self.w_down)
+            return norm_shares(norms_SE.to(dtype))
+        return torch.softmax(self.router(x_SD).to(dtype), dim=-1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x_SD = hidden_states.reshape(-1, shape[-1]).to(self.w_gate.dtype)
+        scores_SE = self.scores(x_SD)
+        selection = select_experts(
+            scores_SE, self.settings.top_k(self.num_experts), self.settings.threshold
+        )
+        pairs = route_pairs(selection, self.num_experts)
+        self.experts_per_token = selection.wanted_SK.sum(dim=1)
+        if self.settings.router == "oracle":
+            self.aux_loss = scores_SE.new_zeros(())
+        else:
+            self.aux_loss = switch_balance_loss(scores_SE, selection.expert_idx_SK[:, 0])
+        plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, x_SD.shape[0])
+        # unweighted combine: each selected expert adds exactly its slice of the dense FFN
+        ones_N = x_SD.new_ones(plan.num_pairs)
+        d_model, d_expert = self.w_gate.shape[1:]
+        engine = choose_engine("auto", x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
+        out_SD = expert_ffn(
+            x_SD, ones_N, self.w_gate, None, self.w_down, None, self.w_up, plan, "silu", engine
+        )
+        return out_SD.to(hidden_states.dtype).view(shape)

@@ -1,0 +1,209 @@
+"""sparsify: a dense Llama/Qwen2 causal LM -> the same model with neuron-group MoE MLPs.
+
+Shape legend: I FFN width, D hidden size, E experts, H = expert_size, S calibration tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from xmoe.conversion.architecture import supported_mlps
+from xmoe.conversion.calibration import collect_mlp_inputs
+from xmoe.conversion.config import SparsifyConfig
+from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
+from xmoe.conversion.modeling import SETTINGS_KEY, SPARSE_CLASSES
+from xmoe.conversion.partition import clustered_partition, contiguous_partition
+from xmoe.conversion.router_training import train_router
+from xmoe.conversion.sparse_mlp import SparseMLP
+
+
+def _expert_weights(
+    mlp: nn.Module, perm_I: torch.Tensor, expert_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense MLP's weights, neurons permuted, as (E, D, H) gate and up, (E, H, D) down."""
+    gate_ID = mlp.gate_proj.weight.detach()[perm_I]
+    up_ID = mlp.up_proj.weight.detach()[perm_I]
+    down_DI = mlp.down_proj.weight.detach()[:, perm_I]
+    d_model = gate_ID.shape[1]
+    w_gate = gate_ID.view(-1, expert_size, d_model).transpose(1, 2).contiguous()
+    w_up = up_ID.view(-1, expert_size, d_model).transpose(1, 2).contiguous()
+    w_down = down_DI.T.reshape(-1, expert_size, d_model).contiguous()
+    return w_gate, w_up, w_down
+
+
+def _spaced(x_SD: torch.Tensor, count: int) -> torch.Tensor:
+    """At most ``count`` evenly spaced rows of ``x_SD`` (deterministic subsample)."""
+    if x_SD.shape[0] <= count:
+        return x_SD
+    return x_SD[torch.linspace(0, x_SD.shape[0] - 1, count).long()]
+
+
+def sparsify(
+    model: nn.Module,
+    expert_size: int,
+    partition: str = "contiguous",
+    calibration: torch.Tensor | None = None,
+    router: str = "learned",
+    active_fraction: float | None = None,
+    threshold: float | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Convert a dense Llama/Qwen2 causal LM into one whose MLPs are unweighted neuron-group
+    MoEs (MoEfication / XMoE-on-dense). The input model is left unchanged.
+
+    Per decoder layer: partition the I neurons into E = I / H experts of H neurons
+    (``contiguous`` slices or ``clustered`` co-activation groups), bake the permutation into the
+    weights, and (``router="learned"``) fit a linear router to each expert's share of the true
+    output norm on the calibration MLP inputs (:mod:`xmoe.conversion.router_training`).
+
+    Args:
+        model: a transformers ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` with SwiGLU MLPs.
+        expert_size: H, neurons per expert; must divide ``intermediate_size``.
+        partition: ``"contiguous"`` or ``"clustered"``.
+        calibration: (B, T) int64 token ids; needed by the clustered partition and the learned
+            router.
+        router: ``"learned"`` or ``"oracle"``.
+        active_fraction: top-k with k = ceil(f·E) (0.5 when neither rule is given).
+        threshold: t for the cumulative-mass rule instead (give one of the two).
+        batch_size: calibration sequences per forward pass.
+        progress: tqdm bars on calibration, layers and router training.
+        options: other :class:`SparsifyConfig` fields (``router_steps``, ``router_lr``,
+            ``cluster_iters``, ``cluster_tokens``, ``seed``).
+
+    Returns:
+        a ``SparseLlamaForCausalLM`` / ``SparseQwen2ForCausalLM`` in ``eval`` mode, on the
+        input's device and dtype; ``model.config.xmoe_sparsify`` records the settings.
+
+    Raises:
+        UnsupportedModelError: the model is not a supported architecture.
+        ConfigError: a bad setting (``expert_size`` not dividing the FFN width, a fraction
+            outside (0, 1], ...), or calibration missing where needed.
+    """
+    if active_fraction is None and threshold is None:
+        active_fraction = 0.5
+    settings = SparsifyConfig(
+        expert_size=expert_size,
+        partition=partition,
+        router=router,
+        active_fraction=active_fraction,
+        threshold=threshold,
+        **options,
+    )
+    model_type, mlps = supported_mlps(model)
+    settings.num_experts(model.config.intermediate_size)  # fail before calibrating
+    needs_data = settings.partition == "clustered" or settings.router == "learned"
+    if needs_data and calibration is None:
+        raise ValueError(
+            f"partition={settings.partition!r} with router={settings.router!r} needs "
+            "calibration token ids (B, T)"
+        )
+    inputs = (
+        collect_mlp_inputs(model, mlps, calibration, batch_size, progress) if needs_data else None
+    )
+
+    config_cls, model_cls = SPARSE_CLASSES[model_type]
+    values = model.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", SETTINGS_KEY):
+        values.pop(key, None)
+    config = config_cls(**values, **{SETTINGS_KEY: settings.to_dict()})
+    parameter = next(model.parameters())
+    sparse = model_cls(config).to(device=parameter.device, dtype=parameter.dtype)
+    state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+    missing, unexpected = sparse.load_state_dict(state, strict=False)
+    if unexpected or any(".mlp." not in key for key in missing):
+        raise RuntimeError(f"state mismatch: missing {missing}, unexpected {unexpected}")
+    sparse.generation_config = copy.deepcopy(model.generation_config)
+
+    layers = tqdm(mlps, desc="layers", disable=not progress)
+    for index, (dense_mlp, layer) in enumerate(zip(layers, sparse.model.layers, strict=True)):
+        sparse_mlp: SparseMLP = layer.mlp
+        if settings.partition == "clustered":
+            perm_I = clustered_partition(
+                _spaced(inputs[index], settings.cluster_tokens),
+                dense_mlp.gate_proj.weight.detach(),
+                dense_mlp.up_proj.weight.detach(),
+                settings.expert_size,
+                settings.cluster_iters,
+                settings.seed,
+            ).to(parameter.device)
+        else:
+            perm_I = contiguous_partition(model.config.intermediate_size).to(parameter.device)
+        w_gate, w_up, w_down = _expert_weights(dense_mlp, perm_I, settings.expert_size)
+        with torch.no_grad():
+            sparse_mlp.w_gate.copy_(w_gate)
+            sparse_mlp.w_up.copy_(w_up)
+            sparse_mlp.w_down.copy_(w_down)
+        if settings.router == "learned":
+            x_SD = inputs[index]
+            with torch.no_grad():
+                target_SE = norm_shares(expert_output_norms(x_SD, w_gate, w_up, w_down))
+            train_router(
+                sparse_mlp.router,
+                x_SD,
+                target_SE,
+                settings.router_steps,
+                settings.router_lr,
+                progress,
+                desc=f"router {index}",
+            )
+    return sparse.eval()
+
+
+def sparse_mlps(model: nn.Module) -> list[SparseMLP]:
+    """The :class:`SparseMLP` modules of ``model``, in order."""
+    return [m for m in model.modules() if isinstance(m, SparseMLP)]
+
+
+def _reconfigure(model: nn.Module, **changes: Any) -> None:
+    modules = sparse_mlps(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no SparseMLP: convert it with sparsify()")
+    settings = dataclasses.replace(modules[0].settings, **changes)  # validates
+    for module in modules:
+        module.configure(settings)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, SETTINGS_KEY):
+        setattr(config, SETTINGS_KEY, settings.to_dict())  # saved with the model
+
+
+def set_active_fraction(model: nn.Module, fraction: float) -> None:
+    """Select the top ceil(f·E) experts per token in every SparseMLP of ``model`` (also
+    recorded in its config, so ``save_pretrained`` keeps it).
+
+    Raises:
+        ConfigError: ``fraction`` is not a number in (0, 1] (nothing changes then).
+        ValueError: the model has no SparseMLP.
+    """
+    _reconfigure(model, active_fraction=fraction, threshold=None)
+
+
+def set_threshold(model: nn.Module, threshold: float) -> None:
+    """Select, per token, the smallest set of experts whose router probability mass reaches t
+    (XMoE's rule) in every SparseMLP of ``model``.
+
+    Raises:
+        ConfigError: ``threshold`` is not a number in (0, 1].
+        ValueError: the model has no SparseMLP.
+    """
+    _reconfigure(model, active_fraction=None, threshold=threshold)
+
+
+def set_router(model: nn.Module, router: str) -> None:
+    """Switch every SparseMLP of ``model`` between the ``learned`` and ``oracle`` routers."""
+    _reconfigure(model, router=router)
+
+
+def experts_per_token(model: nn.Module) -> float:
+    """Mean selected experts per token over the SparseMLPs of ``model``'s last forward."""
+    counts = [m.experts_per_token for m in sparse_mlps(model) if m.experts_per_token is not None]
+    if not counts:
+        return 0.0
+    return float(torch.stack([c.double().mean() for c in counts]).mean())
