@@ -24,6 +24,7 @@ demo: setup
 bench: setup
 	$(BIN)/python -m benchmarks.layer
 	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.lm_train
 	$(BIN)/python -m benchmarks.hf_experts
 
 # every preset x 3 seeds + router ablations, 2M tokens each (hours on 2 cores, resumable) -> docs/results/lm.md

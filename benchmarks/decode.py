@@ -23,9 +23,15 @@ import torch
 from xmoe.hf import XMoEConfig, XMoEForCausalLM
 from xmoe.models.usage import ExpertUsage
 
-from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with, time_interleaved
+from benchmarks.harness import (
+    TIMING_MALLOC_ENV,
+    reexec_with,
+    time_interleaved,
+    write_xmoe_vs_dense,
+)
+from benchmarks.lm_train import scale_routers
 
-TARGET_RATIO = 0.7
+TARGET_RATIO = 0.9
 PROMPT_LEN = 16
 
 # name: (d_model, layers, heads, experts, d_expert, vocab)
@@ -63,32 +69,15 @@ def _config(size, d_ff: int, moe: bool, max_len: int) -> XMoEConfig:
     )
 
 
-def _scale_routers(model: XMoEForCausalLM, scale: float, base: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for layer, weight in zip(model.model.lm.moe_layers, base, strict=True):
-            layer.router.weight.copy_(weight * scale)
-
-
 @torch.no_grad()
 def calibrated_xmoe(size, target: float, max_len: int) -> XMoEForCausalLM:
     torch.manual_seed(0)
     d_expert = size[4]
     model = XMoEForCausalLM(_config(size, round(target * d_expert), True, max_len)).eval()
-    base = [
-        layer.router.weight.clone() / layer.router.weight.std()
-        for layer in model.model.lm.moe_layers
-    ]
     probe = torch.randint(
         0, size[5], (8, min(64, max_len)), generator=torch.Generator().manual_seed(1)
     )
-    low, high = 0.01, 100.0
-    for _ in range(25):
-        scale = (low * high) ** 0.5
-        _scale_routers(model, scale, base)
-        with ExpertUsage(model) as usage:
-            model(probe)
-        low, high = (scale, high) if usage.experts_per_token > target else (low, scale)
-    _scale_routers(model, (low * high) ** 0.5, base)
+    scale_routers(model.model.lm, probe, target)
     return model
 
 
@@ -175,23 +164,17 @@ def write_report(rows: list[dict], args) -> Path:
         "| size | batch | model | FFN | MFLOP/token | ms per step | tokens/s | xmoe / dense |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    verdicts = []
-    for xmoe_row, dense_row in zip(rows[::2], rows[1::2], strict=True):
-        ratio = xmoe_row["tokens_per_s"] / dense_row["tokens_per_s"]
-        for row, shown in ((xmoe_row, f"**{ratio:.2f}x**"), (dense_row, "")):
-            lines.append(
-                f"| {row['size']} | {row['batch']} | {row['model']} | {row['ffn']} "
-                f"| {row['mflops']:.3f} | {row['ms_per_step']:.2f} "
-                f"| {row['tokens_per_s']:,.0f} ({row['median_tokens_per_s']:,.0f}) | {shown} |"
-            )
-        met = "met" if ratio >= TARGET_RATIO else "missed"
-        verdicts.append(
-            f"- {xmoe_row['size']}, batch {xmoe_row['batch']}: xmoe decode tokens/s = "
-            f"{ratio:.2f}x dense (target ≥ {TARGET_RATIO}x): {met}"
-        )
-    lines += ["", "### Target", "", *verdicts]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_xmoe_vs_dense(
+        path,
+        lines,
+        rows,
+        lambda row: (
+            f"{row['size']} | {row['batch']} | {row['model']} | {row['ffn']} "
+            f"| {row['mflops']:.3f} | {row['ms_per_step']:.2f}"
+        ),
+        TARGET_RATIO,
+        lambda row: f"{row['size']}, batch {row['batch']}: xmoe decode tokens/s",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

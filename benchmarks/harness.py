@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -92,3 +93,31 @@ def peak_memory_in_child(section: str, variant: str, args: list[str]) -> float |
         print(f"  memory probe {section}/{variant} failed: {result.stderr.strip()[-300:]}")
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def write_xmoe_vs_dense(
+    path: Path,
+    header: list[str],
+    rows: list[dict],
+    cells: Callable[[dict], str],
+    target: float,
+    measured: Callable[[dict], str],
+) -> Path:
+    """Write ``header``, then a table of ``rows`` (alternating xmoe, dense) and the verdicts.
+
+    Each row has ``tokens_per_s`` and ``median_tokens_per_s``; ``cells(row)`` gives the row's
+    leading table cells, ``measured(xmoe_row)`` names what the verdict compares. The ratio is
+    xmoe's tokens/s over dense's; a verdict is met when it is at least ``target``.
+    """
+    lines, verdicts = list(header), []
+    for xmoe_row, dense_row in zip(rows[::2], rows[1::2], strict=True):
+        ratio = xmoe_row["tokens_per_s"] / dense_row["tokens_per_s"]
+        for row, shown in ((xmoe_row, f"**{ratio:.2f}x**"), (dense_row, "")):
+            lines.append(
+                f"| {cells(row)} "
+                f"| {row['tokens_per_s']:,.0f} ({row['median_tokens_per_s']:,.0f}) | {shown} |"
+            )
+        met = "met" if ratio >= target else "missed"
+        verdicts.append(f"- {measured(xmoe_row)} = {ratio:.2f}x dense (target ≥ {target}x): {met}")
+    path.write_text("\n".join([*lines, "", "### Target", "", *verdicts]) + "\n")
+    return path

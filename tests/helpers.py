@@ -9,6 +9,15 @@ from xmoe import MoEConfig, MoELayer
 from reference import layer_params, reference_forward
 
 
+def use_host_reads(monkeypatch, host_reads: bool) -> None:
+    """Run the CPU path (host reads allowed) or, with False, the sync-free path that devices
+    other than the CPU take (tensor-only plan, segment operations and threshold ranking)."""
+    from xmoe.dispatch import sync
+
+    if not host_reads:
+        monkeypatch.setattr(sync, "HOST_READ_DEVICES", frozenset())
+
+
 def make_layer(config: MoEConfig, dtype=torch.float64, router_std: float = 1.0, seed: int = 0):
     """A layer whose router is peaked enough that tokens want different numbers of experts."""
     torch.manual_seed(seed)

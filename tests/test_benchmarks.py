@@ -47,3 +47,18 @@ def test_hf_experts_benchmark_quick(tmp_path, monkeypatch):
     table = (tmp_path / "hf_experts_quick.md").read_text()
     assert "python -m benchmarks.hf_experts --quick" in table
     assert "### Mixtral" in table and "### Qwen3-MoE" in table and "| xmoe t=0.5 |" in table
+
+
+def test_lm_train_benchmark_quick(tmp_path, monkeypatch):
+    from benchmarks.lm_train import main as lm_train_main
+
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # as the harness would set; avoids a re-exec
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
+    threads = torch.get_num_threads()
+    try:
+        lm_train_main(["--quick", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    table = (tmp_path / "lm_train_cpu_quick.md").read_text()
+    assert "python -m benchmarks.lm_train --quick" in table
+    assert "### Target" in table and "| dense, same active FLOPs |" in table

@@ -7,7 +7,7 @@ import torch
 
 from xmoe import MoEConfig
 
-from helpers import assert_close_grads, make_layer, run_both
+from helpers import assert_close_grads, make_layer, run_both, use_host_reads
 
 CASES = [
     # (router, capacity_factor, num_tokens, extra config)
@@ -26,9 +26,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["auto", "sync_free", "loop"])
 @pytest.mark.parametrize("router,capacity_factor,num_tokens,extra", CASES)
 @pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu", False), ("swiglu", True)])
-def test_matches_reference_float64(router, capacity_factor, num_tokens, extra, activation, bias):
+def test_matches_reference_float64(
+    monkeypatch, router, capacity_factor, num_tokens, extra, activation, bias, path
+):
+    """``auto`` runs these small calls on unsorted pairs and the batched engine (the decode
+    path), except with capacity; ``loop`` on pairs sorted by expert and host segments;
+    ``sync_free`` with no host reads."""
+    use_host_reads(monkeypatch, path != "sync_free")
     config = MoEConfig(
         d_model=12,
         num_experts=10,
@@ -37,6 +44,7 @@ def test_matches_reference_float64(router, capacity_factor, num_tokens, extra, a
         capacity_factor=capacity_factor,
         activation=activation,
         bias=bias,
+        backend="loop" if path == "loop" else "auto",
         **extra,
     )
     layer = make_layer(config, seed=num_tokens)
@@ -67,9 +75,11 @@ def test_cases_exercise_what_they_claim():
     assert (tiny(torch.randn(3, 12, dtype=torch.float64)).routing.expert_load == 0).any()
 
 
+@pytest.mark.parametrize("host_reads", [True, False], ids=["host", "sync_free"])
 @pytest.mark.parametrize("backend", ["grouped", "loop", "batched"])
 @pytest.mark.parametrize("router", ["threshold", "topk"])
-def test_fp32_backends_match_reference(backend, router):
+def test_fp32_backends_match_reference(monkeypatch, backend, router, host_reads):
+    use_host_reads(monkeypatch, host_reads)
     config = MoEConfig(
         d_model=16,
         num_experts=12,
@@ -88,6 +98,29 @@ def test_fp32_backends_match_reference(backend, router):
     assert_close_grads(layer_grads, ref_grads, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("backend", "num_tokens", "unsorted"), [
+    ("auto", 1, True), ("auto", 16, True), ("auto", 2048, False), ("loop", 1, False),
+])  # fmt: skip
+def test_decode_sized_calls_skip_the_sort(monkeypatch, backend, num_tokens, unsorted):
+    """Few pairs stay token-major (the batched engine needs no grouping); larger calls and the
+    loop engine get pairs sorted by expert."""
+    from xmoe import layer as layer_module
+
+    plans = []
+    real_plan = layer_module.DispatchPlan
+
+    def record(*args):
+        plans.append(real_plan(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(layer_module, "DispatchPlan", record)
+    config = MoEConfig(d_model=16, num_experts=8, d_expert=8, backend=backend)
+    layer = make_layer(config, dtype=torch.float32, router_std=0.3)
+    with torch.no_grad():
+        layer(torch.randn(num_tokens, 16))
+    assert plans[0].sorted_by_expert is not unsorted
+
+
 def test_leading_dimensions_are_tokens():
     config = MoEConfig(d_model=8, num_experts=6, d_expert=4)
     layer = make_layer(config)
@@ -98,9 +131,12 @@ def test_leading_dimensions_are_tokens():
     torch.testing.assert_close(out.hidden_states.reshape(-1, 8), flat.hidden_states)
 
 
-def test_many_experts_widen_the_ranking_exactly():
+@pytest.mark.parametrize("host_reads", [True, False], ids=["host", "sync_free"])
+def test_many_experts_widen_the_ranking_exactly(monkeypatch, host_reads):
     """Near-uniform probabilities over 64 experts need 58 experts at t=0.9 (more than the
-    first ranking width): the widening must give the reference's exact answer."""
+    first ranking width): the widening (or, sync-free, one ranking over all experts) must give
+    the reference's exact answer."""
+    use_host_reads(monkeypatch, host_reads)
     config = MoEConfig(d_model=8, num_experts=64, d_expert=4, threshold=0.9)
     layer = make_layer(config, router_std=1e-3)
     x = torch.randn(6, 8, dtype=torch.float64)

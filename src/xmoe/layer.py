@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig
-from xmoe.dispatch import DispatchPlan
+from xmoe.dispatch import DispatchPlan, batched_max_pairs
 from xmoe.experts import FFNExperts
 from xmoe.registry import ROUTERS
 from xmoe.routing import RoutingStats, route_pairs
@@ -84,8 +84,20 @@ class MoELayer(nn.Module):
         routed = self.router(x_SD)
         selection = routed.selection
         capacity = config.capacity(num_tokens) if self.training or config.capacity_at_eval else None
-        pairs = route_pairs(selection, config.num_experts, capacity, config.renormalize)
-        plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, num_tokens)
+        # decode-sized calls skip the sort by expert: the batched engine gathers per pair
+        unsorted = (
+            batched_max_pairs(config.d_model, config.d_expert)
+            if config.backend in ("auto", "batched")
+            else 0
+        )
+        pairs = route_pairs(selection, config.num_experts, capacity, config.renormalize, unsorted)
+        plan = DispatchPlan(
+            pairs.token_idx_N,
+            pairs.expert_idx_N,
+            pairs.counts_E,
+            num_tokens,
+            pairs.sorted_by_expert,
+        )
 
         compute_dtype = self._compute_dtype(x)
         if num_tokens == 0:
@@ -97,8 +109,10 @@ class MoELayer(nn.Module):
 
         if routed.losses:
             aux_loss = torch.stack(list(routed.losses.values())).sum()
-        else:  # eval mode: the losses only steer training, and inference skips their kernels
+        elif torch.is_grad_enabled():  # eval mode: the losses only steer training
             aux_loss = routed.probs_SE.sum() * 0.0  # zero, on the autograd graph
+        else:  # inference: one small op instead of a reduction
+            aux_loss = routed.probs_SE.new_zeros(())
         stats = RoutingStats.from_pairs(
             pairs, selection.expert_idx_SK[:, 0], config.expert_flops, config.router_flops
         )

@@ -22,6 +22,12 @@ BATCHED_MAX_WEIGHT_ELEMENTS = 1 << 19
 threads at d_model=512, d_expert=128: batched wins up to 8 pairs, grouped from 16."""
 
 
+def batched_max_pairs(d_model: int, d_expert: int) -> int:
+    """The most pairs for which ``auto`` picks :class:`BatchedEngine` (and for which the layer
+    leaves pairs unsorted, since that engine needs no grouping)."""
+    return BATCHED_MAX_WEIGHT_ELEMENTS // (d_model * d_expert)
+
+
 class LoopEngine:
     """One ``torch.mm`` per non-empty expert. Any dtype and size; the readable reference."""
 
@@ -57,7 +63,11 @@ class GroupedEngine:
 
 
 class BatchedEngine:
-    """Per-pair weight gather plus ``bmm``: cheapest for a handful of pairs (decode)."""
+    """Per-pair weight gather plus ``bmm``: cheapest for a handful of pairs (decode). The only
+    engine that runs a plan not sorted by expert.
+
+    Its weight gradient sums per-pair outer products into the experts: (N, K, M) elements, no
+    more than the forward's weight gather, and no host read of the plan."""
 
     name = "batched"
 
@@ -66,7 +76,13 @@ class BatchedEngine:
         b_NKM = b_EKM.index_select(0, plan.expert_idx_N)
         return torch.bmm(a_NK.unsqueeze(1), b_NKM).squeeze(1)
 
-    wgrad = LoopEngine.wgrad
+    @staticmethod
+    def wgrad(a_NK: torch.Tensor, g_NM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        # products and sums in fp32 or wider, as a matmul accumulates, not in bf16
+        dtype = torch.promote_types(a_NK.dtype, torch.float32)
+        outer_NKM = a_NK.to(dtype).unsqueeze(2) * g_NM.to(dtype).unsqueeze(1)
+        out_EKM = outer_NKM.new_zeros(plan.num_experts, a_NK.shape[1], g_NM.shape[1])
+        return out_EKM.index_add_(0, plan.expert_idx_N, outer_NKM).to(a_NK.dtype)
 
 
 ENGINES = {engine.name: engine for engine in (GroupedEngine, LoopEngine, BatchedEngine)}
@@ -99,7 +115,7 @@ def choose_engine(
     """
     if backend == "auto":
         d_model, d_expert = dims[0], dims[1]
-        if num_pairs * d_model * d_expert <= BATCHED_MAX_WEIGHT_ELEMENTS:
+        if num_pairs <= batched_max_pairs(d_model, d_expert):
             return BatchedEngine
         return GroupedEngine if grouped_supported(dtype, device, *dims) else LoopEngine
     if backend == "grouped" and not grouped_supported(dtype, device, *dims):

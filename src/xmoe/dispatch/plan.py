@@ -1,5 +1,12 @@
 """DispatchPlan: the only thing passed from routing to expert compute.
 
+The segment operations (bias adds, bias gradients) have two implementations: a loop over the
+host-known segments, one fused pass per (cache-resident) segment, and a tensor-only one that
+gathers the (E, D) table per row. On CPU the loop measured 3-7x faster at the training size
+(T=4096, d=512, 64 experts: 2.7 vs 18 ms for the scaled bias add, 7 vs 50 ms for its
+gradients), and reading the counts costs no sync there; elsewhere the tensor-only path runs, so
+the plan never reads its counts on the host (:mod:`xmoe.dispatch.sync`).
+
 Shape legend: S tokens, N kept (token, expert) pairs sorted by expert, E experts.
 """
 
@@ -9,6 +16,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+
+from xmoe.dispatch.sync import host_reads_cheap
 
 
 @dataclass(frozen=True, eq=False)
@@ -20,12 +29,16 @@ class DispatchPlan:
         expert_idx_N: (N,) int64 expert of each grouped row, non-decreasing.
         counts_E: (E,) int64 rows per expert.
         num_tokens: S, the number of token rows the combine writes.
+        sorted_by_expert: False for a plan whose rows are in any order (``expert_idx_N`` not
+            sorted): only engines that gather weights per row (``batched``) can run it; its
+            segment operations are the tensor-only ones.
     """
 
     token_idx_N: torch.Tensor
     expert_idx_N: torch.Tensor
     counts_E: torch.Tensor
     num_tokens: int
+    sorted_by_expert: bool = True
 
     @property
     def num_pairs(self) -> int:
@@ -41,6 +54,12 @@ class DispatchPlan:
         return self.counts_E.cumsum(0).to(torch.int32)
 
     @cached_property
+    def host_segments(self) -> bool:
+        """Whether segment operations loop over :attr:`segments` (host counts) and large plans
+        run in chunks; False keeps the plan on the device (tensor-only, no host sync)."""
+        return self.sorted_by_expert and host_reads_cheap(self.counts_E.device)
+
+    @cached_property
     def segments(self) -> list[tuple[int, int, int]]:
         """``(expert, start, end)`` of every non-empty segment, on the host (one sync)."""
         ends = self.counts_E.cumsum(0).tolist()
@@ -52,10 +71,11 @@ class DispatchPlan:
 
         Returns ``(sub_plan, rows, experts)`` triples covering all rows and all E experts in
         order; a sub-plan's expert ids are relative to ``experts.start``. One chunk (this plan,
-        no host sync) when the plan is small enough. An expert with more rows than
-        ``max_rows`` is a chunk of its own.
+        no host sync) when the plan is small enough or off :attr:`host_segments` (the cuts need
+        the counts on the host). An expert with more rows than ``max_rows`` is a chunk of its
+        own.
         """
-        if self.num_pairs <= max_rows:
+        if self.num_pairs <= max_rows or not self.host_segments:
             return [(self, slice(0, self.num_pairs), slice(0, self.num_experts))]
         cuts, total = [0], 0  # expert index where each chunk starts
         counts = self.counts_E.tolist()
@@ -101,8 +121,14 @@ class DispatchPlan:
     ) -> torch.Tensor:
         """In place: ``y[n] += table[expert(n)]`` (times ``scale[n]`` when given).
 
-        One fused pass per segment, instead of materialising an (N, D) gather of the table.
+        With :attr:`host_segments`, one fused pass per segment instead of materialising an
+        (N, D) gather of the table.
         """
+        if not self.host_segments:
+            rows_ND = table_ED.index_select(0, self.expert_idx_N)
+            if scale_N is None:
+                return y_ND.add_(rows_ND)
+            return y_ND.addcmul_(rows_ND, scale_N.unsqueeze(1))
         for expert, start, end in self.segments:
             if scale_N is None:
                 y_ND[start:end].add_(table_ED[expert])
@@ -118,9 +144,12 @@ class DispatchPlan:
 
         Returns ((N,) in ``scale_N``'s dtype, (E, D) in ``y_ND``'s dtype).
         """
+        scale = scale_N.to(y_ND.dtype)
+        if not self.host_segments:
+            dot_N = torch.linalg.vecdot(y_ND, table_ED.index_select(0, self.expert_idx_N))
+            return dot_N.to(scale_N.dtype), self.expert_sum(y_ND * scale.unsqueeze(1))
         dot_N = scale_N.new_zeros(y_ND.shape[0])
         sum_ED = y_ND.new_zeros(self.num_experts, y_ND.shape[1])
-        scale = scale_N.to(y_ND.dtype)
         for expert, start, end in self.segments:
             segment = y_ND[start:end]
             dot_N[start:end] = torch.mv(segment, table_ED[expert]).to(dot_N.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from xmoe.routing.pairs import expert_counts
+
 
 def switch_balance_loss(probs_SE: torch.Tensor, top1_expert_S: torch.Tensor) -> torch.Tensor:
     """Switch Transformer balance loss on the top-1 choice (before capacity drops).
@@ -18,7 +20,7 @@ def switch_balance_loss(probs_SE: torch.Tensor, top1_expert_S: torch.Tensor) -> 
         A scalar tensor in the dtype of ``probs_SE``.
     """
     num_tokens, num_experts = probs_SE.shape
-    top1_fraction_E = torch.bincount(top1_expert_S, minlength=num_experts).to(probs_SE.dtype)
+    top1_fraction_E = expert_counts(top1_expert_S, num_experts).to(probs_SE.dtype)
     top1_fraction_E = top1_fraction_E / num_tokens
     return num_experts * (probs_SE.mean(dim=0) * top1_fraction_E).sum()
 

@@ -24,6 +24,8 @@ class RoutedPairs:
         counts_E: (E,) int64 pairs per expert.
         wanted_SK: (S, K) bool, pairs the rule selected (before capacity).
         kept_SK: (S, K) bool, pairs that survived capacity.
+        sorted_by_expert: False when the pairs were left in token-major order (see
+            ``route_pairs``'s ``max_unsorted_pairs``).
     """
 
     token_idx_N: torch.Tensor
@@ -32,6 +34,14 @@ class RoutedPairs:
     counts_E: torch.Tensor
     wanted_SK: torch.Tensor
     kept_SK: torch.Tensor
+    sorted_by_expert: bool = True
+
+
+def expert_counts(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 occurrences of each expert id in ``expert_N``. Unlike ``torch.bincount``,
+    whose CUDA kernel reads the largest id on the host, the output size is known up front."""
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_N.device)
+    return counts_E.index_add_(0, expert_N, torch.ones_like(expert_N))
 
 
 def route_pairs(
@@ -39,6 +49,7 @@ def route_pairs(
     num_experts: int,
     capacity: int | None = None,
     renormalize: bool = False,
+    max_unsorted_pairs: int = 0,
 ) -> RoutedPairs:
     """Flatten a selection into expert-sorted pairs, dropping over-capacity pairs.
 
@@ -51,13 +62,19 @@ def route_pairs(
         num_experts: E.
         capacity: per-expert capacity C, or None for dropless routing.
         renormalize: divide each token's surviving weights by their sum.
+        max_unsorted_pairs: dropless calls with at most this many pairs keep them in
+            token-major order: an engine that gathers weights per pair needs no grouping, and
+            decode-sized calls are dominated by the count of small ops.
     """
     wanted_SK = selection.wanted_SK
     num_ranks = wanted_SK.shape[1]
     flat_N = wanted_SK.reshape(-1).nonzero().squeeze(1)  # token-major, rank-minor
     expert_N = selection.expert_idx_SK.reshape(-1).index_select(0, flat_N)
 
-    if capacity is None:
+    unsorted = capacity is None and flat_N.shape[0] <= max_unsorted_pairs
+    if unsorted:
+        order_N = None
+    elif capacity is None:
         order_N = torch.sort(expert_N, stable=True).indices
     else:
         prob_N = selection.probs_SK.detach().reshape(-1).index_select(0, flat_N)
@@ -66,15 +83,16 @@ def route_pairs(
         group_N = (expert_N * num_ranks + rank_N).index_select(0, by_prob_N)
         order_N = by_prob_N.index_select(0, torch.sort(group_N, stable=True).indices)
         sorted_expert_N = expert_N.index_select(0, order_N)
-        wanted_counts_E = torch.bincount(sorted_expert_N, minlength=num_experts)
+        wanted_counts_E = expert_counts(sorted_expert_N, num_experts)
         starts_E = wanted_counts_E.cumsum(0) - wanted_counts_E
         position_N = torch.arange(order_N.numel(), device=order_N.device) - starts_E.index_select(
             0, sorted_expert_N
         )
         order_N = order_N[position_N < capacity]
 
-    flat_N = flat_N.index_select(0, order_N)
-    expert_N = expert_N.index_select(0, order_N)
+    if order_N is not None:
+        flat_N = flat_N.index_select(0, order_N)
+        expert_N = expert_N.index_select(0, order_N)
     token_N = torch.div(flat_N, num_ranks, rounding_mode="floor")
     weight_N = selection.probs_SK.reshape(-1).index_select(0, flat_N)
     if renormalize:
@@ -85,7 +103,10 @@ def route_pairs(
         total_S = total_S.clamp_min(torch.finfo(total_S.dtype).tiny)
         weight_N = weight_N / total_S.index_select(0, token_N)
 
-    kept_SK = torch.zeros_like(wanted_SK)
-    kept_SK.view(-1)[flat_N] = True
-    counts_E = torch.bincount(expert_N, minlength=num_experts)
-    return RoutedPairs(token_N, expert_N, weight_N, counts_E, wanted_SK, kept_SK)
+    if capacity is None:
+        kept_SK = wanted_SK
+    else:
+        kept_SK = torch.zeros_like(wanted_SK)
+        kept_SK.view(-1)[flat_N] = True
+    counts_E = expert_counts(expert_N, num_experts)
+    return RoutedPairs(token_N, expert_N, weight_N, counts_E, wanted_SK, kept_SK, not unsorted)

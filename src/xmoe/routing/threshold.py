@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from xmoe.config import RouterOptions, _is_int, _is_number, _require
+from xmoe.dispatch.sync import host_reads_cheap
 from xmoe.registry import ROUTERS
 from xmoe.routing.base import Router
 from xmoe.routing.selection import SMALL_SORT_ELEMENTS, Selection, ranked_topk
@@ -159,7 +160,13 @@ class ThresholdRouter(Router):
     def select(self, probs_SE: torch.Tensor) -> Selection:
         threshold = float(self.config.threshold)
         num_experts = probs_SE.shape[-1]
-        full = threshold >= 1.0 or probs_SE.numel() <= SMALL_SORT_ELEMENTS  # one sort is cheapest
+        # one ranking over all E: cheapest for small calls, and off the host-read devices it
+        # avoids the host sync each widening decision would cost
+        full = (
+            threshold >= 1.0
+            or probs_SE.numel() <= SMALL_SORT_ELEMENTS
+            or not host_reads_cheap(probs_SE.device)
+        )
         width = num_experts if full else min(num_experts, _FIRST_GUESS)
         while True:
             probs_SK, expert_idx_SK = ranked_topk(probs_SE, width)
