@@ -26,6 +26,7 @@ from xmoe.models.usage import ExpertUsage
 from benchmarks.harness import (
     TIMING_MALLOC_ENV,
     reexec_with,
+    run_sizes,
     time_interleaved,
     write_xmoe_vs_dense,
 )
@@ -180,15 +181,13 @@ def write_report(rows: list[dict], args) -> Path:
 def main(argv: list[str] | None = None) -> None:
     reexec_with(TIMING_MALLOC_ENV)
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"decode benchmark: {torch.get_num_threads()} threads, {platform.machine()}")
-    rows = []
-    for name, size in (QUICK_SIZES if args.quick else SIZES).items():
-        rows += bench_size(name, size, args)
-        for row in rows[-2 * len(args.batches) :]:
-            print(
-                f"  {row['size']} B={row['batch']} {row['model']}: {row['tokens_per_s']:,.0f} tok/s"
-            )
+    rows = run_sizes(
+        "decode benchmark",
+        QUICK_SIZES if args.quick else SIZES,
+        bench_size,
+        args,
+        lambda row: f"{row['size']} B={row['batch']} {row['model']}",
+    )
     print(f"wrote {write_report(rows, args)}")
 
 

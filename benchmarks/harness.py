@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -121,3 +122,23 @@ def write_xmoe_vs_dense(
         verdicts.append(f"- {measured(xmoe_row)} = {ratio:.2f}x dense (target ≥ {target}x): {met}")
     path.write_text("\n".join([*lines, "", "### Target", "", *verdicts]) + "\n")
     return path
+
+
+def run_sizes(
+    title: str,
+    sizes: dict,
+    bench_size: Callable[[str, object, object], list[dict]],
+    args,
+    describe: Callable[[dict], str],
+) -> list[dict]:
+    """Every size's rows from ``bench_size(name, size, args)`` on ``args.threads`` threads,
+    printing ``describe(row)`` and its tokens/s as each size finishes."""
+    torch.set_num_threads(args.threads)
+    print(f"{title}: {torch.get_num_threads()} threads, {platform.machine()}")
+    rows = []
+    for name, size in sizes.items():
+        new_rows = bench_size(name, size, args)
+        for row in new_rows:
+            print(f"  {describe(row)}: {row['tokens_per_s']:,.0f} tok/s")
+        rows += new_rows
+    return rows

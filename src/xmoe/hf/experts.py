@@ -38,6 +38,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from xmoe.dispatch import DispatchPlan, choose_engine
 from xmoe.experts import expert_ffn
 from xmoe.experts.activations import ACTIVATION_FNS
+from xmoe.models.usage import KeptPairsCounter
 from xmoe.routing import Selection, route_pairs
 
 IMPLEMENTATION = "xmoe"
@@ -300,7 +301,7 @@ def set_expert_threshold(model: nn.Module, t: float) -> None:
         setattr(module, THRESHOLD_ATTR, float(t))
 
 
-class ExpertCounter:
+class ExpertCounter(KeptPairsCounter):
     """Context manager counting the experts computed per token by ``model``'s xmoe experts.
 
     ``with ExpertCounter(model) as counter: model(...)``; then ``counter.per_layer`` holds, per
@@ -309,35 +310,7 @@ class ExpertCounter:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = xmoe_experts_modules(model)
-        self.pairs = [0] * len(self.modules)
-        self.tokens = [0] * len(self.modules)
-        self._handles = []
+        super().__init__(xmoe_experts_modules(model))
 
-    def _hook(self, index: int):
-        def record(module, inputs, output) -> None:
-            kept_S = getattr(module, KEPT_ATTR)
-            self.pairs[index] += int(kept_S.sum())
-            self.tokens[index] += kept_S.numel()
-
-        return record
-
-    def __enter__(self) -> ExpertCounter:
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    @property
-    def per_layer(self) -> list[float]:
-        """Experts per token of each xmoe experts module (0 for one never called)."""
-        return [p / t if t else 0.0 for p, t in zip(self.pairs, self.tokens, strict=True)]
-
-    @property
-    def experts_per_token(self) -> float:
-        """Mean over the modules that ran of experts computed per token (0 if none ran)."""
-        rates = [p / t for p, t in zip(self.pairs, self.tokens, strict=True) if t]
-        return sum(rates) / len(rates) if rates else 0.0
+    def kept_per_token(self, module: nn.Module, output) -> torch.Tensor:
+        return getattr(module, KEPT_ATTR)
