@@ -62,3 +62,11 @@ def test_lm_train_benchmark_quick(tmp_path, monkeypatch):
     table = (tmp_path / "lm_train_cpu_quick.md").read_text()
     assert "python -m benchmarks.lm_train --quick" in table
     assert "### Target" in table and "| dense, same active FLOPs |" in table
+
+
+def test_import_time_benchmark_runs(capsys):
+    from benchmarks.import_time import main as import_time_main
+
+    import_time_main(["--runs", "1"])
+    out = capsys.readouterr().out
+    assert "transformers imported: False" in out and "import xmoe adds" in out
