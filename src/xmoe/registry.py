@@ -63,3 +63,13 @@ ROUTERS: Registry = Registry(
     },
 )
 """Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""
+
+DISPATCHERS: Registry = Registry(
+    "dispatcher",
+    {
+        "local": "xmoe.parallel.dispatcher",
+        "all_to_all": "xmoe.parallel.all_to_all",
+    },
+)
+"""How a layer's kept pairs reach their experts (``xmoe.parallel.Dispatcher`` subclasses):
+``local`` (every layer's default) and ``all_to_all`` (expert parallelism)."""

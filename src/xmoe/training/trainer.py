@@ -3,6 +3,7 @@ periodic eval, atomic checkpoints and exact resume, JSONL metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -83,6 +84,53 @@ def _routing_summary(routing) -> dict[str, float]:
     }
 
 
+class SingleProcess:
+    """The trainer's parallel hooks for one process: every hook is the plain single-process
+    operation. :class:`xmoe.parallel.training.ExpertParallelTraining` is the N-rank version."""
+
+    is_main = True
+    world_size = 1
+
+    def agree(self, step, what: str = "setup"):
+        return step()
+
+    def check_config(self, config: TrainConfig) -> None:
+        pass
+
+    def prepare(self, model: TransformerLM) -> None:
+        pass
+
+    def owns_micro_batch(self, index: int, total: int) -> bool:
+        return True
+
+    def load_model_state(self, model, state) -> None:
+        model.load_state_dict(state)
+
+    def load_optimizer_state(self, optimizer, model, state) -> None:
+        optimizer.load_state_dict(state)
+
+    def reduce_gradients(self, model) -> None:
+        pass
+
+    def clip_grad_norm(self, model, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+    def sum_values(self, values: list[float]) -> list[float]:
+        return values
+
+    def from_last_micro_batch(self, value, total: int):
+        return value
+
+    def nonfinite_parameters(self, model) -> list[str]:
+        return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+    def full_state(self, model, optimizer):
+        return model.state_dict(), optimizer.state_dict()
+
+    def end_training_step(self, model) -> None:
+        model.end_training_step()
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike,
@@ -92,6 +140,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     export: bool = False,
+    parallel: SingleProcess | None = None,
 ) -> TrainResult:
     """Train (or resume) a run into ``out_dir``, holding the run's lock throughout.
 
@@ -104,20 +153,32 @@ def train(
         stop_after: stop (after checkpointing) once this many steps are done, as if the
             process had been interrupted there; the schedule still targets ``max_steps``.
         export: also write the transformers files (``RunDir.export``) at the end.
+        parallel: the hooks of one rank of an expert-parallel run
+            (:class:`xmoe.parallel.training.ExpertParallelTraining`, what ``xmoe train --nproc``
+            and :func:`xmoe.parallel.training.train_distributed` pass); None for one process.
+            Rank 0 holds the lock and writes the run's files.
 
     Raises:
         LockedError: another process is writing ``out_dir``.
         DivergenceError: a non-finite loss or gradient norm; the last checkpoint is kept.
     """
+    par = parallel if parallel is not None else SingleProcess()
     run = RunDir(out_dir)
-    with run.lock("xmoe train"):
-        if run.has_checkpoint and not resume:
-            raise FileExistsError(
-                f"{run.checkpoint_path} exists: pass resume=True (--resume) to continue it or "
-                "pick another out"
-            )
-        result = _train_locked(config, run, resume, data, progress, stop_after)
-        if export:
+    with contextlib.ExitStack() as stack:
+
+        def start() -> None:
+            par.check_config(config)
+            if par.is_main:  # rank 0 writes the run; the others only read its checkpoint
+                stack.enter_context(run.lock("xmoe train"))
+            if run.has_checkpoint and not resume:
+                raise FileExistsError(
+                    f"{run.checkpoint_path} exists: pass resume=True (--resume) to continue it "
+                    "or pick another out"
+                )
+
+        par.agree(start)
+        result = _train_locked(config, run, resume, data, progress, stop_after, par)
+        if export and par.is_main:
             run.export()
     return result
 
@@ -129,8 +190,11 @@ def _train_locked(
     data: TokenData | None,
     progress: bool,
     stop_after: int | None,
+    par: SingleProcess,
 ) -> TrainResult:
-    data = data if data is not None else load_token_data(config, progress)
+    if data is None:  # rank 0 first: it fetches and caches the corpus the others then read
+        data = par.agree(lambda: load_token_data(config, progress) if par.is_main else None)
+        data = data if data is not None else load_token_data(config, progress=False)
     if data.vocab_size != config.model.vocab_size:
         raise ValueError(
             f"data has vocab_size={data.vocab_size}, model.vocab_size={config.model.vocab_size}"
@@ -139,6 +203,7 @@ def _train_locked(
     device = config.resolve_device()
     torch.manual_seed(config.seed)
     model = TransformerLM(config.model).to(device)
+    par.prepare(model)  # expert parallelism: keep this rank's experts (same init as one process)
     optimizer = build_optimizer(model, config)
     data_rng = torch.Generator().manual_seed(config.seed + 1)
     step = 0
@@ -149,22 +214,29 @@ def _train_locked(
                 f"{run.checkpoint_path} was written by a different config; resume with the "
                 "same settings"
             )
-        model.load_state_dict(state.model_state)
-        optimizer.load_state_dict(state.optimizer_state)
+        par.load_model_state(model, state.model_state)
+        par.load_optimizer_state(optimizer, model, state.optimizer_state)
         torch.set_rng_state(state.rng_state["torch"])
         data_rng.set_state(state.rng_state["data"])
         if device.type == "cuda" and "cuda" in state.rng_state:
             torch.cuda.set_rng_state(state.rng_state["cuda"])
         step = int(state.meta["step"])
-    run.truncate_log(step)  # lines past the checkpoint (or all, without one) are redone
-    run.write_config(config.to_dict())
     meta_extra = {}
     if data.tokenizer is not None:
-        run.save_tokenizer(data.tokenizer)
         meta_extra["tokenizer_sha256"] = tokenizer_fingerprint(data.tokenizer)
 
+    def write_run_files() -> None:
+        if not par.is_main:
+            return
+        run.truncate_log(step)  # lines past the checkpoint (or all, without one) are redone
+        run.write_config(config.to_dict())
+        if data.tokenizer is not None:
+            run.save_tokenizer(data.tokenizer)
+
+    par.agree(write_run_files)
+
     def checkpoint(at_step: int) -> None:
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        bad = par.nonfinite_parameters(model)
         if bad:
             raise DivergenceError(
                 f"step {at_step}: non-finite values in {bad[:3]}{'...' if len(bad) > 3 else ''}; "
@@ -174,7 +246,14 @@ def _train_locked(
         rng = {"torch": torch.get_rng_state(), "data": data_rng.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        run.save_checkpoint(Checkpoint(model.state_dict(), optimizer.state_dict(), rng, meta))
+        model_state, optimizer_state = par.full_state(model, optimizer)  # gathered on rank 0
+        if par.is_main:
+            par.agree(
+                lambda: run.save_checkpoint(Checkpoint(model_state, optimizer_state, rng, meta)),
+                "saving the checkpoint",
+            )
+        else:
+            par.agree(lambda: None, "saving the checkpoint")
 
     def run_eval() -> EvalResult:
         return evaluate(
@@ -184,7 +263,7 @@ def _train_locked(
 
     last_step = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
     model.train()
-    log = run.open_log()
+    log = run.open_log() if par.is_main else _NoLog()
     bar = tqdm(total=config.max_steps, initial=step, desc=config.preset, disable=not progress)
     train_seconds = train_tokens = 0.0
     loss_value = float("nan")
@@ -197,8 +276,10 @@ def _train_locked(
                 group["lr"] = lr
             loss_sum = aux_sum = 0.0
             named_aux: dict[str, float] = {}
-            for _ in range(config.grad_accum_steps):
+            for index in range(config.grad_accum_steps):
                 x_BT, y_BT = random_batch(data.train, config.batch_size, config.seq_len, data_rng)
+                if not par.owns_micro_batch(index, config.grad_accum_steps):
+                    continue  # another rank's (every rank draws all, so the generator agrees)
                 x_BT, y_BT = x_BT.to(device), y_BT.to(device)
                 with autocast_context(config.precision, device):
                     out = model(x_BT, y_BT)
@@ -209,10 +290,15 @@ def _train_locked(
                 for name, value in out.aux_losses.items():
                     share = value.item() / config.grad_accum_steps
                     named_aux[name] = named_aux.get(name, 0.0) + share
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
+            if par.world_size > 1:  # step totals over the ranks (in a fixed key order)
+                names = sorted(named_aux)
+                loss_sum, aux_sum, *named = par.sum_values(
+                    [loss_sum, aux_sum, *(named_aux[n] for n in names)]
                 )
+                named_aux = dict(zip(names, named, strict=True))
+                par.reduce_gradients(model)
+            grad_norm = par.clip_grad_norm(
+                model, config.grad_clip if config.grad_clip > 0 else float("inf")
             )
             if not all(map(math.isfinite, (loss_sum, aux_sum, grad_norm))):
                 raise DivergenceError(
@@ -222,7 +308,7 @@ def _train_locked(
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            model.end_training_step()
+            par.end_training_step(model)
             step += 1
             elapsed = time.perf_counter() - started
             train_seconds += elapsed
@@ -237,7 +323,9 @@ def _train_locked(
                     "tokens_per_second": train_tokens / train_seconds,
                 }
                 record |= {f"aux_{name}": value for name, value in named_aux.items()}
-                record |= _routing_summary(out.routing)
+                record |= par.from_last_micro_batch(
+                    _routing_summary(out.routing), config.grad_accum_steps
+                )
                 scales = [float(m.router.logit_scale) for m in model.moe_layers
                           if hasattr(m.router, "logit_scale")]  # fmt: skip
                 if scales:
@@ -257,6 +345,19 @@ def _train_locked(
         final_eval = run_eval()
     tokens_per_second = train_tokens / train_seconds if train_seconds else float("nan")
     return TrainResult(run.path, step, final_eval, tokens_per_second, loss_value)
+
+
+class _NoLog:
+    """The log of ranks other than 0: they write nothing."""
+
+    def append(self, record) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def load_model(path: str | os.PathLike) -> tuple[TransformerLM, TrainConfig, dict]:
