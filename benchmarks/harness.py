@@ -4,7 +4,9 @@ Timing: every variant runs once per round, in the same order, for several rounds
 (interleaving spreads machine noise over all variants); the minimum and median are reported.
 Memory: a fresh child process per variant, with glibc forced to serve every large tensor by
 mmap, so the process's resident high-water mark tracks live tensor bytes; the peak reported is
-the high-water mark during one forward+backward minus the resident size just before it.
+the high-water mark during one forward+backward from gradients reset to None, minus the resident
+size just before it and minus the parameter gradients that call creates (activations and
+transients only: the gradients scale with total parameters, which an MoE has many more of).
 """
 
 from __future__ import annotations
@@ -50,17 +52,24 @@ def _sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], None]], rounds: int, warmup: int, device: torch.device
+    fns: dict[str, Callable[[], None]],
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+    calls: int = 1,
 ) -> dict[str, Timing]:
+    """Per-call milliseconds of each function, round by round in turn; a sample is ``calls``
+    back-to-back calls (sub-millisecond calls are timed in bursts)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(warmup + rounds):
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(calls):
+                fn()
             _sync(device)
             if round_index >= warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                samples[name].append((time.perf_counter() - start) * 1e3 / calls)
     return {
         name: Timing(min(values), statistics.median(values)) for name, values in samples.items()
     }

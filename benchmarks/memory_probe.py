@@ -19,10 +19,14 @@ def main() -> None:
     args = parse_args(sys.argv[3:])
     variants = build_section(section, args)
     target = variants[variant]
-    target.forward_backward()  # allocates the parameter gradients and any lazy state
-    # Parameter gradients scale with total, not active, parameters: keep them allocated so the
-    # measured call adds only activations and transients.
-    peak = peak_rss_mib(lambda: target.forward_backward(reset_grads=False))
+    target.forward_backward()  # any lazy state, so the measured call allocates only its own
+    # Parameter gradients scale with total, not active, parameters, and with gradients reset to
+    # None (the PyTorch default) the tensors backward returns become them: measure from None and
+    # leave out exactly the gradient bytes that appear, so activations and transients remain.
+    target.reset_grads()  # freed before the measurement starts, not during it
+    peak = peak_rss_mib(target.forward_backward)
+    grads = [p.grad for p in target.module.parameters() if p.grad is not None]
+    peak -= sum(g.numel() * g.element_size() for g in grads) / 2**20
     print(json.dumps({"peak_mib": peak}))
 
 

@@ -23,7 +23,9 @@ BATCHED_MM_MAX_BYTES = 1 << 30
 @dataclass
 class Variant:
     forward: Callable[[], object]
-    forward_backward: Callable[..., None]  # reset_grads=False accumulates into existing grads
+    forward_backward: Callable[[], None]  # from gradients reset to None
+    reset_grads: Callable[[], None]
+    module: nn.Module  # whose parameter gradients the memory probe leaves out
     experts_per_token: float | None = None
     moe_flops_per_token: float | None = None
 
@@ -56,14 +58,16 @@ def _module_variant(module: nn.Module, x: torch.Tensor, cotangent: torch.Tensor,
         with torch.no_grad():
             return output()
 
-    def forward_backward(reset_grads: bool = True):
-        if reset_grads:
-            x.grad = None
-            for p in module.parameters():
-                p.grad = None
+    def reset_grads():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+
+    def forward_backward():
+        reset_grads()
         output().backward(cotangent)
 
-    return Variant(forward, forward_backward, **info)
+    return Variant(forward, forward_backward, reset_grads, module, **info)
 
 
 def calibrated_xmoe(s: Setting, target_experts: float, **config) -> MoELayer:
@@ -195,9 +199,43 @@ class HFExpertsOnRouting(nn.Module):
         return self.experts(x_SD, self.top_k_index, self.top_k_weights)
 
 
+def _mixtral_config(s: Setting, top_k: int, implementation: str):
+    from transformers import MixtralConfig
+
+    hf_config = MixtralConfig(
+        hidden_size=s.d_model,
+        intermediate_size=s.d_expert,
+        num_local_experts=s.num_experts,
+        num_experts_per_tok=top_k,
+        hidden_act="silu",
+    )
+    hf_config._experts_implementation = implementation
+    return hf_config
+
+
+@torch.no_grad()
+def _copy_experts(experts, layer: MoELayer) -> None:
+    """xmoe's stacked (E, D, H) SwiGLU weights into transformers' fused (E, 2H, D) layout."""
+    w = layer.experts
+    experts.gate_up_proj.copy_(torch.cat([w.w1, w.w3], dim=2).transpose(1, 2))
+    experts.down_proj.copy_(w.w2.transpose(1, 2))
+
+
+def _hf_implementations(s: Setting, top_k: int) -> list[str]:
+    pair_weight_bytes = (
+        s.num_tokens * top_k * 3 * s.d_model * s.d_expert * torch.finfo(s.dtype).bits // 8
+    )
+    if pair_weight_bytes <= BATCHED_MM_MAX_BYTES:
+        return ["eager", "batched_mm", "grouped_mm"]
+    print(
+        f"  HF batched_mm not run: it would gather {pair_weight_bytes / 2**30:.1f} GiB of "
+        "expert weights (one copy per token-expert pair)"
+    )
+    return ["eager", "grouped_mm"]
+
+
 def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
     """Identical top-k routing and identical SwiGLU weights through xmoe and HF's back-ends."""
-    from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
     x, cotangent = _inputs(s)
@@ -215,31 +253,9 @@ def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
         ),
     }
     reference = variants["xmoe"].forward()
-    pair_weight_bytes = (
-        s.num_tokens * top_k * 3 * s.d_model * s.d_expert * torch.finfo(s.dtype).bits // 8
-    )
-    implementations = ["eager", "grouped_mm"]
-    if pair_weight_bytes <= BATCHED_MM_MAX_BYTES:
-        implementations.insert(1, "batched_mm")
-    else:
-        print(
-            f"  HF batched_mm not run: it would gather {pair_weight_bytes / 2**30:.1f} GiB of "
-            "expert weights (one copy per token-expert pair)"
-        )
-    for implementation in implementations:
-        hf_config = MixtralConfig(
-            hidden_size=s.d_model,
-            intermediate_size=s.d_expert,
-            num_local_experts=s.num_experts,
-            num_experts_per_tok=top_k,
-            hidden_act="silu",
-        )
-        hf_config._experts_implementation = implementation
-        experts = MixtralExperts(hf_config).to(s.device, s.dtype)
-        with torch.no_grad():
-            w = layer.experts
-            experts.gate_up_proj.copy_(torch.cat([w.w1, w.w3], dim=2).transpose(1, 2))
-            experts.down_proj.copy_(w.w2.transpose(1, 2))
+    for implementation in _hf_implementations(s, top_k):
+        experts = MixtralExperts(_mixtral_config(s, top_k, implementation)).to(s.device, s.dtype)
+        _copy_experts(experts, layer)
         module = HFExpertsOnRouting(experts, top_k_index, top_k_weights)
         variant = _module_variant(module, x, cotangent)
         tolerance = 1e-3 if s.dtype == torch.float32 else 5e-2
@@ -250,6 +266,46 @@ def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
     variants[f"bound: dense SwiGLU {s.d_model}x{top_k * s.d_expert}"] = _module_variant(
         bound, x, cotangent
     )
+    for variant in variants.values():
+        variant.experts_per_token = float(top_k)
+        variant.moe_flops_per_token = 6.0 * top_k * s.d_model * s.d_expert
+    return variants
+
+
+class HFMoEBlock(nn.Module):
+    """transformers' Mixtral sparse block on (S, D) tokens: its top-k router, renormalised
+    weights, then its experts back-end."""
+
+    def __init__(self, block) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x_SD):
+        return self.block(x_SD.unsqueeze(0)).squeeze(0)
+
+
+def hf_block_variants(s: Setting, top_k: int) -> dict[str, Variant]:
+    """Whole layers, routing included, in eval mode: xmoe's MoELayer (top-k, renormalised)
+    against transformers' Mixtral sparse block with each experts back-end, identical weights."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    x, cotangent = _inputs(s)
+    layer = calibrated_xmoe(
+        s, 4.0, router="topk", top_k=top_k, activation="swiglu", bias=False, init_std=0.05,
+        renormalize=True,
+    ).eval()  # fmt: skip
+    variants = {"xmoe layer": _module_variant(layer, x, cotangent)}
+    reference = variants["xmoe layer"].forward()
+    for implementation in _hf_implementations(s, top_k):
+        block = MixtralSparseMoeBlock(_mixtral_config(s, top_k, implementation))
+        block = block.to(s.device, s.dtype).eval()
+        with torch.no_grad():
+            block.gate.weight.copy_(layer.router.weight)
+        _copy_experts(block.experts, layer)
+        variant = _module_variant(HFMoEBlock(block), x, cotangent)
+        tolerance = 1e-3 if s.dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(variant.forward(), reference, rtol=tolerance, atol=tolerance)
+        variants[f"HF Mixtral block, {implementation}"] = variant
     for variant in variants.values():
         variant.experts_per_token = float(top_k)
         variant.moe_flops_per_token = 6.0 * top_k * s.d_model * s.d_expert

@@ -10,8 +10,10 @@ from torch import nn
 from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan, batched_max_pairs
 from xmoe.experts import FFNExperts
+from xmoe.experts.decode import decode_ffn, use_decode_path
+from xmoe.parallel.dispatcher import LOCAL_DISPATCHER, Dispatcher
 from xmoe.registry import ROUTERS
-from xmoe.routing import RoutingStats, route_pairs
+from xmoe.routing import RoutingStats, Selection, route_pairs
 
 
 @dataclass
@@ -44,7 +46,13 @@ class MoELayer(nn.Module):
 
     Compute dtype: the autocast dtype when autocast is on, else the parameters' dtype; the output
     is returned in the input's dtype outside autocast. The router always runs in fp32 or wider.
+
+    ``dispatcher`` carries the kept pairs to the experts and back (:mod:`xmoe.parallel`): the
+    local one by default; :func:`xmoe.parallel.expert_parallel` shards the experts over
+    processes and installs an all-to-all one. Routing and combine stay on the token's process.
     """
+
+    dispatcher: Dispatcher = LOCAL_DISPATCHER
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -84,6 +92,48 @@ class MoELayer(nn.Module):
         routed = self.router(x_SD)
         selection = routed.selection
         capacity = config.capacity(num_tokens) if self.training or config.capacity_at_eval else None
+        tokens_SD = x_SD.to(self._compute_dtype(x))
+        if self.dispatcher is LOCAL_DISPATCHER and use_decode_path(self.experts, x_SD, capacity):
+            y_SD, stats = self._decode(tokens_SD, selection)
+        else:
+            y_SD, stats = self._dispatch_and_compute(tokens_SD, selection, capacity)
+        if not torch.is_autocast_enabled(x.device.type):
+            y_SD = y_SD.to(x.dtype)
+
+        if routed.losses:
+            aux_loss = torch.stack(list(routed.losses.values())).sum()
+        elif torch.is_grad_enabled():  # eval mode: the losses only steer training
+            aux_loss = routed.probs_SE.sum() * 0.0  # zero, on the autograd graph
+        else:  # inference: one small op instead of a reduction
+            aux_loss = routed.probs_SE.new_zeros(())
+        output = y_SD.reshape(*x.shape[:-1], config.d_model)
+        return MoEOutput(output, aux_loss, stats, routed.losses)
+
+    def _decode(
+        self, x_SD: torch.Tensor, selection: Selection
+    ) -> tuple[torch.Tensor, RoutingStats]:
+        """A handful of tokens at inference: every wanted pair, experts used in place."""
+        config = self.config
+        y_SD, counts_E = decode_ffn(
+            x_SD,
+            selection.expert_idx_SK,
+            selection.probs_SK,
+            selection.wanted_SK,
+            self.experts,
+            config.renormalize,
+        )
+        wanted_SK = selection.wanted_SK  # dropless: every wanted pair is kept
+        top1_expert_S = selection.expert_idx_SK[:, 0]
+        stats = RoutingStats(
+            wanted_SK, wanted_SK, counts_E, top1_expert_S, config.expert_flops, config.router_flops
+        )
+        return y_SD, stats
+
+    def _dispatch_and_compute(
+        self, x_SD: torch.Tensor, selection: Selection, capacity: int | None
+    ) -> tuple[torch.Tensor, RoutingStats]:
+        """Kept pairs -> plan -> dispatcher (experts, combine): (S, D) output and statistics."""
+        config = self.config
         # decode-sized calls skip the sort by expert: the batched engine gathers per pair
         unsorted = (
             batched_max_pairs(config.d_model, config.d_expert)
@@ -95,29 +145,15 @@ class MoELayer(nn.Module):
             pairs.token_idx_N,
             pairs.expert_idx_N,
             pairs.counts_E,
-            num_tokens,
+            x_SD.shape[0],
             pairs.sorted_by_expert,
         )
-
-        compute_dtype = self._compute_dtype(x)
-        if num_tokens == 0:
-            y_SD = x_SD.new_zeros(0, config.d_model, dtype=compute_dtype)
-        else:
-            y_SD = self.experts(x_SD.to(compute_dtype), plan, pairs.weight_N)
-        if not torch.is_autocast_enabled(x.device.type):
-            y_SD = y_SD.to(x.dtype)
-
-        if routed.losses:
-            aux_loss = torch.stack(list(routed.losses.values())).sum()
-        elif torch.is_grad_enabled():  # eval mode: the losses only steer training
-            aux_loss = routed.probs_SE.sum() * 0.0  # zero, on the autograd graph
-        else:  # inference: one small op instead of a reduction
-            aux_loss = routed.probs_SE.new_zeros(())
+        # dispatch -> expert compute -> combine (local by default; all-to-all when sharded)
+        y_SD = self.dispatcher(self.experts, x_SD, plan, pairs.weight_N)
         stats = RoutingStats.from_pairs(
             pairs, selection.expert_idx_SK[:, 0], config.expert_flops, config.router_flops
         )
-        output = y_SD.reshape(*x.shape[:-1], config.d_model)
-        return MoEOutput(output, aux_loss, stats, routed.losses)
+        return y_SD, stats
 
     def extra_repr(self) -> str:
         c = self.config

@@ -30,15 +30,17 @@ class RoutingStats:
 
     def __init__(
         self,
-        pairs: RoutedPairs,
+        wanted_SK: torch.Tensor,
+        kept_SK: torch.Tensor,
+        expert_load_E: torch.Tensor,
         top1_expert_S: torch.Tensor,
         expert_flops: int,
         router_flops: int,
     ) -> None:
-        self._wanted_SK = pairs.wanted_SK.detach()
-        self._kept_SK = pairs.kept_SK.detach()
+        self._wanted_SK = wanted_SK.detach()
+        self._kept_SK = kept_SK.detach()
         self._top1_expert_S = top1_expert_S.detach()
-        self.expert_load = pairs.counts_E.detach()
+        self.expert_load = expert_load_E.detach()
         self._expert_flops = expert_flops
         self._router_flops = router_flops
 
@@ -46,7 +48,14 @@ class RoutingStats:
     def from_pairs(
         cls, pairs: RoutedPairs, top1_expert_S: torch.Tensor, expert_flops: int, router_flops: int
     ) -> RoutingStats:
-        return cls(pairs, top1_expert_S, expert_flops, router_flops)
+        return cls(
+            pairs.wanted_SK,
+            pairs.kept_SK,
+            pairs.counts_E,
+            top1_expert_S,
+            expert_flops,
+            router_flops,
+        )
 
     @cached_property
     def wanted_per_token(self) -> torch.Tensor:
