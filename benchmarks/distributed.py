@@ -82,9 +82,9 @@ def _rank_run(size, state_path: str, steps: int) -> dict:
     """One rank: warm-up step + ``steps`` timed steps; per-step traffic and the losses."""
     import torch.distributed as dist
 
-    from xmoe.parallel.data_parallel import clip_grad_norm, sum_values, sync_gradients
-    from xmoe.parallel.groups import ExpertParallelGroups
-    from xmoe.parallel.sharding import expert_parallel, traffic
+    from xmoe.distributed.data_parallel import clip_grad_norm, sum_values, sync_gradients
+    from xmoe.distributed.groups import ExpertParallelGroups
+    from xmoe.distributed.sharding import expert_parallel, traffic
 
     groups = ExpertParallelGroups.create()
     rank, world = groups.rank, groups.world_size
@@ -145,7 +145,7 @@ def _scale_routers(model: TransformerLM, size, target: float) -> None:
 
 def measure(size, ranks: list[int], steps: int, target: float, threads: int) -> list[dict]:
     """Rows per world size; ``threads``: torch intra-op threads of each rank."""
-    from xmoe.parallel.launcher import launch
+    from xmoe.distributed.launcher import launch
 
     torch.manual_seed(0)
     model = TransformerLM(_model_config(size))

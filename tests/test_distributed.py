@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 import xmoe
-from xmoe.parallel import DistributedError, launch
-from xmoe.parallel.data_parallel import sync_gradients
-from xmoe.parallel.groups import ExpertParallelGroups
-from xmoe.parallel.sharding import expert_parallel, expert_slice
+from xmoe.distributed import DistributedError, launch
+from xmoe.distributed.data_parallel import sync_gradients
+from xmoe.distributed.groups import ExpertParallelGroups
+from xmoe.distributed.sharding import expert_parallel, expert_slice
 
 TIMEOUT_S = 120  # per launch; a healthy one takes seconds
 
@@ -230,7 +230,7 @@ def trained(tmp_path_factory):
     import shutil
 
     from xmoe.cli.main import main
-    from xmoe.parallel.training import train_distributed
+    from xmoe.distributed.training import train_distributed
     from xmoe.training.checkpoint import previous_path
     from xmoe.training.trainer import train
 
@@ -291,7 +291,7 @@ def test_the_two_rank_checkpoint_is_the_single_process_format(trained):
 
 
 def test_grad_accum_steps_must_split_over_the_ranks(tmp_path):
-    from xmoe.parallel.training import train_distributed
+    from xmoe.distributed.training import train_distributed
 
     with pytest.raises(DistributedError, match="grad_accum_steps=3 is invalid with 2 processes"):
         train_distributed(
@@ -301,7 +301,7 @@ def test_grad_accum_steps_must_split_over_the_ranks(tmp_path):
 
 def test_a_failure_on_rank_0_alone_stops_every_rank(tmp_path):
     """Only rank 0 takes the run's lock: held elsewhere, rank 0 fails and the others are told."""
-    from xmoe.parallel.training import train_distributed
+    from xmoe.distributed.training import train_distributed
     from xmoe.training.rundir import RunDir
 
     run = tmp_path / "run"

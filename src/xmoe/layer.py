@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig
-from xmoe.dispatch import DispatchPlan, batched_max_pairs
+from xmoe.dispatch import LOCAL_DISPATCHER, Dispatcher, DispatchPlan, batched_max_pairs
 from xmoe.experts import FFNExperts
 from xmoe.experts.decode import decode_ffn, use_decode_path
-from xmoe.parallel.dispatcher import LOCAL_DISPATCHER, Dispatcher
 from xmoe.registry import ROUTERS
 from xmoe.routing import RoutingStats, Selection, route_pairs
 
@@ -47,8 +46,8 @@ class MoELayer(nn.Module):
     Compute dtype: the autocast dtype when autocast is on, else the parameters' dtype; the output
     is returned in the input's dtype outside autocast. The router always runs in fp32 or wider.
 
-    ``dispatcher`` carries the kept pairs to the experts and back (:mod:`xmoe.parallel`): the
-    local one by default; :func:`xmoe.parallel.expert_parallel` shards the experts over
+    ``dispatcher`` carries the kept pairs to the experts and back (:mod:`xmoe.distributed`): the
+    local one by default; :func:`xmoe.distributed.expert_parallel` shards the experts over
     processes and installs an all-to-all one. Routing and combine stay on the token's process.
     """
 

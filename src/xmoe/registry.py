@@ -67,9 +67,9 @@ ROUTERS: Registry = Registry(
 DISPATCHERS: Registry = Registry(
     "dispatcher",
     {
-        "local": "xmoe.parallel.dispatcher",
-        "all_to_all": "xmoe.parallel.all_to_all",
+        "local": "xmoe.dispatch.dispatcher",
+        "all_to_all": "xmoe.distributed.all_to_all",
     },
 )
-"""How a layer's kept pairs reach their experts (``xmoe.parallel.Dispatcher`` subclasses):
+"""How a layer's kept pairs reach their experts (``xmoe.distributed.Dispatcher`` subclasses):
 ``local`` (every layer's default) and ``all_to_all`` (expert parallelism)."""

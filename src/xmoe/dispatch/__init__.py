@@ -1,6 +1,16 @@
-"""Dispatch: the plan of grouped rows and the grouped-matmul engines."""
+"""Dispatch: the plan of grouped rows, the grouped-matmul engines, and the dispatcher seam."""
 
+from xmoe.dispatch.dispatcher import LOCAL_DISPATCHER, Dispatcher, LocalDispatcher
 from xmoe.dispatch.engines import ENGINES, batched_max_pairs, choose_engine, grouped_supported
 from xmoe.dispatch.plan import DispatchPlan
 
-__all__ = ["ENGINES", "DispatchPlan", "batched_max_pairs", "choose_engine", "grouped_supported"]
+__all__ = [
+    "ENGINES",
+    "LOCAL_DISPATCHER",
+    "DispatchPlan",
+    "Dispatcher",
+    "LocalDispatcher",
+    "batched_max_pairs",
+    "choose_engine",
+    "grouped_supported",
+]

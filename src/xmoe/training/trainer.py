@@ -86,7 +86,7 @@ def _routing_summary(routing) -> dict[str, float]:
 
 class SingleProcess:
     """The trainer's parallel hooks for one process: every hook is the plain single-process
-    operation. :class:`xmoe.parallel.training.ExpertParallelTraining` is the N-rank version."""
+    operation. :class:`xmoe.distributed.training.ExpertParallelTraining` is the N-rank version."""
 
     is_main = True
     world_size = 1
@@ -154,8 +154,8 @@ def train(
             process had been interrupted there; the schedule still targets ``max_steps``.
         export: also write the transformers files (``RunDir.export``) at the end.
         parallel: the hooks of one rank of an expert-parallel run
-            (:class:`xmoe.parallel.training.ExpertParallelTraining`, what ``xmoe train --nproc``
-            and :func:`xmoe.parallel.training.train_distributed` pass); None for one process.
+            (:class:`xmoe.distributed.training.ExpertParallelTraining`, what ``xmoe train --nproc``
+            and :func:`xmoe.distributed.training.train_distributed` pass); None for one process.
             Rank 0 holds the lock and writes the run's files.
 
     Raises:

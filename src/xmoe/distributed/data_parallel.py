@@ -1,5 +1,5 @@
 """Data parallelism next to expert parallelism: gradient sums, the global gradient norm, and
-router statistics, each over the right process group (:mod:`xmoe.parallel.groups`).
+router statistics, each over the right process group (:mod:`xmoe.distributed.groups`).
 
 Gradients are summed, not averaged: the trainer splits one optimizer step's micro-batches over
 the ranks and scales each micro-batch loss by 1/(all micro-batches), so the summed gradient is
@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from xmoe.parallel.groups import ExpertParallelGroups
-from xmoe.parallel.sharding import expert_parameter_names, moe_layers
+from xmoe.distributed.groups import ExpertParallelGroups
+from xmoe.distributed.sharding import expert_parameter_names, moe_layers
 
 
 def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -6,7 +6,7 @@ and keeps on each rank only its E/P experts of every layer: each stacked expert 
 (``experts.w1`` (E, d, h), ``b1``, ``w2``, ``b2``, ``w3``) becomes its slice ``[p·L, (p+1)·L)``
 along the expert dimension, under the same name. The model's parameters keep their names and
 order, so optimizers, state dicts and checkpoints line up with the single-process model; only
-expert shapes differ (:func:`shard_state_dict` / :mod:`xmoe.parallel.checkpoint` convert).
+expert shapes differ (:func:`shard_state_dict` / :mod:`xmoe.distributed.checkpoint` convert).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from xmoe.config import ConfigError
+from xmoe.distributed.all_to_all import AllToAllDispatcher
+from xmoe.distributed.groups import ExpertParallelGroups, agree_values
 from xmoe.layer import MoELayer
-from xmoe.parallel.all_to_all import AllToAllDispatcher
-from xmoe.parallel.groups import ExpertParallelGroups, agree_values
 
 
 def moe_layers(module: nn.Module) -> dict[str, MoELayer]:
@@ -56,7 +56,7 @@ def expert_parallel(module: nn.Module, groups: ExpertParallelGroups | None = Non
 
     Every rank must call it with a module built from the same config; a different config on
     some rank, or E not divisible by the expert-parallel size, raises on every rank (a
-    :class:`~xmoe.parallel.DistributedError` / :class:`~xmoe.ConfigError` naming the field).
+    :class:`~xmoe.distributed.DistributedError` / :class:`~xmoe.ConfigError` naming the field).
     """
     groups = groups if groups is not None else ExpertParallelGroups.create()
     layers = moe_layers(module)
@@ -92,7 +92,7 @@ def shard_state_dict(
 
 
 def traffic(module: nn.Module) -> list:
-    """The :class:`~xmoe.parallel.all_to_all.Traffic` counters of every sharded layer."""
+    """The :class:`~xmoe.distributed.all_to_all.Traffic` counters of every sharded layer."""
     return [
         layer.dispatcher.traffic
         for layer in moe_layers(module).values()

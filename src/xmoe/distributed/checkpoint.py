@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xmoe.parallel.groups import ExpertParallelGroups
-from xmoe.parallel.sharding import expert_parameter_names, expert_slice, shard_state_dict
+from xmoe.distributed.groups import ExpertParallelGroups
+from xmoe.distributed.sharding import expert_parameter_names, expert_slice, shard_state_dict
 
 
 def _gather_experts(tensor: torch.Tensor, groups: ExpertParallelGroups) -> torch.Tensor | None:

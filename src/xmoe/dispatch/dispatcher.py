@@ -10,7 +10,7 @@ weights to its dispatcher, which returns the combined ``(S, D)`` output (torchti
 - :class:`LocalDispatcher` (every layer's default): the experts are here; the fused expert FFN
   gathers each token row once, computes, and scatter-adds the weighted rows (one autograd
   function, :func:`xmoe.experts.ffn_function.expert_ffn`).
-- :class:`~xmoe.parallel.all_to_all.AllToAllDispatcher`: the experts are sharded over processes;
+- :class:`~xmoe.distributed.all_to_all.AllToAllDispatcher`: the experts are sharded over processes;
   rows travel to their expert's process and back (expert parallelism).
 
 Shape legend: S tokens, N kept pairs, D d_model.
@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from xmoe.dispatch import DispatchPlan
+from xmoe.dispatch.plan import DispatchPlan
 from xmoe.registry import DISPATCHERS
 
 

@@ -10,10 +10,10 @@ The trainer (:func:`xmoe.training.train`) runs the same loop on every rank, with
   own capacity), and the summed gradients equal the single-process ones. So losses, checkpoints
   and resume are those of a single-process run with the same config, to float rounding.
 - **Experts are sharded** over the expert-parallel group (all ranks by default); everything else
-  is replicated and its gradients all-reduced (:mod:`xmoe.parallel.data_parallel`).
+  is replicated and its gradients all-reduced (:mod:`xmoe.distributed.data_parallel`).
 - **Rank 0 writes**: it holds the run's lock and writes the log, the config, the tokenizer and
   the checkpoint, which it gathers into the single-process format
-  (:mod:`xmoe.parallel.checkpoint`); every rank reads the checkpoint to resume.
+  (:mod:`xmoe.distributed.checkpoint`); every rank reads the checkpoint to resume.
 - **Evaluation** runs on every rank over the same batches (so every rank computes the same
   numbers and the MoE layers' collectives line up).
 - Failures that can differ between ranks (the lock, a file) are agreed, so every rank raises.
@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 
 from xmoe.config import ConfigError
-from xmoe.parallel import checkpoint as sharded
-from xmoe.parallel import data_parallel
-from xmoe.parallel.groups import ExpertParallelGroups, agree, agree_values
-from xmoe.parallel.sharding import expert_parallel
+from xmoe.distributed import checkpoint as sharded
+from xmoe.distributed import data_parallel
+from xmoe.distributed.groups import ExpertParallelGroups, agree, agree_values
+from xmoe.distributed.sharding import expert_parallel
 
 
 class ExpertParallelTraining:
@@ -139,13 +139,13 @@ def train_distributed(
     """Train ``config`` into ``out_dir`` on ``nproc`` local processes with expert parallelism
     (gloo on CPU, NCCL with CUDA); returns rank 0's :class:`~xmoe.training.TrainResult`.
 
-    Errors on any rank are raised here as :class:`~xmoe.parallel.DistributedError` naming the
+    Errors on any rank are raised here as :class:`~xmoe.distributed.DistributedError` naming the
     rank. ``timeout_s``: the collectives' timeout (default 30 min); ``deadline_s``: a limit on
-    the whole run (default none); see :func:`xmoe.parallel.launch`. Under torchrun, call
+    the whole run (default none); see :func:`xmoe.distributed.launch`. Under torchrun, call
     :func:`xmoe.training.train` with
     ``parallel=ExpertParallelTraining(ExpertParallelGroups.create())`` on every rank instead.
     """
-    from xmoe.parallel.launcher import DEFAULT_TIMEOUT_S, launch
+    from xmoe.distributed.launcher import DEFAULT_TIMEOUT_S, launch
 
     options = {"resume": resume, "progress": progress, "stop_after": stop_after, "export": export}
     results = launch(

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from xmoe.parallel.groups import DistributedError
+from xmoe.distributed.groups import DistributedError
 
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -138,7 +138,7 @@ def launch(
     return [reports[rank][1] for rank in range(nproc)]
 
 
-_PRELOAD = ["torch", "torch._dynamo", "xmoe", "xmoe.parallel.training", "xmoe.training"]
+_PRELOAD = ["torch", "torch._dynamo", "xmoe", "xmoe.distributed.training", "xmoe.training"]
 """Imported once by the fork server: torch.optim's constructors import torch._dynamo (seconds)."""
 
 

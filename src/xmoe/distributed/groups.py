@@ -64,7 +64,7 @@ class ExpertParallelGroups:
         if not dist.is_available() or not dist.is_initialized():
             raise DistributedError(
                 "torch.distributed is not initialised: call torch.distributed.init_process_group "
-                "(or use xmoe.parallel.launch / xmoe train --nproc) first"
+                "(or use xmoe.distributed.launch / xmoe train --nproc) first"
             )
         rank, world = dist.get_rank(), dist.get_world_size()
         size = world if expert_parallel_size is None else expert_parallel_size

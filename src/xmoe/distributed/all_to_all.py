@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from xmoe.dispatch import DispatchPlan
-from xmoe.parallel.dispatcher import Dispatcher
+from xmoe.dispatch.dispatcher import Dispatcher
 from xmoe.registry import DISPATCHERS
 
 
@@ -92,7 +92,7 @@ class AllToAllDispatcher(Dispatcher):
         group: the expert-parallel process group (None = the world).
         group_size: P. group_rank: this rank's index in the group.
         num_experts: E (divisible by P). The ``experts`` module passed in at call time holds
-            this rank's L = E/P experts (see :func:`xmoe.parallel.expert_parallel`).
+            this rank's L = E/P experts (see :func:`xmoe.distributed.expert_parallel`).
     """
 
     name = "all_to_all"
