@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from xmoe import MoEConfig
-from xmoe.dispatch import choose_engine
+from xmoe.dispatch import ENGINES, DispatchPlan, choose_engine
 
-from helpers import make_layer
+from helpers import make_layer, use_host_reads
 
 
 def _forward_backward(layer, x, cotangent):
@@ -83,3 +83,22 @@ def test_cpu_autocast_bf16():
     torch.testing.assert_close(out.hidden_states.float(), reference, rtol=5e-2, atol=5e-2)
     out.hidden_states.float().sum().backward()
     assert layer.experts.w1.grad.dtype == torch.float32 and x.grad is not None
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["host", "sync_free"])
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_wgrad_into_a_given_buffer(monkeypatch, engine, host_reads):
+    """``wgrad(..., out_EKM)`` writes every expert of the buffer, zeros for empty experts, and
+    equals the float64 per-expert sum."""
+    use_host_reads(monkeypatch, host_reads)
+    expert_N = torch.tensor([0, 0, 2, 2, 2, 4])  # experts 1, 3 and 5 get no rows
+    counts_E = torch.bincount(expert_N, minlength=6)
+    plan = DispatchPlan(torch.arange(6), expert_N, counts_E, num_tokens=6)
+    a_NK, g_NM = torch.randn(6, 4), torch.randn(6, 8)  # grouped_mm: 16-byte rows
+    expected = torch.zeros(6, 4, 8, dtype=torch.float64)
+    for n, e in enumerate(expert_N.tolist()):
+        expected[e] += torch.outer(a_NK[n].double(), g_NM[n].double())
+    out_EKM = torch.full((6, 4, 8), float("nan"))
+    got = ENGINES[engine].wgrad(a_NK, g_NM, plan, out_EKM)
+    assert got.data_ptr() == out_EKM.data_ptr()
+    torch.testing.assert_close(out_EKM.double(), expected, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,9 @@
 Every engine offers the two products an expert FFN needs, forward and backward:
 
 * ``mm(a_NK, b_EKM, plan) -> (N, M)``: row n of ``a`` times ``b[expert(n)]``;
-* ``wgrad(a_NK, g_NM, plan) -> (E, K, M)``: ``Σ_{n in e} a_nᵀ g_n`` per expert (zeros if empty).
+* ``wgrad(a_NK, g_NM, plan, out_EKM=None) -> (E, K, M)``: ``Σ_{n in e} a_nᵀ g_n`` per expert
+  (zeros if empty), written into ``out_EKM`` when given (a slice of a full gradient, so chunked
+  backwards need no second copy).
 
 Engines never index a stacked weight under autograd: they are called from inside the expert
 FFN's hand-written ``autograd.Function``.
@@ -41,10 +43,20 @@ class LoopEngine:
         return out_NM
 
     @staticmethod
-    def wgrad(a_NK: torch.Tensor, g_NM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        out_EKM = a_NK.new_zeros(plan.num_experts, a_NK.shape[1], g_NM.shape[1])
+    def wgrad(
+        a_NK: torch.Tensor,
+        g_NM: torch.Tensor,
+        plan: DispatchPlan,
+        out_EKM: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if out_EKM is None:
+            out_EKM = a_NK.new_empty(plan.num_experts, a_NK.shape[1], g_NM.shape[1])
+        empty = set(range(plan.num_experts))
         for expert, start, end in plan.segments:
             torch.mm(a_NK[start:end].t(), g_NM[start:end], out=out_EKM[expert])
+            empty.discard(expert)
+        for expert in empty:
+            out_EKM[expert].zero_()
         return out_EKM
 
 
@@ -58,8 +70,16 @@ class GroupedEngine:
         return F.grouped_mm(a_NK, b_EKM, offs=plan.offsets_E)
 
     @staticmethod
-    def wgrad(a_NK: torch.Tensor, g_NM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return F.grouped_mm(a_NK.t(), g_NM, offs=plan.offsets_E)
+    def wgrad(
+        a_NK: torch.Tensor,
+        g_NM: torch.Tensor,
+        plan: DispatchPlan,
+        out_EKM: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if out_EKM is not None and plan.host_segments:
+            # the same per-expert products grouped_mm runs on CPU, written in place
+            return LoopEngine.wgrad(a_NK, g_NM, plan, out_EKM)
+        return _into(F.grouped_mm(a_NK.t(), g_NM, offs=plan.offsets_E), out_EKM)
 
 
 class BatchedEngine:
@@ -77,12 +97,22 @@ class BatchedEngine:
         return torch.bmm(a_NK.unsqueeze(1), b_NKM).squeeze(1)
 
     @staticmethod
-    def wgrad(a_NK: torch.Tensor, g_NM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def wgrad(
+        a_NK: torch.Tensor,
+        g_NM: torch.Tensor,
+        plan: DispatchPlan,
+        out_EKM: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # products and sums in fp32 or wider, as a matmul accumulates, not in bf16
         dtype = torch.promote_types(a_NK.dtype, torch.float32)
         outer_NKM = a_NK.to(dtype).unsqueeze(2) * g_NM.to(dtype).unsqueeze(1)
-        out_EKM = outer_NKM.new_zeros(plan.num_experts, a_NK.shape[1], g_NM.shape[1])
-        return out_EKM.index_add_(0, plan.expert_idx_N, outer_NKM).to(a_NK.dtype)
+        sum_EKM = outer_NKM.new_zeros(plan.num_experts, a_NK.shape[1], g_NM.shape[1])
+        sum_EKM.index_add_(0, plan.expert_idx_N, outer_NKM)
+        return _into(sum_EKM.to(a_NK.dtype), out_EKM)
+
+
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
 
 
 ENGINES = {engine.name: engine for engine in (GroupedEngine, LoopEngine, BatchedEngine)}

@@ -88,8 +88,11 @@ def _ffn_forward(x_SD, weight_N, w1, b1, w2, b2, w3, plan, activation, engine):
     return out_SD, saved
 
 
-def _chunk_backward(ctx, grad_SD, x_SD, weight_N, w1, w2, w3, b2, h_NH, gate_NH, plan, dx_SD):
-    """Gradients of one expert range; the input gradient is added into ``dx_SD``.
+def _chunk_backward(
+    ctx, grad_SD, x_SD, weight_N, w1, w2, w3, b2, h_NH, gate_NH, plan, dx_SD, wgrad_out
+):
+    """Gradients of one expert range; the input gradient is added into ``dx_SD``, and the
+    weight gradients written into ``wgrad_out`` = (dw1, dw2, dw3) slices where not None.
 
     Returns (dweight, dw1, db1, dw2, db2, dw3) for this range (None where not needed)."""
     engine, need = ctx.engine, ctx.needs_input_grad
@@ -107,7 +110,7 @@ def _chunk_backward(ctx, grad_SD, x_SD, weight_N, w1, w2, w3, b2, h_NH, gate_NH,
         if need[1]:
             dweight += bias_dot_N
     if need[4]:
-        dw2 = engine.wgrad(a_NH.mul_(weight_col_N1), dy_ND, plan)
+        dw2 = engine.wgrad(a_NH.mul_(weight_col_N1), dy_ND, plan, wgrad_out[1])
     del a_NH, dy_ND
 
     da_NH = g_NH.mul_(weight_col_N1)
@@ -130,11 +133,28 @@ def _chunk_backward(ctx, grad_SD, x_SD, weight_N, w1, w2, w3, b2, h_NH, gate_NH,
     if need[2] or (dgate_NH is not None and need[6]):
         xg_ND = plan.gather(x_SD)
         if need[2]:
-            dw1 = engine.wgrad(xg_ND, dh_NH, plan)
+            dw1 = engine.wgrad(xg_ND, dh_NH, plan, wgrad_out[0])
         if dgate_NH is not None and need[6]:
-            dw3 = engine.wgrad(xg_ND, dgate_NH, plan)
+            dw3 = engine.wgrad(xg_ND, dgate_NH, plan, wgrad_out[2])
         del xg_ND
     return dweight, dw1, db1, dw2, db2, dw3
+
+
+def _full_gradients(need, weight_N, w1, w2, w3, b2, has_b1) -> list:
+    """Uninitialised (dweight, dw1, db1, dw2, db2, dw3), None where no chunk computes one."""
+
+    def empty(like, shape, wanted: bool):
+        return like.new_empty(shape) if wanted else None
+
+    num_experts, _, d_expert = w1.shape
+    return [
+        empty(weight_N, weight_N.shape, need[1]),
+        empty(w1, w1.shape, need[2]),
+        empty(w1, (num_experts, d_expert), has_b1 and need[3]),
+        empty(w2, w2.shape, need[4]),
+        empty(w2, None if b2 is None else b2.shape, b2 is not None and (need[1] or need[5])),
+        empty(w1, None if w3 is None else w3.shape, w3 is not None and need[6]),
+    ]
 
 
 class ExpertFFNFunction(torch.autograd.Function):
@@ -158,14 +178,16 @@ class ExpertFFNFunction(torch.autograd.Function):
         grad_SD = grad_SD.contiguous()
         need = ctx.needs_input_grad
         dx_SD = torch.zeros_like(x_SD) if need[0] else None
-        num_experts, _, d_expert = w1.shape
-        # full shapes of (dweight, dw1, db1, dw2, db2, dw3)
-        shapes = (weight_N.shape, w1.shape, (num_experts, d_expert), w2.shape,
-                  None if b2 is None else b2.shape, None if w3 is None else w3.shape)  # fmt: skip
-        grads = None
+        chunked = len(ctx.chunks) > 1
+        # full gradients, written into as chunks finish (the weight ones directly by the
+        # engines): never a second full copy
+        grads = _full_gradients(need, weight_N, w1, w2, w3, b2, ctx.has_b1) if chunked else None
         for index, (sub, rows, experts) in enumerate(ctx.chunks):
             h_NH = activations[index * per_chunk]
             gate_NH = activations[index * per_chunk + 1] if w3 is not None else None
+            wgrad_out = (None, None, None)
+            if chunked:
+                wgrad_out = tuple(None if g is None else g[experts] for g in grads[1::2])
             chunk = _chunk_backward(
                 ctx,
                 grad_SD,
@@ -179,18 +201,14 @@ class ExpertFFNFunction(torch.autograd.Function):
                 gate_NH,
                 sub,
                 dx_SD,
+                wgrad_out,
             )
-            if len(ctx.chunks) == 1:
+            if not chunked:
                 grads = chunk
                 break
-            if grads is None:  # written into as chunks finish: never a second full copy
-                grads = [
-                    None if g is None else g.new_empty(shape)
-                    for g, shape in zip(chunk, shapes, strict=True)
-                ]
-            for full, part, key in zip(grads, chunk, (rows, *[experts] * 5), strict=True):
-                if full is not None:
-                    full[key] = part
+            for index_in_grads, key in ((0, rows), (2, experts), (4, experts)):
+                if grads[index_in_grads] is not None:
+                    grads[index_in_grads][key] = chunk[index_in_grads]
         dweight, dw1, db1, dw2, db2, dw3 = grads
         return dx_SD, dweight, dw1, db1, dw2, db2 if need[5] else None, dw3, None, None, None
 

@@ -1,0 +1,223 @@
+"""Tuning benchmark: the measurements behind xmoe's size thresholds on this machine.
+
+* ``CHUNK_ELEMENTS`` (:mod:`xmoe.experts.ffn_function`): expert-range chunk size of the fused
+  expert FFN, at the layer benchmark's training size: forward+backward time of the ``grouped``
+  and ``loop`` engines, and peak activation memory.
+* ``DECODE_MAX_TOKENS`` (:mod:`xmoe.experts.decode`): up to how many tokens an inference call
+  runs the decode path instead of the dispatch plan.
+
+    python -m benchmarks.tuning [--threads 2] [--rounds 5] [--quick]
+
+Writes ``docs/benchmarks/tuning_cpu.md``. Times are ratios within one run (interleaved rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import (
+    MEMORY_MALLOC_ENV,
+    TIMING_MALLOC_ENV,
+    peak_rss_mib,
+    reexec_with,
+    time_interleaved,
+)
+from benchmarks.variants import Setting, calibrated_xmoe
+
+CHUNK_SIZES = (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21)
+DECODE_TOKENS = (1, 2, 4, 8, 16, 32)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--probe-chunk", type=int, help=argparse.SUPPRESS)  # memory child
+    return parser.parse_args(argv)
+
+
+def _train_setting(args) -> Setting:
+    size = (256, 64, 16, 32) if args.quick else (4096, 512, 64, 128)
+    return Setting(*size, torch.device("cpu"), torch.float32)
+
+
+def _train_layer(args, backend: str):
+    return calibrated_xmoe(_train_setting(args), 4.0, threshold=0.9, backend=backend)
+
+
+def _fwd_bwd(layer, x, cotangent):
+    def run():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).hidden_states.backward(cotangent)
+
+    return run
+
+
+def _inputs(setting: Setting):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(setting.num_tokens, setting.d_model, generator=generator)
+    cotangent = torch.randn(setting.num_tokens, setting.d_model, generator=generator)
+    return x.requires_grad_(True), cotangent
+
+
+def _with_chunk(chunk: int, fn):
+    from xmoe.experts import ffn_function
+
+    def run():
+        saved = ffn_function.CHUNK_ELEMENTS
+        ffn_function.CHUNK_ELEMENTS = chunk
+        try:
+            fn()
+        finally:
+            ffn_function.CHUNK_ELEMENTS = saved
+
+    return run
+
+
+def probe_memory(args) -> None:
+    """Child process: peak activation MiB of one forward+backward at ``--probe-chunk``."""
+    from xmoe.experts import ffn_function
+
+    ffn_function.CHUNK_ELEMENTS = args.probe_chunk
+    layer = _train_layer(args, "auto")
+    x, cotangent = _inputs(_train_setting(args))
+    run = _fwd_bwd(layer, x, cotangent)
+    run()
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    peak = peak_rss_mib(run)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters())
+    print(f"{peak - grads / 2**20:.2f}")
+
+
+def _memory(args, chunk: int) -> str:
+
+    command = [sys.executable, "-m", "benchmarks.tuning", "--probe-chunk", str(chunk)]
+    if args.quick:
+        command.append("--quick")
+    env = {k: v for k, v in os.environ.items() if k not in TIMING_MALLOC_ENV}
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**env, **MEMORY_MALLOC_ENV}, check=False
+    )
+    return result.stdout.strip().splitlines()[-1] if result.returncode == 0 else "failed"
+
+
+def chunk_section(args) -> str:
+    setting = _train_setting(args)
+    x, cotangent = _inputs(setting)
+    layers = {backend: _train_layer(args, backend) for backend in ("auto", "loop")}
+    fns = {
+        (backend, chunk): _with_chunk(chunk, _fwd_bwd(layer, x, cotangent))
+        for backend, layer in layers.items()
+        for chunk in CHUNK_SIZES
+    }
+    timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"))
+    best = min(t.min_ms for t in timing.values())
+    rows = []
+    for chunk in CHUNK_SIZES:
+        memory = _memory(args, chunk)
+        cells = [f"{chunk:,} ({chunk * 4 / 2**20:g} MiB fp32)", f"{chunk // setting.d_model:,}"]
+        for backend in layers:
+            t = timing[(backend, chunk)]
+            cells.append(f"{t.min_ms:.1f} / {t.median_ms:.1f} ({t.min_ms / best:.2f}x)")
+        rows.append([*cells, memory])
+        print("  " + " | ".join(rows[-1]), flush=True)
+    header = ["CHUNK_ELEMENTS", "rows per chunk", "auto (grouped) fwd+bwd ms", "loop fwd+bwd ms",
+              "peak activation MiB"]  # fmt: skip
+    return (
+        f"### Chunk size at T={setting.num_tokens}, d={setting.d_model}, "
+        f"{setting.num_experts} experts x {setting.d_expert}, t=0.9 (about 4 experts/token)\n\n"
+        "Times: min / median ms (min relative to the fastest cell); memory: forward+backward "
+        "peak minus the parameter gradients it creates, in a fresh process.\n\n"
+        + _table(header, rows)
+    )
+
+
+def decode_section(args) -> str:
+    from xmoe.experts import decode
+
+    d_model, experts, d_expert = (64, 16, 32) if args.quick else (512, 64, 128)
+    rows = []
+    for num_tokens in DECODE_TOKENS:
+        setting = Setting(
+            num_tokens, d_model, experts, d_expert, torch.device("cpu"), torch.float32
+        )
+        layers = {
+            "topk-4 SwiGLU": calibrated_xmoe(
+                setting, 4.0, router="topk", top_k=4, activation="swiglu", bias=False
+            ).eval(),
+            "threshold t=0.9 GELU": calibrated_xmoe(setting, 4.0, threshold=0.9).eval(),
+        }
+        x = torch.randn(num_tokens, d_model, generator=torch.Generator().manual_seed(1))
+        fns = {}
+        for name, layer in layers.items():
+            for path, limit in (("decode", 1 << 30), ("plan", 0)):
+                fns[(name, path)] = _with_decode_limit(decode, limit, layer, x)
+        timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"), calls=20)
+        for name in layers:
+            d, p = timing[(name, "decode")].min_ms, timing[(name, "plan")].min_ms
+            rows.append([str(num_tokens), name, f"{d:.3f}", f"{p:.3f}", f"{d / p:.2f}x"])
+            print("  " + " | ".join(rows[-1]), flush=True)
+    header = ["tokens", "layer", "decode path ms", "plan path ms", "decode / plan"]
+    return (
+        f"### Decode path crossover (inference forward, d={d_model}, {experts} experts x "
+        f"{d_expert}, routing included)\n\n"
+        f"`DECODE_MAX_TOKENS` is {decode.DECODE_MAX_TOKENS}.\n\n" + _table(header, rows)
+    )
+
+
+def _with_decode_limit(decode_module, limit: int, layer, x):
+    def run():
+        saved = decode_module.DECODE_MAX_TOKENS
+        decode_module.DECODE_MAX_TOKENS = limit
+        try:
+            with torch.no_grad():
+                layer(x)
+        finally:
+            decode_module.DECODE_MAX_TOKENS = saved
+
+    return run
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.probe_chunk is not None:
+        probe_memory(args)
+        return
+    reexec_with(TIMING_MALLOC_ENV)
+    torch.set_num_threads(args.threads)
+    machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
+    print(f"xmoe tuning benchmark: {machine}", flush=True)
+    parts = [chunk_section(args), decode_section(args)]
+    command = "python -m benchmarks.tuning " + " ".join(sys.argv[1:])
+    suffix = "cpu-quick" if args.quick else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tuning_{suffix}.md"
+    header = (
+        f"# Tuning benchmark (cpu, float32)\n\nMade by `{command.strip()}` (`make bench`) on "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {machine}. Best of {args.rounds} "
+        "interleaved rounds after a warm-up; the decode rows time bursts of 20 calls."
+    )
+    path.write_text("\n\n".join([header, *parts]) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
