@@ -27,6 +27,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.lm_train
 	$(BIN)/python -m benchmarks.hf_experts
 	$(BIN)/python -m benchmarks.distributed
+	$(BIN)/python -m benchmarks.tuning
 
 # every preset x 3 seeds + router ablations, 2M tokens each (hours on 2 cores, resumable) -> docs/results/lm.md
 reproduce: setup
