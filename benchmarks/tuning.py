@@ -34,6 +34,8 @@ from benchmarks.variants import Setting, calibrated_xmoe
 
 CHUNK_SIZES = (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21)
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32)
+QUICK_CHUNK_SIZES = (1 << 12, 1 << 14)  # several chunks and one at the quick size
+QUICK_DECODE_TOKENS = (1, 8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,15 +120,16 @@ def chunk_section(args) -> str:
     setting = _train_setting(args)
     x, cotangent = _inputs(setting)
     layers = {backend: _train_layer(args, backend) for backend in ("auto", "loop")}
+    chunk_sizes = QUICK_CHUNK_SIZES if args.quick else CHUNK_SIZES
     fns = {
         (backend, chunk): _with_chunk(chunk, _fwd_bwd(layer, x, cotangent))
         for backend, layer in layers.items()
-        for chunk in CHUNK_SIZES
+        for chunk in chunk_sizes
     }
     timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"))
     best = min(t.min_ms for t in timing.values())
     rows = []
-    for chunk in CHUNK_SIZES:
+    for chunk in chunk_sizes:
         memory = _memory(args, chunk)
         cells = [f"{chunk:,} ({chunk * 4 / 2**20:g} MiB fp32)", f"{chunk // setting.d_model:,}"]
         for backend in layers:
@@ -150,7 +153,7 @@ def decode_section(args) -> str:
 
     d_model, experts, d_expert = (64, 16, 32) if args.quick else (512, 64, 128)
     rows = []
-    for num_tokens in DECODE_TOKENS:
+    for num_tokens in QUICK_DECODE_TOKENS if args.quick else DECODE_TOKENS:
         setting = Setting(
             num_tokens, d_model, experts, d_expert, torch.device("cpu"), torch.float32
         )
@@ -166,11 +169,15 @@ def decode_section(args) -> str:
             for path, limit in (("decode", 1 << 30), ("plan", 0)):
                 fns[(name, path)] = _with_decode_limit(decode, limit, layer, x)
         timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"), calls=20)
-        for name in layers:
+        for name, layer in layers.items():
+            with torch.no_grad():
+                kept = layer(x).routing.experts_per_token
             d, p = timing[(name, "decode")].min_ms, timing[(name, "plan")].min_ms
-            rows.append([str(num_tokens), name, f"{d:.3f}", f"{p:.3f}", f"{d / p:.2f}x"])
+            rows.append(
+                [str(num_tokens), name, f"{kept:.2f}", f"{d:.3f}", f"{p:.3f}", f"{d / p:.2f}x"]
+            )
             print("  " + " | ".join(rows[-1]), flush=True)
-    header = ["tokens", "layer", "decode path ms", "plan path ms", "decode / plan"]
+    header = ["tokens", "layer", "experts/token", "decode path ms", "plan path ms", "decode / plan"]
     return (
         f"### Decode path crossover (inference forward, d={d_model}, {experts} experts x "
         f"{d_expert}, routing included)\n\n"

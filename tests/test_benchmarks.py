@@ -28,6 +28,7 @@ def test_layer_benchmark_quick(tmp_path, monkeypatch):
     )
     table = (tmp_path / "layer_cpu-quick.md").read_text()
     assert "### Targets" in table and "HF grouped_mm" in table and "capacity padding" in table
+    assert "HF Mixtral block, grouped_mm" in table and "one layer with routing, T=1" in table
     assert (tmp_path / "layer_sweep_cpu-quick.png").stat().st_size > 1000
 
 
@@ -70,3 +71,20 @@ def test_import_time_benchmark_runs(capsys):
     import_time_main(["--runs", "1"])
     out = capsys.readouterr().out
     assert "transformers imported: False" in out and "import xmoe adds" in out
+
+
+@pytest.mark.slow
+def test_tuning_benchmark_quick(tmp_path, monkeypatch):
+    from benchmarks.tuning import main as tuning_main
+
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # as the harness would set; avoids a re-exec
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
+    threads = torch.get_num_threads()
+    try:
+        tuning_main(["--quick", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    table = (tmp_path / "tuning_cpu-quick.md").read_text()
+    assert "python -m benchmarks.tuning --quick" in table
+    assert "### Chunk size" in table and "### Decode path crossover" in table
+    assert "failed" not in table  # every memory probe ran
