@@ -18,6 +18,8 @@ from xmoe.dispatch import DispatchPlan
 from xmoe.routing import Selection, route_pairs
 
 BATCHED_MM_MAX_BYTES = 1 << 30
+CALIBRATION_TOKENS = 1024
+CALIBRATION_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -73,11 +75,23 @@ def _module_variant(module: nn.Module, x: torch.Tensor, cotangent: torch.Tensor,
 def calibrated_xmoe(s: Setting, target_experts: float, **config) -> MoELayer:
     """An XMoE layer whose router is scaled so that, at t=0.9 and dropless, tokens want
     ``target_experts`` experts on average: a stand-in for a trained, peaked router (a fresh
-    router is near-uniform and wants almost every expert)."""
+    router is near-uniform and wants almost every expert).
+
+    The scale is fitted on at least :data:`CALIBRATION_TOKENS` tokens drawn apart from the
+    benchmark's inputs, and the router's rows from another stream than theirs (sharing one made
+    the first input token equal router row 0, and decode-sized calls extremely peaked)."""
     torch.manual_seed(s.seed)
     probe = MoELayer(MoEConfig(s.d_model, s.num_experts, s.d_expert, threshold=0.9))
-    x, _ = _inputs(Setting(**{**s.__dict__, "device": torch.device("cpu"), "dtype": torch.float32}))
-    base = torch.randn(s.num_experts, s.d_model, generator=torch.Generator().manual_seed(s.seed))
+    calibration = Setting(
+        max(s.num_tokens, CALIBRATION_TOKENS), s.d_model, s.num_experts, s.d_expert,
+        torch.device("cpu"), torch.float32, s.seed + CALIBRATION_SEED_OFFSET,
+    )  # fmt: skip
+    x, _ = _inputs(calibration)
+    base = torch.randn(
+        s.num_experts,
+        s.d_model,
+        generator=torch.Generator().manual_seed(s.seed + 2 * CALIBRATION_SEED_OFFSET),
+    )
     base /= s.d_model**0.5
     low, high = 0.1, 50.0
     with torch.no_grad():
