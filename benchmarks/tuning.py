@@ -148,41 +148,52 @@ def chunk_section(args) -> str:
     )
 
 
+DECODE_SHAPES = {
+    "lm presets (d=128, 32 x 128)": (128, 32, 128),
+    "wide (d=512, 64 x 128)": (512, 64, 128),
+}
+QUICK_DECODE_SHAPES = {"quick (d=64, 16 x 32)": (64, 16, 32)}
+
+
 def decode_section(args) -> str:
     from xmoe.experts import decode
 
-    d_model, experts, d_expert = (64, 16, 32) if args.quick else (512, 64, 128)
+    shapes = QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES
     rows = []
-    for num_tokens in QUICK_DECODE_TOKENS if args.quick else DECODE_TOKENS:
-        setting = Setting(
-            num_tokens, d_model, experts, d_expert, torch.device("cpu"), torch.float32
-        )
-        layers = {
-            "topk-4 SwiGLU": calibrated_xmoe(
-                setting, 4.0, router="topk", top_k=4, activation="swiglu", bias=False
-            ).eval(),
-            "threshold t=0.9 GELU": calibrated_xmoe(setting, 4.0, threshold=0.9).eval(),
-        }
-        x = torch.randn(num_tokens, d_model, generator=torch.Generator().manual_seed(1))
-        fns = {}
-        for name, layer in layers.items():
-            for path, limit in (("decode", 1 << 30), ("plan", 0)):
-                fns[(name, path)] = _with_decode_limit(decode, limit, layer, x)
-        timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"), calls=20)
-        for name, layer in layers.items():
-            with torch.no_grad():
-                kept = layer(x).routing.experts_per_token
-            d, p = timing[(name, "decode")].min_ms, timing[(name, "plan")].min_ms
-            rows.append(
-                [str(num_tokens), name, f"{kept:.2f}", f"{d:.3f}", f"{p:.3f}", f"{d / p:.2f}x"]
-            )
-            print("  " + " | ".join(rows[-1]), flush=True)
-    header = ["tokens", "layer", "experts/token", "decode path ms", "plan path ms", "decode / plan"]
+    for shape_name, (d_model, experts, d_expert) in shapes.items():
+        for num_tokens in QUICK_DECODE_TOKENS if args.quick else DECODE_TOKENS:
+            rows += _decode_rows(args, decode, shape_name, num_tokens, d_model, experts, d_expert)
+    header = ["shape", "tokens", "layer", "experts/token", "decode path ms", "plan path ms",
+              "decode / plan"]  # fmt: skip
     return (
-        f"### Decode path crossover (inference forward, d={d_model}, {experts} experts x "
-        f"{d_expert}, routing included)\n\n"
+        "### Decode path crossover (inference forward, routing included)\n\n"
         f"`DECODE_MAX_TOKENS` is {decode.DECODE_MAX_TOKENS}.\n\n" + _table(header, rows)
     )
+
+
+def _decode_rows(args, decode, shape_name, num_tokens, d_model, experts, d_expert):
+    setting = Setting(num_tokens, d_model, experts, d_expert, torch.device("cpu"), torch.float32)
+    layers = {
+        "topk-4 SwiGLU": calibrated_xmoe(
+            setting, 4.0, router="topk", top_k=4, activation="swiglu", bias=False
+        ).eval(),
+        "threshold t=0.9 GELU": calibrated_xmoe(setting, 4.0, threshold=0.9).eval(),
+    }
+    x = torch.randn(num_tokens, d_model, generator=torch.Generator().manual_seed(1))
+    fns = {}
+    for name, layer in layers.items():
+        for path, limit in (("decode", 1 << 30), ("plan", 0)):
+            fns[(name, path)] = _with_decode_limit(decode, limit, layer, x)
+    timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"), calls=20)
+    rows = []
+    for name, layer in layers.items():
+        with torch.no_grad():
+            kept = layer(x).routing.experts_per_token
+        d, p = timing[(name, "decode")].min_ms, timing[(name, "plan")].min_ms
+        cells = [shape_name, str(num_tokens), name, f"{kept:.2f}", f"{d:.3f}", f"{p:.3f}"]
+        rows.append([*cells, f"{d / p:.2f}x"])
+        print("  " + " | ".join(rows[-1]), flush=True)
+    return rows
 
 
 def _with_decode_limit(decode_module, limit: int, layer, x):

@@ -24,8 +24,11 @@ CASES = [
 ]
 
 
-def _decode_calls(monkeypatch) -> list[int]:
-    """Records the token count of every call that takes the decode path."""
+def _decode_calls(monkeypatch, max_tokens: int | None = 64) -> list[int]:
+    """Records the token count of every call that takes the decode path, taken up to
+    ``max_tokens`` tokens (None: the library's own limit)."""
+    if max_tokens is not None:
+        monkeypatch.setattr(decode, "DECODE_MAX_TOKENS", max_tokens)
     calls = []
     real = decode.decode_ffn
 
@@ -82,13 +85,15 @@ def test_tied_probabilities_and_shared_experts():
     assert out.routing.expert_load.max().item() == 6
 
 
-def test_equals_the_plan_path_in_fp32():
+def test_equals_the_plan_path_in_fp32(monkeypatch):
+    calls = _decode_calls(monkeypatch)
     config = MoEConfig(d_model=32, num_experts=16, d_expert=16, activation="swiglu")
     layer = make_layer(config, dtype=torch.float32, router_std=0.3).eval()
     x = torch.randn(8, 32)
     with torch.no_grad():
         fast = layer(x).hidden_states
     planned = layer(x.requires_grad_(True)).hidden_states  # gradients wanted: the plan path
+    assert calls == [8]
     torch.testing.assert_close(fast, planned.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -106,20 +111,21 @@ def test_equals_the_plan_path_in_fp32():
     ],
 )
 def test_taken_only_for_small_dropless_inference_calls(monkeypatch, setting, taken):
-    calls = _decode_calls(monkeypatch)
+    calls = _decode_calls(monkeypatch, max_tokens=None)
     use_host_reads(monkeypatch, setting.get("host_reads", True))
     config = MoEConfig(
         d_model=16, num_experts=8, d_expert=16, backend=setting.get("backend", "auto"),
         capacity_factor=1.0, capacity_at_eval=setting.get("capacity_at_eval", False),
     )  # fmt: skip
     layer = make_layer(config, dtype=torch.float32).train(setting.get("training", False))
-    x = torch.randn(setting.get("num_tokens", 2), 16)
+    x = torch.randn(setting.get("num_tokens", decode.DECODE_MAX_TOKENS), 16)
     with torch.set_grad_enabled(setting.get("grad", False)):
         layer(x)
     assert bool(calls) is taken
 
 
-def test_bf16_autocast_runs_in_bf16():
+def test_bf16_autocast_runs_in_bf16(monkeypatch):
+    calls = _decode_calls(monkeypatch)
     config = MoEConfig(d_model=16, num_experts=8, d_expert=16)
     layer = make_layer(config, dtype=torch.float32).eval()
     x = torch.randn(3, 16)
@@ -127,5 +133,5 @@ def test_bf16_autocast_runs_in_bf16():
         expected = layer(x).hidden_states
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = layer(x).hidden_states
-    assert got.dtype == torch.bfloat16
+    assert calls == [3] and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=5e-2, atol=5e-2)

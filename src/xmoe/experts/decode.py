@@ -18,9 +18,11 @@ from xmoe.dispatch.sync import host_reads_cheap
 from xmoe.experts.activations import ACTIVATION_FNS
 from xmoe.experts.ffn import FFNExperts
 
-DECODE_MAX_TOKENS = 8
-"""Calls with at most this many tokens take :func:`decode_ffn` (under ``backend="auto"``).
-Measured by ``python -m benchmarks.decode_path`` (docs/benchmarks/decode_path_cpu.md)."""
+DECODE_MAX_TOKENS = 1
+"""Calls with at most this many tokens take :func:`decode_ffn` (under ``backend="auto"``): its
+op count grows with the distinct experts selected, the plan path's does not, and from two
+tokens on the plan path measured as fast or faster (``python -m benchmarks.tuning``,
+docs/benchmarks/tuning_cpu.md)."""
 
 
 def use_decode_path(experts: FFNExperts, x_SD: torch.Tensor, capacity: int | None) -> bool:
