@@ -34,9 +34,11 @@ def _activate(h_NH, gate_NH, activation: str):
     return ACTIVATION_FNS[activation].forward(h_NH)
 
 
-CHUNK_ELEMENTS = 1 << 21
-"""Grouped rows x d_model per chunk (8 MiB in fp32): larger plans run expert range by expert
-range, so the (N, D) gathers and outputs never exist whole (peak memory, cache reuse)."""
+CHUNK_ELEMENTS = 1 << 19
+"""Grouped rows x d_model per chunk (2 MiB in fp32): larger plans run expert range by expert
+range, so the (N, D) gathers and outputs never exist whole (peak memory, cache reuse). At the
+layer benchmark's training size, chunks from 1 to 8 MiB took the same time and 0.5 MiB more;
+2 MiB kept peak activation memory at the dense bound's (``python -m benchmarks.tuning``)."""
 
 
 def _chunk_rows(d_model: int) -> int:
