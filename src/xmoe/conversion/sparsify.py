@@ -54,6 +54,7 @@ def sparsify(
     threshold: float | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    mlp_inputs: list[torch.Tensor] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Convert a dense Llama/Qwen2 causal LM into one whose MLPs are unweighted neuron-group
@@ -75,6 +76,9 @@ def sparsify(
         threshold: t for the cumulative-mass rule instead (give one of the two).
         batch_size: calibration sequences per forward pass.
         progress: tqdm bars on calibration, layers and router training.
+        mlp_inputs: the calibration MLP inputs, one (S, D) tensor per layer, as
+            :func:`~xmoe.conversion.calibration.collect_mlp_inputs` returns them; given instead
+            of ``calibration`` to convert one model several ways without re-running it.
         options: other :class:`SparsifyConfig` fields (``router_steps``, ``router_lr``,
             ``cluster_iters``, ``cluster_tokens``, ``seed``).
 
@@ -100,14 +104,16 @@ def sparsify(
     model_type, mlps = supported_mlps(model)
     settings.num_experts(model.config.intermediate_size)  # fail before calibrating
     needs_data = settings.partition == "clustered" or settings.router == "learned"
-    if needs_data and calibration is None:
+    if needs_data and calibration is None and mlp_inputs is None:
         raise ValueError(
             f"partition={settings.partition!r} with router={settings.router!r} needs "
             "calibration token ids (B, T)"
         )
-    inputs = (
-        collect_mlp_inputs(model, mlps, calibration, batch_size, progress) if needs_data else None
-    )
+    if mlp_inputs is not None and len(mlp_inputs) != len(mlps):
+        raise ValueError(f"mlp_inputs holds {len(mlp_inputs)} layers, the model {len(mlps)}")
+    inputs = mlp_inputs
+    if needs_data and inputs is None:
+        inputs = collect_mlp_inputs(model, mlps, calibration, batch_size, progress)
 
     config_cls, model_cls = SPARSE_CLASSES[model_type]
     values = model.config.to_dict()
@@ -194,6 +200,12 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
         ValueError: the model has no SparseMLP.
     """
     _reconfigure(model, active_fraction=None, threshold=threshold)
+
+
+def set_combine(model: nn.Module, combine: str) -> None:
+    """Switch every SparseMLP of ``model`` between the ``unweighted`` (MoEfication) and
+    ``weighted`` (E · router probability, the XMoE route) combine."""
+    _reconfigure(model, combine=combine)
 
 
 def set_router(model: nn.Module, router: str) -> None:

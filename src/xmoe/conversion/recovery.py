@@ -1,0 +1,276 @@
+"""Recovery fine-tune of a sparsified model: routers (and experts) trained end to end on text.
+
+After conversion every layer's top-k (or threshold) selection drops some of the dense FFN; a
+short fine-tune lets the remaining experts and the routers compensate. The loss is the KL
+divergence to the dense teacher's next-token distribution (distillation, ``distill=1``), the
+language-model cross-entropy (``distill=0``), or a mix. Only the SparseMLP parameters train
+(routers, plus the experts unless ``train_experts=False``); attention, norms and embeddings stay
+frozen. The router learns through the combine weights (see
+:meth:`~xmoe.conversion.SparseMLP.combine_weights`).
+
+Checkpoints reuse xmoe's verified, atomic format (:mod:`xmoe.training.checkpoint`): the
+trainable tensors, the AdamW state, the step and the RNG state, written every
+``checkpoint_every`` steps and at the end; ``recover(..., checkpoint=path)`` resumes from it and
+gives the same losses, bit for bit, as an uninterrupted run (batches are a pure function of the
+step).
+
+Shape legend: B windows per step, T tokens per window, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from xmoe.config import DictConfig, _is_int, _is_number, _require
+from xmoe.conversion.sparsify import sparse_mlps
+
+CHECKPOINT_KIND = "xmoe-sparsify-recovery"
+
+
+@dataclass(frozen=True)
+class RecoveryConfig(DictConfig):
+    """Settings of a recovery fine-tune.
+
+    Args:
+        tokens: the token budget; the run takes ``ceil(tokens / (batch_size · seq_len))`` steps.
+        batch_size, seq_len: windows per step and tokens per window.
+        lr: AdamW learning rate of the experts. router_lr: of the routers.
+        train_experts: train the experts too (else routers only).
+        distill: weight of the distillation loss (KL to the teacher); ``1 - distill`` weighs the
+            LM cross-entropy. Needs a teacher when > 0.
+        checkpoint_every: steps between checkpoints (when a checkpoint path is given).
+        seed: orders the training windows.
+    """
+
+    tokens: int = 16384
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 1e-4
+    router_lr: float = 1e-3
+    train_experts: bool = True
+    distill: float = 1.0
+    checkpoint_every: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "seq_len", "checkpoint_every"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, name, value, "an int >= 1")
+        for name in ("lr", "router_lr"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value > 0, name, value, "a number > 0")
+        _require(
+            _is_number(self.distill) and 0 <= self.distill <= 1,
+            "distill",
+            self.distill,
+            "a number in [0, 1]",
+        )
+        _require(
+            isinstance(self.train_experts, bool),
+            "train_experts",
+            self.train_experts,
+            "a bool",
+        )
+        _require(_is_int(self.seed), "seed", self.seed, "an int")
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / (self.batch_size * self.seq_len))
+
+
+@dataclass
+class RecoveryResult:
+    """``losses``: the training loss of every step (resumed steps included, read back from the
+    checkpoint); ``steps``: steps run in all; ``resumed_from``: the step a checkpoint gave."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    resumed_from: int = 0
+
+
+def trainable_parameters(model: nn.Module, train_experts: bool) -> dict[str, nn.Parameter]:
+    """The SparseMLP parameters a recovery trains, by name; every other parameter of
+    ``model`` gets ``requires_grad=False``."""
+    modules = sparse_mlps(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no SparseMLP: convert it with sparsify()")
+    wanted = ("router.weight", "w_gate", "w_up", "w_down") if train_experts else ("router.weight",)
+    chosen = {}
+    for name, parameter in model.named_parameters():
+        keep = ".mlp." in name and name.split(".mlp.", 1)[1] in wanted
+        parameter.requires_grad_(keep)
+        if keep:
+            chosen[name] = parameter
+    return chosen
+
+
+def recovery_loss(
+    logits_BTV: torch.Tensor,
+    ids_BT: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor | None,
+    distill: float,
+) -> torch.Tensor:
+    """``distill · KL(teacher ‖ student) + (1 - distill) · CE`` per predicted token (the last
+    position of each window predicts nothing)."""
+    student = logits_BTV[:, :-1].float().reshape(-1, logits_BTV.shape[-1])
+    loss = student.new_zeros(())
+    if distill < 1:
+        loss = loss + (1 - distill) * F.cross_entropy(student, ids_BT[:, 1:].reshape(-1))
+    if distill > 0:
+        if teacher_logits_BTV is None:
+            raise ValueError(f"distill={distill} needs a teacher model")
+        teacher = teacher_logits_BTV[:, :-1].float().reshape(-1, logits_BTV.shape[-1])
+        kl = F.kl_div(
+            F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+            reduction="batchmean",
+        )  # fmt: skip
+        loss = loss + distill * kl
+    return loss
+
+
+def window_order(num_windows: int, seed: int) -> torch.Tensor:
+    """(num_windows,) the fixed order the run reads the training windows in."""
+    return torch.randperm(num_windows, generator=torch.Generator().manual_seed(seed))
+
+
+def _batch(windows_BT: torch.Tensor, order: torch.Tensor, step: int, size: int) -> torch.Tensor:
+    """The windows of ``step``: the next ``size`` of ``order``, wrapping around."""
+    start = step * size
+    index = order[torch.arange(start, start + size) % order.numel()]
+    return windows_BT[index]
+
+
+def _save(
+    path: Path,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    losses: list[float],
+    config: RecoveryConfig,
+) -> None:
+    from xmoe.training.checkpoint import Checkpoint, save_checkpoint
+
+    meta = {"kind": CHECKPOINT_KIND, "step": step, "losses": losses, "config": config.to_dict()}
+    state = {name: p.detach() for name, p in params.items()}
+    rng = {"torch": torch.get_rng_state()}
+    save_checkpoint(path, Checkpoint(state, optimizer.state_dict(), rng, meta))
+
+
+def _load(
+    path: Path,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    config: RecoveryConfig,
+) -> tuple[int, list[float]]:
+    from xmoe.training.checkpoint import CheckpointError, load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    meta = checkpoint.meta
+    if meta.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} is not a recovery checkpoint (kind={meta.get('kind')!r})")
+    if meta.get("config") != config.to_dict():
+        raise CheckpointError(
+            f"{path} was written with another recovery config {meta.get('config')}; "
+            f"this run has {config.to_dict()} (delete it to start over)"
+        )
+    if set(checkpoint.model_state) != set(params):
+        raise CheckpointError(f"{path} holds other tensors than this model's trainable ones")
+    with torch.no_grad():
+        for name, parameter in params.items():
+            parameter.copy_(checkpoint.model_state[name])
+    optimizer.load_state_dict(checkpoint.optimizer_state)
+    torch.set_rng_state(checkpoint.rng_state["torch"])
+    return int(meta["step"]), list(meta["losses"])
+
+
+def recover(
+    model: nn.Module,
+    windows_BT: torch.Tensor,
+    config: RecoveryConfig,
+    teacher: nn.Module | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    desc: str = "recovery",
+    stop_after: int | None = None,
+) -> RecoveryResult:
+    """Fine-tune ``model``'s SparseMLPs in place; leaves it in ``eval`` mode.
+
+    Args:
+        model: a sparsified causal LM (its selection rule during training is its current one).
+        windows_BT: (B, T≥seq_len) int64 training token ids; each step reads ``batch_size`` of
+            them (the first ``seq_len`` tokens), in a fixed order seeded by ``config.seed``.
+        teacher: the dense model (needed when ``config.distill > 0``), frozen.
+        checkpoint: a file to write checkpoints to and resume from (None: none).
+        stop_after: end (with a checkpoint) once this many steps are done in all, before the
+            budget; a later call resumes (for time-sliced runs).
+
+    Raises:
+        DivergenceError: a non-finite loss (before the update that would spread it).
+        CheckpointError: the checkpoint is damaged beyond its fallback or from another config.
+    """
+    from xmoe.training.trainer import DivergenceError
+
+    if windows_BT.dim() != 2 or windows_BT.shape[1] < config.seq_len:
+        raise ValueError(
+            f"recovery windows must be (B, T>={config.seq_len}), got {tuple(windows_BT.shape)}"
+        )
+    if config.distill > 0 and teacher is None:
+        raise ValueError(f"distill={config.distill} needs the dense teacher model")
+    params = trainable_parameters(model, config.train_experts)
+    routers = [p for name, p in params.items() if name.endswith("router.weight")]
+    experts = [p for name, p in params.items() if not name.endswith("router.weight")]
+    groups = [{"params": routers, "lr": config.router_lr}]
+    if experts:
+        groups.append({"params": experts, "lr": config.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    path = Path(checkpoint) if checkpoint is not None else None
+    start, losses = 0, []
+    if path is not None and path.is_file():
+        start, losses = _load(path, params, optimizer, config)
+    result = RecoveryResult(losses, start, start)
+    order = window_order(windows_BT.shape[0], config.seed)
+    device = next(model.parameters()).device
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    bar = tqdm(
+        range(start, config.steps), desc=desc, disable=not progress, initial=start,
+        total=config.steps,
+    )  # fmt: skip
+    try:
+        for step in bar:
+            ids_BT = _batch(windows_BT, order, step, config.batch_size)[:, : config.seq_len]
+            ids_BT = ids_BT.to(device)
+            teacher_logits = None
+            if config.distill > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids_BT, use_cache=False).logits
+            logits = model(input_ids=ids_BT, use_cache=False).logits
+            loss = recovery_loss(logits, ids_BT, teacher_logits, config.distill)
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"recovery step {step}: loss is {float(loss)}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            result.steps = step + 1
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1 == config.steps or step + 1 == stop_after
+            if path is not None and ((step + 1) % config.checkpoint_every == 0 or done):
+                _save(path, params, optimizer, step + 1, losses, config)
+            if done:
+                break
+    finally:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    result.losses = losses
+    return result
