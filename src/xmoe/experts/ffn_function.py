@@ -34,11 +34,12 @@ def _activate(h_NH, gate_NH, activation: str):
     return ACTIVATION_FNS[activation].forward(h_NH)
 
 
-CHUNK_ELEMENTS = 1 << 19
-"""Grouped rows x d_model per chunk (2 MiB in fp32): larger plans run expert range by expert
+CHUNK_ELEMENTS = 1 << 20
+"""Grouped rows x d_model per chunk (4 MiB in fp32): larger plans run expert range by expert
 range, so the (N, D) gathers and outputs never exist whole (peak memory, cache reuse). At the
-layer benchmark's training size, chunks from 1 to 8 MiB took the same time and 0.5 MiB more;
-2 MiB kept peak activation memory at the dense bound's (``python -m benchmarks.tuning``)."""
+layer benchmark's training size 4 MiB chunks were the fastest and kept peak activation memory
+at the dense bound's; smaller ones were slower, 8 MiB ones used more memory
+(``python -m benchmarks.tuning``, docs/benchmarks/tuning_cpu.md)."""
 
 
 def _chunk_rows(d_model: int) -> int:
