@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
     print(f"xmoe tuning benchmark: {machine}", flush=True)
     parts = [chunk_section(args), decode_section(args)]
-    command = "python -m benchmarks.tuning " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.tuning " + " ".join(sys.argv[1:] if argv is None else argv)
     suffix = "cpu-quick" if args.quick else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"tuning_{suffix}.md"
