@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from xmoe.experts import decode, ffn_function
+
 from benchmarks.harness import (
     MEMORY_MALLOC_ENV,
     TIMING_MALLOC_ENV,
@@ -30,7 +32,7 @@ from benchmarks.harness import (
     reexec_with,
     time_interleaved,
 )
-from benchmarks.variants import Setting, calibrated_xmoe
+from benchmarks.variants import Setting, calibrated_xmoe, make_inputs, module_variant
 
 CHUNK_SIZES = (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21)
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32)
@@ -58,49 +60,33 @@ def _train_layer(args, backend: str):
     return calibrated_xmoe(_train_setting(args), 4.0, threshold=0.9, backend=backend)
 
 
-def _fwd_bwd(layer, x, cotangent):
-    def run():
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        layer(x).hidden_states.backward(cotangent)
-
-    return run
-
-
-def _inputs(setting: Setting):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(setting.num_tokens, setting.d_model, generator=generator)
-    cotangent = torch.randn(setting.num_tokens, setting.d_model, generator=generator)
-    return x.requires_grad_(True), cotangent
-
-
-def _with_chunk(chunk: int, fn):
-    from xmoe.experts import ffn_function
+def _patched(module, name: str, value, fn):
+    """``fn`` run with ``module.name`` set to ``value`` (restored afterwards)."""
 
     def run():
-        saved = ffn_function.CHUNK_ELEMENTS
-        ffn_function.CHUNK_ELEMENTS = chunk
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             fn()
         finally:
-            ffn_function.CHUNK_ELEMENTS = saved
+            setattr(module, name, saved)
 
     return run
+
+
+def _train_variant(args, backend: str):
+    setting = _train_setting(args)
+    return module_variant(_train_layer(args, backend), *make_inputs(setting))
 
 
 def probe_memory(args) -> None:
     """Child process: peak activation MiB of one forward+backward at ``--probe-chunk``."""
-    from xmoe.experts import ffn_function
-
     ffn_function.CHUNK_ELEMENTS = args.probe_chunk
-    layer = _train_layer(args, "auto")
-    x, cotangent = _inputs(_train_setting(args))
-    run = _fwd_bwd(layer, x, cotangent)
-    run()
-    x.grad = None
-    layer.zero_grad(set_to_none=True)
-    peak = peak_rss_mib(run)
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters())
+    variant = _train_variant(args, "auto")
+    variant.forward_backward()
+    variant.reset_grads()
+    peak = peak_rss_mib(variant.forward_backward)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in variant.module.parameters())
     print(f"{peak - grads / 2**20:.2f}")
 
 
@@ -118,12 +104,11 @@ def _memory(args, chunk: int) -> str:
 
 def chunk_section(args) -> str:
     setting = _train_setting(args)
-    x, cotangent = _inputs(setting)
-    layers = {backend: _train_layer(args, backend) for backend in ("auto", "loop")}
+    variants = {backend: _train_variant(args, backend) for backend in ("auto", "loop")}
     chunk_sizes = QUICK_CHUNK_SIZES if args.quick else CHUNK_SIZES
     fns = {
-        (backend, chunk): _with_chunk(chunk, _fwd_bwd(layer, x, cotangent))
-        for backend, layer in layers.items()
+        (backend, chunk): _patched(ffn_function, "CHUNK_ELEMENTS", chunk, variant.forward_backward)
+        for backend, variant in variants.items()
         for chunk in chunk_sizes
     }
     timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"))
@@ -132,7 +117,7 @@ def chunk_section(args) -> str:
     for chunk in chunk_sizes:
         memory = _memory(args, chunk)
         cells = [f"{chunk:,} ({chunk * 4 / 2**20:g} MiB fp32)", f"{chunk // setting.d_model:,}"]
-        for backend in layers:
+        for backend in variants:
             t = timing[(backend, chunk)]
             cells.append(f"{t.min_ms:.1f} / {t.median_ms:.1f} ({t.min_ms / best:.2f}x)")
         rows.append([*cells, memory])
@@ -156,13 +141,11 @@ QUICK_DECODE_SHAPES = {"quick (d=64, 16 x 32)": (64, 16, 32)}
 
 
 def decode_section(args) -> str:
-    from xmoe.experts import decode
-
     shapes = QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES
     rows = []
     for shape_name, (d_model, experts, d_expert) in shapes.items():
         for num_tokens in QUICK_DECODE_TOKENS if args.quick else DECODE_TOKENS:
-            rows += _decode_rows(args, decode, shape_name, num_tokens, d_model, experts, d_expert)
+            rows += _decode_rows(args, shape_name, num_tokens, d_model, experts, d_expert)
     header = ["shape", "tokens", "layer", "experts/token", "decode path ms", "plan path ms",
               "decode / plan"]  # fmt: skip
     return (
@@ -171,7 +154,7 @@ def decode_section(args) -> str:
     )
 
 
-def _decode_rows(args, decode, shape_name, num_tokens, d_model, experts, d_expert):
+def _decode_rows(args, shape_name, num_tokens, d_model, experts, d_expert):
     setting = Setting(num_tokens, d_model, experts, d_expert, torch.device("cpu"), torch.float32)
     layers = {
         "topk-4 SwiGLU": calibrated_xmoe(
@@ -182,8 +165,9 @@ def _decode_rows(args, decode, shape_name, num_tokens, d_model, experts, d_exper
     x = torch.randn(num_tokens, d_model, generator=torch.Generator().manual_seed(1))
     fns = {}
     for name, layer in layers.items():
+        forward = module_variant(layer, x, x).forward  # inference: no_grad
         for path, limit in (("decode", 1 << 30), ("plan", 0)):
-            fns[(name, path)] = _with_decode_limit(decode, limit, layer, x)
+            fns[(name, path)] = _patched(decode, "DECODE_MAX_TOKENS", limit, forward)
     timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"), calls=20)
     rows = []
     for name, layer in layers.items():
@@ -194,19 +178,6 @@ def _decode_rows(args, decode, shape_name, num_tokens, d_model, experts, d_exper
         rows.append([*cells, f"{d / p:.2f}x"])
         print("  " + " | ".join(rows[-1]), flush=True)
     return rows
-
-
-def _with_decode_limit(decode_module, limit: int, layer, x):
-    def run():
-        saved = decode_module.DECODE_MAX_TOKENS
-        decode_module.DECODE_MAX_TOKENS = limit
-        try:
-            with torch.no_grad():
-                layer(x)
-        finally:
-            decode_module.DECODE_MAX_TOKENS = saved
-
-    return run
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -43,7 +43,7 @@ class Setting:
     seed: int = 0
 
 
-def _inputs(s: Setting) -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(s: Setting) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(s.seed)
     x = torch.randn(s.num_tokens, s.d_model, generator=generator)
     cotangent = torch.randn(s.num_tokens, s.d_model, generator=generator)
@@ -51,7 +51,7 @@ def _inputs(s: Setting) -> tuple[torch.Tensor, torch.Tensor]:
     return x, cotangent.to(s.device, s.dtype)
 
 
-def _module_variant(module: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, **info):
+def module_variant(module: nn.Module, x: torch.Tensor, cotangent: torch.Tensor, **info):
     def output():
         out = module(x)
         return out.hidden_states if hasattr(out, "hidden_states") else out
@@ -86,7 +86,7 @@ def calibrated_xmoe(s: Setting, target_experts: float, **config) -> MoELayer:
         max(s.num_tokens, CALIBRATION_TOKENS), s.d_model, s.num_experts, s.d_expert,
         torch.device("cpu"), torch.float32, s.seed + CALIBRATION_SEED_OFFSET,
     )  # fmt: skip
-    x, _ = _inputs(calibration)
+    x, _ = make_inputs(calibration)
     base = torch.randn(
         s.num_experts,
         s.d_model,
@@ -155,29 +155,29 @@ def training_variants(
     s: Setting, threshold: float, capacity_factor: float | None, include_loop: bool = True
 ) -> dict[str, Variant]:
     """xmoe (fast path and fallback) against the dense bound and capacity padding."""
-    x, cotangent = _inputs(s)
+    x, cotangent = make_inputs(s)
     variants = {}
     layer = calibrated_xmoe(s, 4.0, threshold=threshold, capacity_factor=capacity_factor)
     with torch.no_grad():
         stats = layer(x).routing
     kept = stats.experts_per_token
     info = {"experts_per_token": kept, "moe_flops_per_token": float(stats.flops_per_token)}
-    variants["xmoe (auto)"] = _module_variant(layer, x, cotangent, **info)
+    variants["xmoe (auto)"] = module_variant(layer, x, cotangent, **info)
     if include_loop:
         loop = calibrated_xmoe(
             s, 4.0, threshold=threshold, capacity_factor=capacity_factor, backend="loop"
         )
-        variants["xmoe (loop fallback)"] = _module_variant(loop, x, cotangent, **info)
+        variants["xmoe (loop fallback)"] = module_variant(loop, x, cotangent, **info)
     hidden = max(1, round(kept * s.d_expert))
     torch.manual_seed(s.seed)
     bound = DenseFFN(s.d_model, hidden, gated=False, bias=True).to(s.device, s.dtype)
-    variants[f"bound: dense FFN {s.d_model}x{hidden}"] = _module_variant(
+    variants[f"bound: dense FFN {s.d_model}x{hidden}"] = module_variant(
         bound, x, cotangent, experts_per_token=kept, moe_flops_per_token=4.0 * s.d_model * hidden
     )
     if capacity_factor is not None:
         capacity = layer.config.capacity(s.num_tokens)
         padded_flops = s.num_experts * capacity * layer.config.expert_flops / s.num_tokens
-        variants[f"capacity padding (C={capacity})"] = _module_variant(
+        variants[f"capacity padding (C={capacity})"] = module_variant(
             CapacityPadded(layer),
             x,
             cotangent,
@@ -252,7 +252,7 @@ def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
     """Identical top-k routing and identical SwiGLU weights through xmoe and HF's back-ends."""
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    x, cotangent = _inputs(s)
+    x, cotangent = make_inputs(s)
     layer = calibrated_xmoe(
         s, 4.0, router="topk", top_k=top_k, activation="swiglu", bias=False, init_std=0.05
     )
@@ -262,7 +262,7 @@ def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
     top_k_weights = top_k_weights.to(s.dtype).requires_grad_(True)
 
     variants = {
-        "xmoe": _module_variant(
+        "xmoe": module_variant(
             XMoEExpertsOnRouting(layer, top_k_index, top_k_weights), x, cotangent
         ),
     }
@@ -271,13 +271,13 @@ def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
         experts = MixtralExperts(_mixtral_config(s, top_k, implementation)).to(s.device, s.dtype)
         _copy_experts(experts, layer)
         module = HFExpertsOnRouting(experts, top_k_index, top_k_weights)
-        variant = _module_variant(module, x, cotangent)
+        variant = module_variant(module, x, cotangent)
         tolerance = 1e-3 if s.dtype == torch.float32 else 5e-2
         torch.testing.assert_close(variant.forward(), reference, rtol=tolerance, atol=tolerance)
         variants[f"HF {implementation}"] = variant
     torch.manual_seed(s.seed)
     bound = DenseFFN(s.d_model, top_k * s.d_expert, gated=True, bias=False).to(s.device, s.dtype)
-    variants[f"bound: dense SwiGLU {s.d_model}x{top_k * s.d_expert}"] = _module_variant(
+    variants[f"bound: dense SwiGLU {s.d_model}x{top_k * s.d_expert}"] = module_variant(
         bound, x, cotangent
     )
     for variant in variants.values():
@@ -303,12 +303,12 @@ def hf_block_variants(s: Setting, top_k: int) -> dict[str, Variant]:
     against transformers' Mixtral sparse block with each experts back-end, identical weights."""
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    x, cotangent = _inputs(s)
+    x, cotangent = make_inputs(s)
     layer = calibrated_xmoe(
         s, 4.0, router="topk", top_k=top_k, activation="swiglu", bias=False, init_std=0.05,
         renormalize=True,
     ).eval()  # fmt: skip
-    variants = {"xmoe layer": _module_variant(layer, x, cotangent)}
+    variants = {"xmoe layer": module_variant(layer, x, cotangent)}
     reference = variants["xmoe layer"].forward()
     for implementation in _hf_implementations(s, top_k):
         block = MixtralSparseMoeBlock(_mixtral_config(s, top_k, implementation))
@@ -316,7 +316,7 @@ def hf_block_variants(s: Setting, top_k: int) -> dict[str, Variant]:
         with torch.no_grad():
             block.gate.weight.copy_(layer.router.weight)
         _copy_experts(block.experts, layer)
-        variant = _module_variant(HFMoEBlock(block), x, cotangent)
+        variant = module_variant(HFMoEBlock(block), x, cotangent)
         tolerance = 1e-3 if s.dtype == torch.float32 else 5e-2
         torch.testing.assert_close(variant.forward(), reference, rtol=tolerance, atol=tolerance)
         variants[f"HF Mixtral block, {implementation}"] = variant
@@ -328,7 +328,7 @@ def hf_block_variants(s: Setting, top_k: int) -> dict[str, Variant]:
 
 def pair_variants(s: Setting, d_ff: int) -> dict[str, Variant]:
     """Top-2 over 16 experts of d_ff/2 against XMoE over 64 of d_ff/8 (equal parameters)."""
-    x, cotangent = _inputs(s)
+    x, cotangent = make_inputs(s)
     top2_setting = Setting(s.num_tokens, s.d_model, 16, d_ff // 2, s.device, s.dtype, s.seed)
     xmoe_setting = Setting(s.num_tokens, s.d_model, 64, d_ff // 8, s.device, s.dtype, s.seed)
     layers = {
@@ -339,7 +339,7 @@ def pair_variants(s: Setting, d_ff: int) -> dict[str, Variant]:
     for name, layer in layers.items():
         with torch.no_grad():
             stats = layer(x).routing
-        variants[name] = _module_variant(
+        variants[name] = module_variant(
             layer,
             x,
             cotangent,
