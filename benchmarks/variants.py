@@ -108,17 +108,19 @@ def calibrated_xmoe(s: Setting, target_experts: float, **config) -> MoELayer:
 
 
 class DenseFFN(nn.Module):
-    """The bound: one FFN whose hidden width equals experts-per-token × d_expert."""
+    """The bound: one FFN whose hidden width equals experts-per-token × d_expert. Gated, its
+    gate and up projections are one matmul, as xmoe's are."""
 
     def __init__(self, d_model: int, hidden: int, gated: bool, bias: bool) -> None:
         super().__init__()
-        self.up = nn.Linear(d_model, hidden, bias=bias)
-        self.gate = nn.Linear(d_model, hidden, bias=False) if gated else None
+        self.gated = gated
+        self.up = nn.Linear(d_model, 2 * hidden if gated else hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x):
-        if self.gate is not None:
-            return self.down(F.silu(self.up(x)) * self.gate(x))
+        if self.gated:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x)))
 
 
@@ -229,9 +231,10 @@ def _mixtral_config(s: Setting, top_k: int, implementation: str):
 
 @torch.no_grad()
 def _copy_experts(experts, layer: MoELayer) -> None:
-    """xmoe's stacked (E, D, H) SwiGLU weights into transformers' fused (E, 2H, D) layout."""
+    """xmoe's stacked SwiGLU weights ((E, D, 2H) ``[gate | up]``, (E, H, D)) into transformers'
+    (E, 2H, D) and (E, D, H) layout."""
     w = layer.experts
-    experts.gate_up_proj.copy_(torch.cat([w.w1, w.w3], dim=2).transpose(1, 2))
+    experts.gate_up_proj.copy_(w.w1.transpose(1, 2))
     experts.down_proj.copy_(w.w2.transpose(1, 2))
 
 

@@ -38,8 +38,9 @@ def _expert(params: dict[str, torch.Tensor], config: MoEConfig, e: int, x: torch
     h = x @ params["experts.w1"][e]
     if config.bias:
         h = h + params["experts.b1"][e]
-    if config.gated:
-        a = _activation("silu", h) * (x @ params["experts.w3"][e])
+    if config.gated:  # w1 = [gate | up], each d_expert wide
+        gate, up = h[..., : config.d_expert], h[..., config.d_expert :]
+        a = _activation("silu", gate) * up
     else:
         a = _activation(config.activation, h)
     y = a @ params["experts.w2"][e]

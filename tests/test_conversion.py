@@ -224,6 +224,21 @@ def test_sparse_module_matches_per_token_loop(rule):
         assert sizes.min() < sizes.max()  # the mass rule is adaptive per token
 
 
+def test_older_separate_gate_up_state_dict_loads_equal():
+    settings = SparsifyConfig(expert_size=4, active_fraction=0.5)
+    source = SparseMLP(12, settings, num_experts=8).double()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    old = {k: v.clone() for k, v in source.state_dict().items() if k != "w_gate_up"}
+    old |= {"w_gate": source.w_gate.detach().clone(), "w_up": source.w_up.detach().clone()}
+    target = SparseMLP(12, settings, num_experts=8).double()
+    target.load_state_dict(old)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    assert torch.equal(target.w_gate_up, source.w_gate_up)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
 def test_save_load_round_trip_and_generate(tmp_path):
     dense = tiny_llama(torch.float32, tie_word_embeddings=True)  # tied, as SmolLM2
     ids = token_ids()

@@ -201,3 +201,28 @@ def test_trained_run_exports_to_auto_classes(tmp_path):
     expected = Tokenizer.from_file(str(run / "tokenizer.json")).encode("not to be").ids
     assert tokenizer("not to be")["input_ids"] == expected
     assert tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_directory_of_the_older_gated_layout_loads_equal(tmp_path):
+    """Saved before gate and up became one ``w1`` (a separate ``experts.w3``, gate-only bias)."""
+    moe = {"d_model": 32, "num_experts": 8, "d_expert": 16, "activation": "swiglu"}
+    model = _model(moe=moe)
+    for layer in model.model.lm.moe_layers:
+        with torch.no_grad():
+            layer.experts.b1[..., 16:] = 0
+            layer.experts.b1[..., :16].normal_()
+    model.save_pretrained(tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    old = {}
+    for key, value in load_file(path).items():
+        if key.endswith("experts.w1"):
+            old[key], old[key[:-2] + "w3"] = (t.contiguous() for t in value.chunk(2, dim=-1))
+        elif key.endswith("experts.b1"):
+            old[key] = value[..., :16].contiguous()
+        else:
+            old[key] = value
+    save_file(old, path, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="loaded unverified"):
+        loaded = XMoEForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 60, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

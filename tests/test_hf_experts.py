@@ -300,7 +300,8 @@ def _assert_all_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) 
         (False, True, False, "gelu", True),
         (False, True, True, "relu", True),
         (False, False, False, "silu", True),
-        (True, True, False, "silu", False),  # gated with bias: no up-branch bias in expert_ffn
+        (True, True, False, "silu", True),  # gated with bias on both halves of gate_up
+        (True, False, False, "gelu", False),  # gated GELU: xmoe's gated experts are SwiGLU
         (False, False, False, "relu2", False),
     ],
 )

@@ -77,10 +77,9 @@ def test_parameter_names_and_shapes():
     shapes = {n: tuple(p.shape) for n, p in MoELayer(config).named_parameters()}
     assert shapes == {
         "router.weight": (4, 8),
-        "experts.w1": (4, 8, 6),
+        "experts.w1": (4, 8, 12),  # [gate | up]
         "experts.w2": (4, 6, 8),
-        "experts.w3": (4, 8, 6),
-        "experts.b1": (4, 6),
+        "experts.b1": (4, 12),
         "experts.b2": (4, 8),
     }
     no_bias = MoELayer(MoEConfig(d_model=8, num_experts=4, d_expert=6, bias=False))

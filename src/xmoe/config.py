@@ -11,7 +11,7 @@ from xmoe.registry import ROUTERS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 """Expert activations. ``gelu`` is the exact (erf) GELU; ``swiglu`` is the gated expert
-``silu(x·w1) * (x·w3)``, then ``·w2``."""
+``silu(x·gate) * (x·up)``, then ``·w2``, with gate and up stored side by side in ``w1``."""
 
 GATED_ACTIVATIONS = ("swiglu",)
 
@@ -246,7 +246,7 @@ class MoEConfig(DictConfig):
 
     @property
     def gated(self) -> bool:
-        """Whether the experts are gated (carry a third matrix ``w3``)."""
+        """Whether the experts are gated (``w1`` holds a gate and an up projection)."""
         return self.activation in GATED_ACTIVATIONS
 
     @property

@@ -102,7 +102,7 @@ def trainable_parameters(model: nn.Module, train_experts: bool) -> dict[str, nn.
     modules = sparse_mlps(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no SparseMLP: convert it with sparsify()")
-    wanted = ("router.weight", "w_gate", "w_up", "w_down") if train_experts else ("router.weight",)
+    wanted = ("router.weight", "w_gate_up", "w_down") if train_experts else ("router.weight",)
     chosen = {}
     for name, parameter in model.named_parameters():
         keep = ".mlp." in name and name.split(".mlp.", 1)[1] in wanted

@@ -14,7 +14,12 @@ from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
 from xmoe.conversion.selection import select_experts
 from xmoe.dispatch import DispatchPlan, choose_engine
 from xmoe.experts import expert_ffn
+from xmoe.experts.ffn import fuse_gate_up_
 from xmoe.routing import route_pairs, switch_balance_loss
+
+
+def _load_separate_gate_up(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    fuse_gate_up_(state_dict, prefix + "w_gate", prefix + "w_up", prefix + "w_gate_up")
 
 
 class SparseMLP(nn.Module):
@@ -34,7 +39,9 @@ class SparseMLP(nn.Module):
     After each forward: ``experts_per_token`` (S,) int64 selected experts per token and
     ``aux_loss`` (Switch balance loss of the router softmax; 0 for the oracle).
 
-    Parameters: ``w_gate``, ``w_up`` (E, D, H), ``w_down`` (E, H, D), ``router`` (E, D).
+    Parameters: ``w_gate_up`` (E, D, 2H) (the gate and up projections side by side, one
+    matmul; :attr:`w_gate` and :attr:`w_up` are its halves), ``w_down`` (E, H, D), ``router``
+    (E, D). State dicts with separate ``w_gate``/``w_up`` (the older layout) load unchanged.
     """
 
     def __init__(self, hidden_size: int, settings: SparsifyConfig, num_experts: int) -> None:
@@ -42,14 +49,24 @@ class SparseMLP(nn.Module):
         self.num_experts = num_experts
         self.expert_size = settings.expert_size
         self.settings = settings
-        shape = (num_experts, hidden_size, settings.expert_size)
-        self.w_gate = nn.Parameter(torch.zeros(shape))
-        self.w_up = nn.Parameter(torch.zeros(shape))
+        shape = (num_experts, hidden_size, 2 * settings.expert_size)
+        self.w_gate_up = nn.Parameter(torch.zeros(shape))
         self.w_down = nn.Parameter(torch.zeros(num_experts, settings.expert_size, hidden_size))
         self.router = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.zeros_(self.router.weight)
         self.experts_per_token: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(_load_separate_gate_up)
+
+    @property
+    def w_gate(self) -> torch.Tensor:
+        """(E, D, H) view: the gate projection, the SiLU branch."""
+        return self.w_gate_up[..., : self.expert_size]
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        """(E, D, H) view: the up projection, the linear branch."""
+        return self.w_gate_up[..., self.expert_size :]
 
     def configure(self, settings: SparsifyConfig) -> None:
         """Switch the selection rule or router kind (weights are unchanged)."""
@@ -99,9 +116,9 @@ class SparseMLP(nn.Module):
             self.aux_loss = switch_balance_loss(scores_SE, selection.expert_idx_SK[:, 0])
         plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, x_SD.shape[0])
         weight_N = self.combine_weights(pairs.weight_N).to(x_SD.dtype)
-        d_model, d_expert = self.w_gate.shape[1:]
+        d_model, d_expert = x_SD.shape[1], self.expert_size
         engine = choose_engine("auto", x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
         out_SD = expert_ffn(
-            x_SD, weight_N, self.w_gate, None, self.w_down, None, self.w_up, plan, "silu", engine
+            x_SD, weight_N, self.w_gate_up, None, self.w_down, None, plan, "swiglu", engine
         )
         return out_SD.to(hidden_states.dtype).view(shape)

@@ -3,7 +3,7 @@
 :func:`expert_parallel` takes an :class:`~xmoe.MoELayer` or any module holding them (a
 :class:`~xmoe.models.TransformerLM`), built identically on every rank (same config, same seed),
 and keeps on each rank only its E/P experts of every layer: each stacked expert parameter
-(``experts.w1`` (E, d, h), ``b1``, ``w2``, ``b2``, ``w3``) becomes its slice ``[p·L, (p+1)·L)``
+(``experts.w1``, ``b1``, ``w2``, ``b2``, all (E, ...)) becomes its slice ``[p·L, (p+1)·L)``
 along the expert dimension, under the same name. The model's parameters keep their names and
 order, so optimizers, state dicts and checkpoints line up with the single-process model; only
 expert shapes differ (:func:`shard_state_dict` / :mod:`xmoe.distributed.checkpoint` convert).

@@ -12,7 +12,6 @@ Shape legend: S tokens, K ranked experts per token, D d_model, H d_expert, E exp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from xmoe.dispatch.sync import host_reads_cheap
 from xmoe.experts.activations import ACTIVATION_FNS
@@ -74,9 +73,8 @@ def decode_ffn(
     """
     config = experts.config
     dtype = x_SD.dtype
-    w1, w2, w3, b1, b2 = (
-        None if p is None else p.to(dtype)
-        for p in (experts.w1, experts.w2, experts.w3, experts.b1, experts.b2)
+    w1, w2, b1, b2 = (
+        None if p is None else p.to(dtype) for p in (experts.w1, experts.w2, experts.b1, experts.b2)
     )
     weight_SK = weight_SK.detach()
     if renormalize:
@@ -90,7 +88,7 @@ def decode_ffn(
         if len(pairs) == 1:
             token, rank = pairs[0]
             x_1D, out_1D = x_SD[token : token + 1], out_SD[token : token + 1]
-            a_1H = _hidden(x_1D, expert, w1, b1, w3, config.activation)
+            a_1H = _hidden(x_1D, expert, w1, b1, config.activation)
             weight = weights[token][rank]
             out_1D.addmm_(a_1H, w2[expert], alpha=weight)
             if b2 is not None:
@@ -100,7 +98,7 @@ def decode_ffn(
         weight_N1 = torch.tensor(
             [[weights[t][r]] for t, r in pairs], dtype=dtype, device=x_SD.device
         )
-        a_NH = _hidden(x_SD.index_select(0, tokens), expert, w1, b1, w3, config.activation)
+        a_NH = _hidden(x_SD.index_select(0, tokens), expert, w1, b1, config.activation)
         y_ND = torch.mm(a_NH.mul_(weight_N1), w2[expert])
         if b2 is not None:
             y_ND.addmm_(weight_N1, b2[expert : expert + 1])
@@ -111,10 +109,9 @@ def decode_ffn(
     return out_SD, torch.tensor(counts, device=x_SD.device)
 
 
-def _hidden(x_ND, expert: int, w1, b1, w3, activation: str) -> torch.Tensor:
-    """The expert's activation (N, H) for its rows."""
-    weight_DH = w1[expert]
-    h_NH = torch.mm(x_ND, weight_DH) if b1 is None else torch.addmm(b1[expert], x_ND, weight_DH)
-    if w3 is not None:
-        return F.silu(h_NH).mul_(torch.mm(x_ND, w3[expert]))
-    return ACTIVATION_FNS[activation].forward(h_NH)
+def _hidden(x_ND, expert: int, w1, b1, activation: str) -> torch.Tensor:
+    """The expert's activation (N, H) for its rows: one matmul for the first layer, gated or
+    not (the gate and up projections of gated experts sit side by side in ``w1``)."""
+    weight_DF = w1[expert]
+    h_NF = torch.mm(x_ND, weight_DF) if b1 is None else torch.addmm(b1[expert], x_ND, weight_DF)
+    return ACTIVATION_FNS[activation].forward(h_NF)

@@ -10,34 +10,68 @@ from xmoe.dispatch import DispatchPlan, choose_engine
 from xmoe.experts.ffn_function import expert_ffn
 
 
+def fuse_gate_up_(state_dict: dict, gate_key: str, up_key: str, fused_key: str) -> None:
+    """In place: replace a state dict's separate (E, D, H) gate and up matrices by the one
+    (E, D, 2H) ``[gate | up]`` matrix that gated experts now store (a checkpoint written before
+    the two projections became one matmul). Does nothing when ``up_key`` is absent."""
+    if up_key not in state_dict or gate_key not in state_dict:
+        return
+    up = state_dict.pop(up_key)
+    state_dict[fused_key] = torch.cat([state_dict.pop(gate_key), up], dim=-1)
+
+
+def _fuse_experts_(state_dict: dict, prefix: str) -> None:
+    bias_key = prefix + "b1"
+    if prefix + "w3" in state_dict and bias_key in state_dict:
+        gate_bias = state_dict[bias_key]  # the older layout had no bias on the up branch
+        state_dict[bias_key] = torch.cat([gate_bias, torch.zeros_like(gate_bias)], dim=-1)
+    fuse_gate_up_(state_dict, prefix + "w1", prefix + "w3", prefix + "w1")
+
+
+def upgrade_separate_up_(state_dict: dict) -> bool:
+    """In place: every gated :class:`FFNExperts` of the older layout in a whole model's state
+    dict (keys ``...w1``, ``...w3``, ``...b1``) in today's fused layout, equal in value (the
+    up branch gets a zero bias). Returns whether any key changed."""
+    prefixes = [key[: -len("w3")] for key in state_dict if key.endswith("experts.w3")]
+    for prefix in prefixes:
+        _fuse_experts_(state_dict, prefix)
+    return bool(prefixes)
+
+
+def _load_separate_up(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    _fuse_experts_(state_dict, prefix)
+
+
 class FFNExperts(nn.Module):
     """E two-layer FFN experts ``d_model -> d_expert -> d_model`` stored as stacked tensors.
 
-    Parameters: ``w1`` (E, d_model, d_expert), ``w2`` (E, d_expert, d_model), ``b1`` (E, d_expert)
-    and ``b2`` (E, d_model) when ``bias``, and ``w3`` (E, d_model, d_expert) for the gated
-    ``swiglu`` expert ``(silu(x·w1) * (x·w3))·w2``.
+    Parameters: ``w1`` (E, d_model, F), ``w2`` (E, d_expert, d_model), and ``b1`` (E, F) and
+    ``b2`` (E, d_model) when ``bias``. F is ``d_expert`` for plain experts; for the gated
+    ``swiglu`` expert ``(silu(x·gate) * (x·up))·w2`` it is ``2·d_expert``: ``w1[..., :d_expert]``
+    is the gate, ``w1[..., d_expert:]`` the up projection, so both are one matmul (the layout of
+    transformers' ``gate_up_proj``, transposed). State dicts of the older layout (a separate
+    ``w3`` for the up projection, ``b1`` on the gate only) load unchanged in value.
     """
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
         num_experts, d_model, d_expert = config.num_experts, config.d_model, config.d_expert
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+        first_width = 2 * d_expert if config.gated else d_expert
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, first_width))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
-        self.w3 = (
-            nn.Parameter(torch.empty(num_experts, d_model, d_expert)) if config.gated else None
-        )
-        self.b1 = nn.Parameter(torch.empty(num_experts, d_expert)) if config.bias else None
+        self.b1 = nn.Parameter(torch.empty(num_experts, first_width)) if config.bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if config.bias else None
         self.reset_parameters()
+        if config.gated:
+            self.register_load_state_dict_pre_hook(_load_separate_up)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for weight in (self.w1, self.w2, self.w3):
-            if weight is not None:
-                nn.init.normal_(weight, mean=0.0, std=self.config.init_std)
-                if self.config.init == "identical":
-                    weight.copy_(weight[:1].expand_as(weight))
+        for weight in (self.w1, self.w2):
+            nn.init.normal_(weight, mean=0.0, std=self.config.init_std)
+            if self.config.init == "identical":
+                weight.copy_(weight[:1].expand_as(weight))
         for bias in (self.b1, self.b2):
             if bias is not None:
                 nn.init.zeros_(bias)
@@ -55,9 +89,9 @@ class FFNExperts(nn.Module):
             (S, d_model) in the dtype of ``x_SD``.
         """
         dtype = x_SD.dtype
-        params = [
-            p if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2, self.w3)
-        ]
+        w1, b1, w2, b2 = (
+            p if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2)
+        )
         engine = choose_engine(
             self.config.backend,
             dtype,
@@ -66,8 +100,7 @@ class FFNExperts(nn.Module):
             self.config.d_model,
             self.config.d_expert,
         )
-        w1, b1, w2, b2, w3 = params
-        return expert_ffn(x_SD, weight_N, w1, b1, w2, b2, w3, plan, self.config.activation, engine)
+        return expert_ffn(x_SD, weight_N, w1, b1, w2, b2, plan, self.config.activation, engine)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,8 +14,8 @@ the function registered under ``config._experts_implementation`` as
 The kept (token, expert) pairs become a :class:`~xmoe.dispatch.DispatchPlan` and run through
 xmoe's fused expert FFN (:func:`~xmoe.experts.expert_ffn`), which computes those pairs only. The
 experts' weights are passed as views (slices and transposes), never copied. Experts that FFN
-cannot express (a custom ``_apply_gate`` such as gpt-oss's, gated experts with biases, an
-activation other than SiLU for gated experts or GELU/ReLU/SiLU for plain ones) run through a
+cannot express (a custom ``_apply_gate`` such as gpt-oss's, an activation other than SiLU for
+gated experts or GELU/ReLU/SiLU for plain ones) run through a
 per-expert loop of ordinary autograd ops over the same plan, with a warning naming the reason.
 
 Shape legend: S tokens, K routed experts per token, N kept pairs, D hidden size, H expert
@@ -37,7 +37,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 
 from xmoe.dispatch import DispatchPlan, choose_engine
 from xmoe.experts import expert_ffn
-from xmoe.experts.activations import ACTIVATION_FNS
+from xmoe.experts.activations import ELEMENTWISE_ACTIVATIONS
 from xmoe.models.usage import KeptPairsCounter
 from xmoe.routing import Selection, route_pairs
 
@@ -95,15 +95,14 @@ def threshold_mask(
 class _FusedOperands:
     """An experts module's weights in :func:`expert_ffn`'s layout (views, no copies).
 
-    w1: (E, D, H), b1: (E, H) or None, w2: (E, H, D), b2: (E, D) or None, w3: (E, D, H) or None
-    (gated: ``(silu(x·w1) * (x·w3))·w2``), activation: a key of ``ACTIVATION_FNS``.
+    w1: (E, D, F), b1: (E, F) or None, w2: (E, H, D), b2: (E, D) or None, activation: a key of
+    ``ACTIVATION_FNS``; gated (``swiglu``): F = 2H, ``w1`` is ``[gate | up]``.
     """
 
     w1: torch.Tensor
     b1: torch.Tensor | None
     w2: torch.Tensor
     b2: torch.Tensor | None
-    w3: torch.Tensor | None
     activation: str
 
 
@@ -128,7 +127,7 @@ def _fused_operands(module: nn.Module) -> _FusedOperands | str:
     transformers stores a projection as (E, out, in), or (E, in, out) when ``is_transposed``;
     expert_ffn wants (E, in, out), so the former is passed transposed. A gated module's
     ``gate_up_proj`` output is split by the default ``_apply_gate`` into halves ``act(gate) *
-    up``: the first half of the out axis is w1 (the activated branch), the second is w3.
+    up``, the layout of xmoe's gated ``w1``: it is passed whole, biases included.
     """
     if module.has_gate and type(module)._apply_gate is not _default_apply_gate:
         return "it defines its own _apply_gate"
@@ -138,17 +137,15 @@ def _fused_operands(module: nn.Module) -> _FusedOperands | str:
     b2 = module.down_proj_bias if module.has_bias else None
     if not module.has_gate:
         if activation is None:
-            return f"activation {name} is not one of xmoe's {sorted(ACTIVATION_FNS)}"
+            return f"activation {name} is not one of xmoe's {list(ELEMENTWISE_ACTIVATIONS)}"
         up = module.up_proj if module.is_transposed else module.up_proj.transpose(1, 2)
         b1 = module.up_proj_bias if module.has_bias else None
-        return _FusedOperands(up, b1, down, b2, None, activation)
+        return _FusedOperands(up, b1, down, b2, activation)
     if activation != "silu":
         return f"gated experts with activation {name}: xmoe's gated experts are SiLU (SwiGLU)"
-    if module.has_bias:
-        return "gated experts with biases: xmoe's gated experts have no bias on the up branch"
     gate_up = module.gate_up_proj if module.is_transposed else module.gate_up_proj.transpose(1, 2)
-    gate, up = gate_up.chunk(2, dim=2)
-    return _FusedOperands(gate, None, down, None, up, "silu")
+    b1 = module.gate_up_proj_bias if module.has_bias else None
+    return _FusedOperands(gate_up, b1, down, b2, "swiglu")
 
 
 def _projection(
@@ -233,7 +230,7 @@ def xmoe_experts_forward(
         return _generic_experts(self, x_SD, plan, pairs.weight_N).to(hidden_states.dtype)
     # computed in the weights' dtype, as transformers' grouped_mm does (autocast leaves them apart)
     x_SD = hidden_states.to(operands.w1.dtype)
-    d_model, d_expert = operands.w1.shape[1:]
+    d_model, d_expert = operands.w2.shape[2], operands.w2.shape[1]
     engine = choose_engine("auto", x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
     out_SD = expert_ffn(
         x_SD,
@@ -242,7 +239,6 @@ def xmoe_experts_forward(
         operands.b1,
         operands.w2,
         operands.b2,
-        operands.w3,
         plan,
         operands.activation,
         engine,

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel, TrainerCallback
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+from xmoe.experts.ffn import upgrade_separate_up_
 from xmoe.hf.configuration import XMoEConfig
 from xmoe.models.transformer import TransformerLM, check_padding_mask
 from xmoe.storage import read_verified, save_verified
@@ -119,13 +120,23 @@ class XMoEPreTrainedModel(PreTrainedModel):
         The transformers opt-outs hold: ``output_loading_info=True`` returns ``(model, info)``
         and raises for none of these (the caller inspects ``info``);
         ``ignore_mismatched_sizes=True`` lets mis-shaped weights be initialised afresh.
+
+        A directory saved before gated experts stored their gate and up projections as one
+        ``w1`` (a separate ``experts.w3``) loads into the fused layout, equal in value.
         """
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if source is not None and Path(source).is_dir():
+            weights = {}
             for path in sorted(Path(source).glob("*.safetensors")):
-                _, _, verified = read_verified(path, require_digests=False)
+                tensors, _, verified = read_verified(path, require_digests=False)
+                weights |= tensors
                 if not verified:
                     warnings.warn(f"{path} carries no digests: loaded unverified", stacklevel=2)
+            if "state_dict" not in kwargs and upgrade_separate_up_(weights):
+                kwargs.pop("pretrained_model_name_or_path", None)
+                kwargs.setdefault("config", cls.config_class.from_pretrained(source))
+                args = (None, *args[1:])
+                kwargs["state_dict"] = weights
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if want_info:

@@ -1,0 +1,145 @@
+"""Gated experts store gate and up side by side in ``w1`` and run them as one matmul: the
+activation's explicit backward, the matmul count, and checkpoints of the older layout (a
+separate ``w3``) loading unchanged in value."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from xmoe import MoEConfig, MoELayer
+from xmoe.dispatch import DispatchPlan
+from xmoe.dispatch.engines import LoopEngine
+from xmoe.experts import expert_ffn
+from xmoe.experts.activations import ACTIVATION_FNS
+from xmoe.experts.ffn import upgrade_separate_up_
+from xmoe.routing import route_pairs
+
+from helpers import make_layer
+
+
+def test_swiglu_backward_matches_autograd():
+    torch.manual_seed(0)
+    h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(7, 5, dtype=torch.float64)
+    swiglu = ACTIVATION_FNS["swiglu"]
+    gate, up = h[:, :5], h[:, 5:]
+    expected = F.silu(gate) * up
+    torch.testing.assert_close(swiglu.forward(h), expected, rtol=0, atol=0)
+    (expected_grad,) = torch.autograd.grad(expected, h, grad)
+    torch.testing.assert_close(swiglu.backward(grad, h.detach()), expected_grad)
+    torch.autograd.gradcheck(lambda t: swiglu.forward(t), (h,))
+
+
+class _CountingEngine(LoopEngine):
+    calls: ClassVar[list[str]] = []
+
+    @classmethod
+    def mm(cls, a_NK, b_EKM, plan):
+        cls.calls.append(f"mm{b_EKM.shape[1]}x{b_EKM.shape[2]}")
+        return LoopEngine.mm(a_NK, b_EKM, plan)
+
+    @classmethod
+    def wgrad(cls, a_NK, g_NM, plan, out_EKM=None):
+        cls.calls.append(f"wgrad{a_NK.shape[1]}x{g_NM.shape[1]}")
+        return LoopEngine.wgrad(a_NK, g_NM, plan, out_EKM)
+
+
+def test_gated_first_layer_is_one_matmul_forward_and_backward():
+    d_model, d_expert, num_experts = 8, 4, 3
+    layer = make_layer(
+        MoEConfig(d_model=d_model, num_experts=num_experts, d_expert=d_expert, activation="swiglu")
+    )
+    x = torch.randn(6, d_model, dtype=torch.float64, requires_grad=True)
+    selection = layer.router(x).selection
+    pairs = route_pairs(selection, num_experts)
+    plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, 6)
+    e = layer.experts
+    _CountingEngine.calls = []
+    out = expert_ffn(x, pairs.weight_N, e.w1, e.b1, e.w2, e.b2, plan, "swiglu", _CountingEngine)
+    assert _CountingEngine.calls == ["mm8x8", "mm4x8"]  # [gate | up] is 2·d_expert wide
+    _CountingEngine.calls = []
+    out.sum().backward()
+    assert sorted(_CountingEngine.calls) == ["mm8x4", "mm8x8", "wgrad4x8", "wgrad8x8"]
+
+
+class _MatmulCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_path_runs_two_matmuls_per_selected_expert():
+    config = MoEConfig(d_model=16, num_experts=8, d_expert=4, activation="swiglu", threshold=0.9)
+    layer = make_layer(config).eval()
+    x = torch.randn(1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        routing = layer(x).routing
+        with _MatmulCounter() as counter:
+            layer(x)
+    experts = int((routing.expert_load > 0).sum())
+    assert experts >= 2
+    assert counter.count == 1 + 2 * experts  # the router, then first and second layer each
+
+
+def _old_layout(state: dict, d_expert: int) -> dict:
+    """What a gated layer's state dict looked like before the fusion (separate up matrix,
+    bias on the gate branch only)."""
+    old = {}
+    for key, value in state.items():
+        if key.endswith("experts.w1"):
+            old[key] = value[..., :d_expert].clone()
+            old[key[: -len("w1")] + "w3"] = value[..., d_expert:].clone()
+        elif key.endswith("experts.b1"):
+            old[key] = value[..., :d_expert].clone()
+        else:
+            old[key] = value.clone()
+    return old
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_older_layout_state_dict_loads_equal(bias):
+    config = MoEConfig(d_model=8, num_experts=4, d_expert=6, activation="swiglu", bias=bias)
+    source = make_layer(config, seed=1)
+    if bias:
+        with torch.no_grad():
+            source.experts.b1[..., 6:] = 0  # the older layout had no up-branch bias
+            source.experts.b1[..., :6].normal_()
+    old = _old_layout(source.state_dict(), 6)
+    assert "experts.w3" in old and old["experts.w1"].shape == (4, 8, 6)
+    target = make_layer(config, seed=2)
+    target.load_state_dict(old)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(target(x).hidden_states, source(x).hidden_states, rtol=0, atol=0)
+
+
+def test_upgrade_whole_model_state_dict():
+    config = MoEConfig(d_model=8, num_experts=4, d_expert=6, activation="swiglu")
+    model = torch.nn.ModuleDict({"a": MoELayer(config), "b": MoELayer(config)})
+    new = model.state_dict()
+    old = _old_layout(new, 6)
+    assert upgrade_separate_up_(old)
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in new)
+    assert not upgrade_separate_up_(old)  # already fused: unchanged
+
+
+def test_expert_ffn_refuses_a_first_layer_of_the_wrong_width():
+    layer = make_layer(MoEConfig(d_model=8, num_experts=4, d_expert=6, activation="swiglu"))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    pairs = route_pairs(layer.router(x).selection, 4)
+    plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, 3)
+    e = layer.experts
+    with pytest.raises(ValueError, match="must be 12 wide"):
+        expert_ffn(x, pairs.weight_N, e.w1[..., :6], None, e.w2, None, plan, "swiglu", LoopEngine)
