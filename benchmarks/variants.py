@@ -15,11 +15,13 @@ from torch import nn
 
 from xmoe import MoEConfig, MoELayer
 from xmoe.dispatch import DispatchPlan
+from xmoe.dispatch.engines import GroupedEngine
 from xmoe.routing import Selection, route_pairs
 
 BATCHED_MM_MAX_BYTES = 1 << 30
 CALIBRATION_TOKENS = 1024
 CALIBRATION_SEED_OFFSET = 7919
+FLOOR = "floor: its expert GEMMs alone"
 
 
 @dataclass
@@ -153,10 +155,61 @@ class CapacityPadded(nn.Module):
         return x_SD.new_zeros(x_SD.shape).index_add(0, pairs.token_idx_N, y_ND)
 
 
+class ExpertGEMMs(nn.Module):
+    """The floor under any grouped dispatch: only the expert matmuls of the layer's own kept
+    pairs, on pre-gathered rows (no routing, gather, activation, bias or combine). Forward: the
+    two grouped matmuls; backward: the four (two input, two weight gradients)."""
+
+    def __init__(self, layer: MoELayer, x_SD: torch.Tensor) -> None:
+        super().__init__()
+        config = layer.config
+        with torch.no_grad():
+            selection = layer.router(x_SD).selection
+        capacity = config.capacity(x_SD.shape[0])
+        pairs = route_pairs(selection, config.num_experts, capacity, config.renormalize)
+        self.plan = DispatchPlan(
+            pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, x_SD.shape[0]
+        )
+        self.w1, self.w2 = layer.experts.w1.detach(), layer.experts.w2.detach()
+        generator = torch.Generator().manual_seed(0)
+        num_pairs, d_model = self.plan.num_pairs, config.d_model
+        first, hidden = self.w1.shape[2], self.w2.shape[1]
+        self.xg_ND, self.dy_ND = (
+            torch.randn(num_pairs, d_model, generator=generator).to(x_SD) for _ in range(2)
+        )
+        self.a_NH = torch.randn(num_pairs, hidden, generator=generator).to(x_SD)
+        self.dh_NF = torch.randn(num_pairs, first, generator=generator).to(x_SD)
+
+    def forward(self, x_SD):
+        GroupedEngine.mm(self.xg_ND, self.w1, self.plan)
+        return GroupedEngine.mm(self.a_NH, self.w2, self.plan)
+
+    def backward_gemms(self) -> None:
+        plan = self.plan
+        GroupedEngine.mm(self.dy_ND, self.w2.transpose(1, 2), plan)
+        GroupedEngine.wgrad(self.a_NH, self.dy_ND, plan)
+        GroupedEngine.mm(self.dh_NF, self.w1.transpose(1, 2), plan)
+        GroupedEngine.wgrad(self.xg_ND, self.dh_NF, plan)
+
+
+def gemm_floor_variant(layer: MoELayer, x: torch.Tensor, cotangent: torch.Tensor, **info):
+    floor = ExpertGEMMs(layer, x.detach())
+    variant = module_variant(floor, x, cotangent, **info)
+
+    def forward_backward():
+        with torch.no_grad():
+            floor(x)
+            floor.backward_gemms()
+
+    variant.forward_backward = forward_backward
+    return variant
+
+
 def training_variants(
-    s: Setting, threshold: float, capacity_factor: float | None, include_loop: bool = True
+    s: Setting, threshold: float, capacity_factor: float | None, full: bool = True
 ) -> dict[str, Variant]:
-    """xmoe (fast path and fallback) against the dense bound and capacity padding."""
+    """xmoe against the dense bound and capacity padding; ``full`` adds its loop fallback and
+    the floor of its expert GEMMs alone."""
     x, cotangent = make_inputs(s)
     variants = {}
     layer = calibrated_xmoe(s, 4.0, threshold=threshold, capacity_factor=capacity_factor)
@@ -165,7 +218,8 @@ def training_variants(
     kept = stats.experts_per_token
     info = {"experts_per_token": kept, "moe_flops_per_token": float(stats.flops_per_token)}
     variants["xmoe (auto)"] = module_variant(layer, x, cotangent, **info)
-    if include_loop:
+    if full:
+        variants[FLOOR] = gemm_floor_variant(layer, x, cotangent, **info)
         loop = calibrated_xmoe(
             s, 4.0, threshold=threshold, capacity_factor=capacity_factor, backend="loop"
         )
