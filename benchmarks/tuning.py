@@ -5,6 +5,9 @@
   and ``loop`` engines, and peak activation memory.
 * ``DECODE_MAX_TOKENS`` (:mod:`xmoe.experts.decode`): up to how many tokens an inference call
   runs the decode path instead of the dispatch plan.
+* The stacked weight layout at decode: one token through one expert's first layer, experts in
+  turn (their weights read from memory, as in decode), with xmoe's (E, in, out) layout,
+  ``nn.Linear``'s and transformers' (E, out, in), and a plain read of the same bytes.
 
     python -m benchmarks.tuning [--threads 2] [--rounds 5] [--quick]
 
@@ -180,6 +183,43 @@ def _decode_rows(args, shape_name, num_tokens, d_model, experts, d_expert):
     return rows
 
 
+def layout_section(args) -> str:
+    shapes = QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES
+    rows = []
+    for shape_name, dims in shapes.items():
+        rows += _layout_rows(args, shape_name, *dims)
+    header = ["shape", "expert matrix", "product", "µs per expert", "/ xmoe layout"]
+    return (
+        "### Weight layout at decode (one token, one expert's first layer, experts in turn)\n\n"
+        + _table(header, rows)
+    )
+
+
+def _layout_rows(args, shape_name, d_model, experts, d_expert):
+    generator = torch.Generator().manual_seed(0)
+    in_out = torch.randn(experts, d_model, d_expert, generator=generator)
+    out_in = in_out.transpose(1, 2).contiguous()
+    x_1D = torch.randn(1, d_model, generator=generator)
+    turn = iter(range(1 << 62))
+
+    def cycling(product):
+        return lambda: product(next(turn) % experts)
+
+    fns = {
+        "xmoe (E, in, out): x @ W[e]": cycling(lambda e: torch.mm(x_1D, in_out[e])),
+        "nn.Linear (E, out, in): x @ W[e].T": cycling(lambda e: torch.mm(x_1D, out_in[e].t())),
+        "read the same bytes: W[e].sum()": cycling(lambda e: in_out[e].sum()),
+    }
+    timing = time_interleaved(fns, args.rounds, args.warmup, torch.device("cpu"), calls=200)
+    base = timing["xmoe (E, in, out): x @ W[e]"].min_ms
+    rows = []
+    for name, t in timing.items():
+        cells = [shape_name, f"{d_model} x {d_expert}", name, f"{t.min_ms * 1e3:.1f}"]
+        rows.append([*cells, f"{t.min_ms / base:.2f}x"])
+        print("  " + " | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -194,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
     print(f"xmoe tuning benchmark: {machine}", flush=True)
-    parts = [chunk_section(args), decode_section(args)]
+    parts = [chunk_section(args), decode_section(args), layout_section(args)]
     command = "python -m benchmarks.tuning " + " ".join(sys.argv[1:] if argv is None else argv)
     suffix = "cpu-quick" if args.quick else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
