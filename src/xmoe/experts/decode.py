@@ -84,21 +84,18 @@ def decode_ffn(
 
     groups = _groups(expert_idx_SK, wanted_SK)
     out_SD = torch.zeros_like(x_SD)
+    singles = [(expert, *pairs[0]) for expert, pairs in groups.items() if len(pairs) == 1]
+    if singles:
+        _add_single_rows(x_SD, singles, weights, w1, b1, w2, b2, config.activation, out_SD)
     for expert, pairs in groups.items():
         if len(pairs) == 1:
-            token, rank = pairs[0]
-            x_1D, out_1D = x_SD[token : token + 1], out_SD[token : token + 1]
-            a_1H = _hidden(x_1D, expert, w1, b1, config.activation)
-            weight = weights[token][rank]
-            out_1D.addmm_(a_1H, w2[expert], alpha=weight)
-            if b2 is not None:
-                out_1D.add_(b2[expert], alpha=weight)
             continue
         tokens = torch.tensor([t for t, _ in pairs], device=x_SD.device)
         weight_N1 = torch.tensor(
             [[weights[t][r]] for t, r in pairs], dtype=dtype, device=x_SD.device
         )
-        a_NH = _hidden(x_SD.index_select(0, tokens), expert, w1, b1, config.activation)
+        h_NF = _first_layer(x_SD.index_select(0, tokens), expert, w1, b1)
+        a_NH = ACTIVATION_FNS[config.activation].forward(h_NF)
         y_ND = torch.mm(a_NH.mul_(weight_N1), w2[expert])
         if b2 is not None:
             y_ND.addmm_(weight_N1, b2[expert : expert + 1])
@@ -109,9 +106,37 @@ def decode_ffn(
     return out_SD, torch.tensor(counts, device=x_SD.device)
 
 
-def _hidden(x_ND, expert: int, w1, b1, activation: str) -> torch.Tensor:
-    """The expert's activation (N, H) for its rows: one matmul for the first layer, gated or
-    not (the gate and up projections of gated experts sit side by side in ``w1``)."""
-    weight_DF = w1[expert]
-    h_NF = torch.mm(x_ND, weight_DF) if b1 is None else torch.addmm(b1[expert], x_ND, weight_DF)
-    return ACTIVATION_FNS[activation].forward(h_NF)
+def _add_single_rows(x_SD, singles, weights, w1, b1, w2, b2, activation, out_SD) -> None:
+    """Experts selected by one token each (every expert, at one token): their first layers are
+    written into one (P, F) buffer and activated by one call, since a call's fixed cost is
+    most of its time at one row (exact GELU on this CPU: about 15 µs for 128 values, 25 µs
+    for 512); then one ``addmm_`` per expert adds its weighted output into its token's row.
+
+    ``singles``: (expert, token, rank) per expert; ``weights``: (S, K) nested Python floats."""
+    one_token = x_SD.shape[0] == 1  # then rows need no slicing
+
+    def row(t_SD: torch.Tensor, token: int) -> torch.Tensor:
+        return t_SD if one_token else t_SD[token : token + 1]
+
+    h_PF = x_SD.new_empty(len(singles), w1.shape[2])
+    for index, (expert, token, _) in enumerate(singles):
+        _first_layer(row(x_SD, token), expert, w1, b1, out=h_PF[index : index + 1])
+    a_PH = ACTIVATION_FNS[activation].forward(h_PF)
+    for index, (expert, token, rank) in enumerate(singles):
+        row(out_SD, token).addmm_(a_PH[index : index + 1], w2[expert], alpha=weights[token][rank])
+    if b2 is not None:  # Σ weight·b2[expert] per token: a few ops, not two per expert
+        device = x_SD.device
+        experts_P = torch.tensor([expert for expert, _, _ in singles], device=device)
+        tokens_P = torch.tensor([token for _, token, _ in singles], device=device)
+        weight_P1 = torch.tensor(
+            [[weights[token][rank]] for _, token, rank in singles], dtype=x_SD.dtype, device=device
+        )
+        out_SD.index_add_(0, tokens_P, b2.index_select(0, experts_P).mul_(weight_P1))
+
+
+def _first_layer(x_ND, expert: int, w1, b1, out=None) -> torch.Tensor:
+    """``x·w1[e] + b1[e]`` (N, F): one matmul, gated or not (the gate and up projections of
+    gated experts sit side by side in ``w1``)."""
+    if b1 is None:
+        return torch.mm(x_ND, w1[expert], out=out)
+    return torch.addmm(b1[expert], x_ND, w1[expert], out=out)
