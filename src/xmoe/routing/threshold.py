@@ -6,10 +6,12 @@ adapts s between training steps, and those every router has (init, entropy loss)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from xmoe.config import RouterOptions, _is_int, _is_number, _require
 from xmoe.dispatch.sync import host_reads_cheap
@@ -174,7 +176,6 @@ class ThresholdRouter(Router):
             if width == num_experts or not bool(next_wanted_S.any()):
                 break
             width = min(num_experts, width * 4)
-        wanted_SK[:, 0] = True
         if self.training and self.options.target_experts is not None:
             self._wanted_sum += wanted_SK.sum()
             self._token_count += wanted_SK.shape[0]
@@ -188,9 +189,10 @@ class ThresholdRouter(Router):
             return probs_SK > 0, probs_SK[:, -1] > 0
         # float64 prefix sums: the decision must not hinge on fp32 rounding of the sum
         inclusive_SK = probs_SK.to(torch.float64).cumsum(dim=-1)
-        wanted_SK = torch.ones_like(inclusive_SK, dtype=torch.bool)
-        wanted_SK[:, 1:] = self.keeps(inclusive_SK[:, :-1])
-        return wanted_SK, self.keeps(inclusive_SK[:, -1])
+        # the mass of the strictly better experts; -inf before the first, which every rule
+        # keeps (a pad, not an indexed assignment: that alone cost ~10 µs per decode call)
+        before_SK = F.pad(inclusive_SK[:, :-1], (1, 0), value=-math.inf)
+        return self.keeps(before_SK), self.keeps(inclusive_SK[:, -1])
 
     @torch.no_grad()
     def end_step(self) -> None:
