@@ -7,25 +7,24 @@ import torch
 
 from benchmarks.layer import main
 
+QUICK = ["--quick", "--rounds", "1", "--warmup", "0"]
+
+
+def run_quick(main_fn, args: list[str], monkeypatch) -> None:
+    """Run a benchmark's ``main`` with the harness's malloc settings already in the environment
+    (so it does not re-exec itself), restoring the thread count it may change."""
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
+    threads = torch.get_num_threads()
+    try:
+        main_fn(args)
+    finally:
+        torch.set_num_threads(threads)
+
 
 @pytest.mark.slow
 def test_layer_benchmark_quick(tmp_path, monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # as the harness would set; avoids a re-exec
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
-    main(
-        [
-            "--quick",
-            "--device",
-            "cpu",
-            "--rounds",
-            "1",
-            "--warmup",
-            "0",
-            "--no-memory",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    run_quick(main, [*QUICK, "--device", "cpu", "--no-memory", "--out", str(tmp_path)], monkeypatch)
     table = (tmp_path / "layer_cpu-quick.md").read_text()
     assert "### Targets" in table and "HF grouped_mm" in table and "capacity padding" in table
     assert "HF Mixtral block, grouped_mm" in table and "one layer with routing, T=1" in table
@@ -36,15 +35,7 @@ def test_hf_experts_benchmark_quick(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from benchmarks.hf_experts import main as hf_experts_main
 
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # as the harness would set; avoids a re-exec
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
-    threads = torch.get_num_threads()
-    try:
-        hf_experts_main(
-            ["--quick", "--threads", "1", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    run_quick(hf_experts_main, [*QUICK, "--threads", "1", "--out", str(tmp_path)], monkeypatch)
     table = (tmp_path / "hf_experts_quick.md").read_text()
     assert "python -m benchmarks.hf_experts --quick" in table
     assert "### Mixtral" in table and "### Qwen3-MoE" in table and "| xmoe t=0.5 |" in table
@@ -53,13 +44,7 @@ def test_hf_experts_benchmark_quick(tmp_path, monkeypatch):
 def test_lm_train_benchmark_quick(tmp_path, monkeypatch):
     from benchmarks.lm_train import main as lm_train_main
 
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # as the harness would set; avoids a re-exec
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
-    threads = torch.get_num_threads()
-    try:
-        lm_train_main(["--quick", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    run_quick(lm_train_main, [*QUICK, "--out", str(tmp_path)], monkeypatch)
     table = (tmp_path / "lm_train_cpu_quick.md").read_text()
     assert "python -m benchmarks.lm_train --quick" in table
     assert "### Target" in table and "| dense, same active FLOPs |" in table
@@ -77,13 +62,7 @@ def test_import_time_benchmark_runs(capsys):
 def test_tuning_benchmark_quick(tmp_path, monkeypatch):
     from benchmarks.tuning import main as tuning_main
 
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")  # as the harness would set; avoids a re-exec
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(1 << 40))
-    threads = torch.get_num_threads()
-    try:
-        tuning_main(["--quick", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    run_quick(tuning_main, [*QUICK, "--out", str(tmp_path)], monkeypatch)
     table = (tmp_path / "tuning_cpu-quick.md").read_text()
     assert "python -m benchmarks.tuning --quick" in table
     assert "### Chunk size" in table and "### Decode path crossover" in table

@@ -9,6 +9,8 @@ from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan, choose_engine
 from xmoe.experts.ffn_function import expert_ffn
 
+_SEPARATE_UP = "experts.w3"  # the up projection's key in the older gated layout
+
 
 def fuse_gate_up_(state_dict: dict, gate_key: str, up_key: str, fused_key: str) -> None:
     """In place: replace a state dict's separate (E, D, H) gate and up matrices by the one
@@ -28,11 +30,16 @@ def _fuse_experts_(state_dict: dict, prefix: str) -> None:
     fuse_gate_up_(state_dict, prefix + "w1", prefix + "w3", prefix + "w1")
 
 
+def has_separate_up(state_dict: dict) -> bool:
+    """Whether a whole model's state dict holds gated experts of the older layout."""
+    return any(key.endswith(_SEPARATE_UP) for key in state_dict)
+
+
 def upgrade_separate_up_(state_dict: dict) -> bool:
     """In place: every gated :class:`FFNExperts` of the older layout in a whole model's state
     dict (keys ``...w1``, ``...w3``, ``...b1``) in today's fused layout, equal in value (the
     up branch gets a zero bias). Returns whether any key changed."""
-    prefixes = [key[: -len("w3")] for key in state_dict if key.endswith("experts.w3")]
+    prefixes = [key[: -len("w3")] for key in state_dict if key.endswith(_SEPARATE_UP)]
     for prefix in prefixes:
         _fuse_experts_(state_dict, prefix)
     return bool(prefixes)

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel, TrainerCallback
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from xmoe.experts.ffn import upgrade_separate_up_
+from xmoe.experts.ffn import has_separate_up, upgrade_separate_up_
 from xmoe.hf.configuration import XMoEConfig
 from xmoe.models.transformer import TransformerLM, check_padding_mask
 from xmoe.storage import read_verified, save_verified
@@ -126,13 +126,19 @@ class XMoEPreTrainedModel(PreTrainedModel):
         """
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if source is not None and Path(source).is_dir():
-            weights = {}
-            for path in sorted(Path(source).glob("*.safetensors")):
+            older_layout = False
+            paths = sorted(Path(source).glob("*.safetensors"))
+            for path in paths:
                 tensors, _, verified = read_verified(path, require_digests=False)
-                weights |= tensors
+                older_layout |= has_separate_up(tensors)
+                del tensors  # not held while transformers loads the files itself
                 if not verified:
                     warnings.warn(f"{path} carries no digests: loaded unverified", stacklevel=2)
-            if "state_dict" not in kwargs and upgrade_separate_up_(weights):
+            if older_layout and "state_dict" not in kwargs:
+                weights = {}
+                for path in paths:
+                    weights |= read_verified(path, require_digests=False)[0]
+                upgrade_separate_up_(weights)
                 kwargs.pop("pretrained_model_name_or_path", None)
                 kwargs.setdefault("config", cls.config_class.from_pretrained(source))
                 args = (None, *args[1:])
