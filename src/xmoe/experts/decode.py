@@ -109,8 +109,8 @@ def decode_ffn(
 def _add_single_rows(x_SD, singles, weights, w1, b1, w2, b2, activation, out_SD) -> None:
     """Experts selected by one token each (every expert, at one token): their first layers are
     written into one (P, F) buffer and activated by one call, since a call's fixed cost is
-    most of its time at one row (exact GELU on this CPU: about 15 µs for 128 values, 25 µs
-    for 512); then one ``addmm_`` per expert adds its weighted output into its token's row.
+    most of its time at one row (exact GELU's especially, on CPU); then one ``addmm_`` per
+    expert adds its weighted output into its token's row.
 
     ``singles``: (expert, token, rank) per expert; ``weights``: (S, K) nested Python floats."""
     one_token = x_SD.shape[0] == 1  # then rows need no slicing

@@ -190,7 +190,7 @@ class ThresholdRouter(Router):
         # float64 prefix sums: the decision must not hinge on fp32 rounding of the sum
         inclusive_SK = probs_SK.to(torch.float64).cumsum(dim=-1)
         # the mass of the strictly better experts; -inf before the first, which every rule
-        # keeps (a pad, not an indexed assignment: that alone cost ~10 µs per decode call)
+        # keeps (a pad: indexed assignments are costly per-call ops at decode sizes)
         before_SK = F.pad(inclusive_SK[:, :-1], (1, 0), value=-math.inf)
         return self.keeps(before_SK), self.keeps(inclusive_SK[:, -1])
 
