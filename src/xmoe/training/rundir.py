@@ -28,6 +28,9 @@ from xmoe.storage import (
     LockedError,
     atomic_write_text,
     fsync_directory,
+    is_own_leftover,
+    name_the_file,
+    open_regular,
     sweep_stale_temporaries,
     temporary_name,
 )
@@ -54,29 +57,44 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 class RunLog:
-    """``log.jsonl``, appended one record per line and flushed to disk on :meth:`sync`."""
+    """``log.jsonl``, appended one record per line and flushed to disk on :meth:`sync`. A link
+    in its place is refused, never followed (:func:`~xmoe.storage.open_regular`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        self._file: TextIO = os.fdopen(fd, "a", encoding="utf-8")
 
     def append(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:  # disk full: say which file
+            name_the_file(error, self.path)
+            raise
 
     def sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:
+            name_the_file(error, self.path)
+            raise
 
     def close(self) -> None:
         self._file.close()
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a log; a torn or damaged line (a crash mid-write) is skipped."""
-    if not path.exists():
+    """The records of a log; a torn or damaged line (a crash mid-write) is skipped. A link in
+    its place is refused, as for writing."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
         return []
-    records, lines = [], path.read_text(encoding="utf-8", errors="replace").splitlines()
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().splitlines()
+    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -123,7 +141,15 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self, purpose: str = "xmoe train") -> Iterator[RunDir]:
-        """Hold the run's lock; clears temporaries that earlier (dead) writers left."""
+        """Hold the run's lock; clears temporaries that earlier (dead) writers left. Refuses a
+        path that names a file: writing needs the run directory."""
+        if self._checkpoint_file is not None:
+            raise ValueError(
+                f"{self._checkpoint_file} ends in .safetensors: it names a checkpoint file, not "
+                "a directory; give the directory to write the run into (--out DIR)"
+            )
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{self.path} is a file; give a directory to write the run into")
         self._lock.purpose = purpose
         with self._lock.hold():
             sweep_stale_temporaries(self.path, exclusive=True)
@@ -220,13 +246,15 @@ class RunDir:
         ``generation_config.json`` and the tokenizer files), by default into the run itself.
 
         Refuses a file as target, and a non-empty directory other than the run's own unless
-        ``force``. The files are written into a staging folder, then moved in one by one.
+        ``force`` (the staging folder and lock file a killed export left do not count). The
+        files are written into a staging folder, then moved in one by one.
         """
         out = self.path if out_dir is None else Path(out_dir)
         own = out.resolve() == self.path.resolve()
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"export target {out} is a file; give a directory")
-        if not own and out.is_dir() and any(out.iterdir()) and not force:
+        users = [p for p in out.iterdir() if not is_own_leftover(p)] if out.is_dir() else []
+        if not own and users and not force:
             raise FileExistsError(
                 f"export target {out} is not empty; pass force=True (--force) to overwrite "
                 "the files there"
