@@ -171,6 +171,8 @@ def _sparsify_eval(args: argparse.Namespace) -> int:
     given = [name for name in _CONVERT_ONLY if getattr(args, name) is not None]
     if args.partition is not None or args.router is not None:
         given.append("partition/router")
+    if args.force:
+        given.append("force")
     if given:
         raise ValueError(
             f"--eval runs its own grid on SmolLM2-135M; it does not take {given} "
@@ -238,6 +240,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         router_steps=300 if args.router_steps is None else args.router_steps,
         seed=0 if args.seed is None else args.seed,
+        force=args.force,
     )
     modules = sparse_mlps(sparse)
     rule = (
@@ -359,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sparsify.add_argument("--expert-size", type=int, default=None, help="neurons per expert")
     sparsify.add_argument("--out", default=None, help="output model directory")
+    sparsify.add_argument(
+        "--force", action="store_true", help="write into a non-empty --out (not a run directory)"
+    )
     sparsify.add_argument("--partition", default=None, choices=("contiguous", "clustered"))
     sparsify.add_argument("--router", default=None, choices=("learned", "oracle"))
     rule = sparsify.add_mutually_exclusive_group()

@@ -19,9 +19,19 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.sparse_mlp import SparseMLP
+from xmoe.hf.verified import VerifiedWeightsMixin
 
 SETTINGS_KEY = "xmoe_sparsify"
 """Config attribute holding the conversion settings (a dict of SparsifyConfig fields)."""
+
+WEIGHT_CONFIG_FIELDS = frozenset(
+    {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"}
+    | {"num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps"}
+    | {"rope_theta", "rope_parameters", "rope_scaling", "tie_word_embeddings", "attention_bias"}
+    | {"mlp_bias", f"{SETTINGS_KEY}.expert_size"}
+)
+"""config.json fields that decide how a sparsified model's weights are read (a change refuses
+the load; the selection rule, router and combine may change with a warning)."""
 
 
 def install_sparse_mlps(model: Any, config: Any) -> None:
@@ -39,10 +49,12 @@ class SparseLlamaConfig(LlamaConfig):
     model_type = "xmoe_sparse_llama"
 
 
-class SparseLlamaForCausalLM(LlamaForCausalLM):
-    """``LlamaForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`."""
+class SparseLlamaForCausalLM(VerifiedWeightsMixin, LlamaForCausalLM):
+    """``LlamaForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`; its weights and
+    config are verified on load (:class:`~xmoe.hf.verified.VerifiedWeightsMixin`)."""
 
     config_class = SparseLlamaConfig
+    weight_config_fields = WEIGHT_CONFIG_FIELDS
 
     def __init__(self, config: SparseLlamaConfig) -> None:
         super().__init__(config)
@@ -55,10 +67,11 @@ class SparseQwen2Config(Qwen2Config):
     model_type = "xmoe_sparse_qwen2"
 
 
-class SparseQwen2ForCausalLM(Qwen2ForCausalLM):
-    """``Qwen2ForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`."""
+class SparseQwen2ForCausalLM(VerifiedWeightsMixin, Qwen2ForCausalLM):
+    """``Qwen2ForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`, verified on load."""
 
     config_class = SparseQwen2Config
+    weight_config_fields = WEIGHT_CONFIG_FIELDS
 
     def __init__(self, config: SparseQwen2Config) -> None:
         super().__init__(config)

@@ -10,6 +10,7 @@ import torch
 
 from xmoe.conversion.real_model import INSTALL_HINT as REAL_MODEL_HINT
 from xmoe.conversion.real_model import real_model_available
+from xmoe.training.rundir import RunDir, check_model_target, staged_model_directory
 
 __all__ = ["REAL_MODEL_HINT", "calibration_windows", "real_model_available", "sparsify_directory"]
 
@@ -63,12 +64,18 @@ def sparsify_directory(
     seq_len: int = 256,
     calibration_text: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    force: bool = False,
     **settings: Any,
 ):
     """Load the causal LM in ``source`` (fp32), :func:`~xmoe.conversion.sparsify` it, and
     write it (and the tokenizer, when there is one) to ``out``.
 
+    ``out`` is written as ``xmoe export`` writes (:func:`~xmoe.training.rundir.
+    staged_model_directory`): staged, put in place only when complete, the weights carrying
+    digests and the config they were saved with, checked on load.
+
     Args:
+        force: write into a non-empty ``out`` (replacing the model files there).
         settings: ``partition``, ``router``, ``active_fraction``, ``threshold``, and the other
             :class:`~xmoe.conversion.SparsifyConfig` fields.
 
@@ -76,7 +83,9 @@ def sparsify_directory(
         the sparsified model.
 
     Raises:
-        ValueError: ``source`` is not a model directory, or a bad setting.
+        ValueError: ``source`` is not a model directory, ``out`` is an xmoe run directory, or a
+            bad setting.
+        FileExistsError: ``out`` is a file, or a non-empty directory without ``force``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,6 +96,7 @@ def sparsify_directory(
         raise ValueError(
             f"{source} is not a directory with a transformers causal LM (no config.json)"
         )
+    _check_output(Path(out), force)
     if calibration_tokens < 1 or seq_len < 1:
         raise ValueError(
             f"calibration_tokens={calibration_tokens} and seq_len={seq_len} must be >= 1"
@@ -99,7 +109,21 @@ def sparsify_directory(
         else None
     )
     sparse = sparsify(model, expert_size, calibration=calibration, progress=progress, **settings)
-    sparse.save_pretrained(out)
-    if has_tokenizer(source):  # a model directory without a tokenizer stays without one
-        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    with staged_model_directory(Path(out), "xmoe sparsify") as staging:
+        sparse.save_pretrained(staging)
+        if has_tokenizer(source):  # a model directory without a tokenizer stays without one
+            AutoTokenizer.from_pretrained(source).save_pretrained(staging)
     return sparse
+
+
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse ``out`` before any work: a file, a non-empty directory without ``force``, and an
+    xmoe run directory even with it (its ``tokenizer.json`` and export would be replaced by an
+    unrelated model's)."""
+    run = RunDir(out)
+    if out.is_dir() and (run.has_checkpoint or run.config_path.exists()):
+        raise ValueError(
+            f"sparsify output {out} is an xmoe run directory; write the sparsified model to a "
+            "directory of its own"
+        )
+    check_model_target(out, force=force, what="sparsify output")

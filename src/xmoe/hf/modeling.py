@@ -17,7 +17,6 @@ and any keyword forward does not name.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,8 +29,9 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 
 from xmoe.experts.ffn import has_separate_up, upgrade_separate_up_
 from xmoe.hf.configuration import XMoEConfig
+from xmoe.hf.verified import VerifiedWeightsMixin, opted_out, weight_files
 from xmoe.models.transformer import TransformerLM, check_padding_mask
-from xmoe.storage import read_verified, save_verified
+from xmoe.storage import read_verified
 
 
 @dataclass
@@ -71,7 +71,9 @@ class XMoECausalLMOutput(MoeCausalLMOutputWithPast):
     experts_per_token: tuple[torch.Tensor, ...] | None = None
 
 
-class XMoEPreTrainedModel(PreTrainedModel):
+class XMoEPreTrainedModel(VerifiedWeightsMixin, PreTrainedModel):
+    """Weights and config verified on load (:class:`~xmoe.hf.verified.VerifiedWeightsMixin`)."""
+
     config_class = XMoEConfig
     base_model_prefix = "model"
     _no_split_modules: ClassVar[list[str]] = ["Block"]
@@ -86,6 +88,15 @@ class XMoEPreTrainedModel(PreTrainedModel):
     # Trainer then passes num_items_in_batch and leaves the normalisation over accumulated
     # micro-batches to forward (set False and the Trainer divides by the accumulation steps)
     accepts_loss_kwargs = True
+    # config.json fields that decide how the saved weights are read: a file that changed one
+    # since it was saved is refused; other changes (threshold, top_k, capacity, max_seq_len,
+    # dropout, ...: settings of how the model runs) load with a warning naming them
+    weight_config_fields: ClassVar[frozenset[str]] = frozenset(
+        {"model_type", "vocab_size", "d_model", "num_layers", "num_heads", "d_ff"}
+        | {"dense_activation", "moe_every", "rope_theta", "norm_eps", "tie_embeddings"}
+        | {"tie_word_embeddings", "moe.d_model", "moe.num_experts", "moe.d_expert"}
+        | {"moe.router", "moe.router_options", "moe.activation", "moe.bias"}
+    )
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, TransformerLM):
@@ -102,58 +113,24 @@ class XMoEPreTrainedModel(PreTrainedModel):
             )
         return name
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, then a CRC-32 of every tensor recorded in each
-        ``.safetensors`` file written, which :meth:`from_pretrained` verifies."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        for path in Path(save_directory).glob("*.safetensors"):
-            tensors, metadata, _ = read_verified(path, require_digests=False)
-            save_verified(path, tensors, metadata)
-        return result
-
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained`` that verifies the weight files' digests (naming a
-        damaged tensor) and refuses, rather than randomly initialises, a checkpoint with
-        missing, unexpected or mis-shaped weights.
-
-        The transformers opt-outs hold: ``output_loading_info=True`` returns ``(model, info)``
-        and raises for none of these (the caller inspects ``info``);
-        ``ignore_mismatched_sizes=True`` lets mis-shaped weights be initialised afresh.
-
-        A directory saved before gated experts stored their gate and up projections as one
-        ``w1`` (a separate ``experts.w3``) loads into the fused layout, equal in value.
-        """
-        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if source is not None and Path(source).is_dir():
-            older_layout = False
-            paths = sorted(Path(source).glob("*.safetensors"))
-            for path in paths:
-                tensors, _, verified = read_verified(path, require_digests=False)
-                older_layout |= has_separate_up(tensors)
-                del tensors  # not held while transformers loads the files itself
-                if not verified:
-                    warnings.warn(f"{path} carries no digests: loaded unverified", stacklevel=2)
-            if older_layout and "state_dict" not in kwargs:
-                weights = {}
-                for path in paths:
-                    weights |= read_verified(path, require_digests=False)[0]
-                upgrade_separate_up_(weights)
-                kwargs.pop("pretrained_model_name_or_path", None)
-                kwargs.setdefault("config", cls.config_class.from_pretrained(source))
-                args = (None, *args[1:])
-                kwargs["state_dict"] = weights
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if want_info:
-            return model, info
-        checked = ["missing_keys", "unexpected_keys"]
-        if not kwargs.get("ignore_mismatched_sizes", False):
-            checked.append("mismatched_keys")
-        problems = {key: sorted(info.get(key) or []) for key in checked if info.get(key)}
-        if problems:
-            raise ValueError(f"checkpoint does not match {cls.__name__}: {problems}")
-        return model
+    def prepare_local_load(
+        cls, directory: Path, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
+        """Verify the directory; one saved before gated experts stored their gate and up
+        projections as one ``w1`` (a separate ``experts.w3``) loads into the fused layout,
+        equal in value."""
+        names = cls.verify_directory(directory, strict=not opted_out(kwargs))
+        if has_separate_up(names) and "state_dict" not in kwargs:
+            weights = {}
+            for path in weight_files(directory):
+                weights |= read_verified(path, require_digests=False)[0]
+            upgrade_separate_up_(weights)
+            kwargs.pop("pretrained_model_name_or_path", None)
+            kwargs.setdefault("config", cls.config_class.from_pretrained(directory))
+            args = (None, *args[1:])
+            kwargs["state_dict"] = weights
+        return args, kwargs
 
 
 def _positions_from_mask(
@@ -209,8 +186,8 @@ class XMoEModel(XMoEPreTrainedModel):
         """Args:
         input_ids: (B, T) token ids, or None with ``inputs_embeds`` (exactly one of the two).
         attention_mask: (B, past + T) 1 for real tokens and 0 for padding (positions then skip
-            the padding), or a prepared 4-D (B, 1, T, K) mask: bool (True = attend) or additive
-            float.
+            the padding; other values, or a row without a 1, are refused), or a prepared 4-D
+            (B, 1, T, K) mask: bool (True = attend) or additive float.
         position_ids: (B, T) rotary positions; default from the mask, else ``past + arange(T)``.
         past_key_values: a transformers ``Cache`` (dynamic or static) to read and extend.
         inputs_embeds: (B, T, D) embeddings in place of the token embedding lookup.
@@ -294,6 +271,22 @@ class XMoEForCausalLM(XMoEPreTrainedModel, GenerationMixin):
     def set_threshold(self, threshold: float) -> None:
         """Change t of the threshold-routed MoE layers without reloading."""
         self.model.set_threshold(threshold)
+
+    def _validate_generated_length(
+        self, generation_config, input_ids_length: int, has_default_max_length: bool
+    ) -> None:
+        """transformers' checks of ``generate``'s lengths, and a total past ``max_seq_len``
+        refused before the first token (the forward would refuse only on reaching it)."""
+        super()._validate_generated_length(
+            generation_config, input_ids_length, has_default_max_length
+        )
+        limit, total = self.config.max_seq_len, generation_config.max_length
+        if total > limit:
+            raise ValueError(
+                f"input ({input_ids_length} tokens) + {total - input_ids_length} new tokens = "
+                f"{total} exceeds the model's max_seq_len={limit} (max_position_embeddings); "
+                f"ask for at most {max(limit - input_ids_length, 0)} new tokens"
+            )
 
     def end_training_step(self) -> None:
         """Let the routers adapt between optimizer steps, as ``xmoe train`` does after each

@@ -142,6 +142,7 @@ class AttentionMask:
     ) -> None:
         if attention_mask is not None:
             check_padding_mask(attention_mask, num_new, past_len)
+            check_mask_values(attention_mask)
         self.attention_mask = attention_mask
         self.num_new = num_new
         self.past_len = past_len
@@ -209,6 +210,31 @@ def check_padding_mask(
                 f"attention_mask has {attention_mask.shape[-1]} positions; expected cached + new "
                 f"= {past_len} + {num_new} = {total}"
             )
+
+
+def check_mask_values(attention_mask: torch.Tensor) -> None:
+    """Raise a ValueError naming ``attention_mask`` when a padding mask (2-D, or 4-D of
+    integers) holds a value other than 0 and 1, or a 2-D mask has a row without a real token
+    (a 4-D float mask is additive: any value). Costs one host sync per forward; skipped while
+    compiling, where a sync would break the graph."""
+    mask = attention_mask
+    if torch.compiler.is_compiling() or (mask.dim() == 4 and mask.is_floating_point()):
+        return
+    odd_BL = (mask != 0) & (mask != 1)
+    checks = [odd_BL.any()]
+    if mask.dim() == 2:
+        checks.append((mask == 0).all(dim=-1).any())
+    odd, *empty = torch.stack(checks).tolist()
+    if odd:
+        raise ValueError(
+            f"attention_mask holds {mask[odd_BL][0].item()!r}: a padding mask may hold only "
+            "1 (a real token) and 0 (padding)"
+        )
+    if any(empty):
+        row = int((mask == 0).all(dim=-1).nonzero()[0])
+        raise ValueError(
+            f"attention_mask row {row} is all 0: each sequence needs at least one real token (1)"
+        )
 
 
 def eager_attention(

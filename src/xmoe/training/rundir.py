@@ -246,34 +246,83 @@ class RunDir:
         ``generation_config.json`` and the tokenizer files), by default into the run itself.
 
         Refuses a file as target, and a non-empty directory other than the run's own unless
-        ``force`` (the staging folder and lock file a killed export left do not count). The
-        files are written into a staging folder, then moved in one by one.
+        ``force``. The files are written into a staging folder, then put in place
+        (:func:`staged_model_directory`).
         """
         out = self.path if out_dir is None else Path(out_dir)
         own = out.resolve() == self.path.resolve()
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"export target {out} is a file; give a directory")
-        users = [p for p in out.iterdir() if not is_own_leftover(p)] if out.is_dir() else []
-        if not own and users and not force:
-            raise FileExistsError(
-                f"export target {out} is not empty; pass force=True (--force) to overwrite "
-                "the files there"
-            )
+        check_model_target(out, force=force, own=own)
         from xmoe.hf.export import hf_model_from_run, save_hf_tokenizer
 
         model = hf_model_from_run(self)
         tokenizer = self.load_tokenizer()
-        target = RunDir(out)
         locked = self._lock.held and own
-        with contextlib.nullcontext() if locked else target.lock("xmoe export"):
-            staging = temporary_name(out / "export")
-            try:
-                model.save_pretrained(staging)
-                if tokenizer is not None:
-                    save_hf_tokenizer(self.tokenizer_path, staging)
-                for item in sorted(staging.iterdir()):
-                    os.replace(item, out / item.name)
-                fsync_directory(out)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        with staged_model_directory(out, "xmoe export", locked=locked) as staging:
+            model.save_pretrained(staging)
+            if tokenizer is not None:
+                save_hf_tokenizer(self.tokenizer_path, staging)
         return out
+
+
+# --- model directories (export, sparsify) ------------------------------------------------------
+
+
+def check_model_target(
+    out: Path, *, force: bool, own: bool = False, what: str = "export target"
+) -> None:
+    """Refuse ``out`` as the folder to write a model directory into: a file always, a non-empty
+    directory (other than a run's own, ``own``) unless ``force``; what a killed writer of ours
+    left there (a staging folder, a lock file) does not count. ``what`` names it."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{what} {out} is a file; give a directory")
+    users = [p for p in out.iterdir() if not is_own_leftover(p)] if out.is_dir() else []
+    if not own and users and not force:
+        raise FileExistsError(
+            f"{what} {out} is not empty; pass force=True (--force) to overwrite the files there"
+        )
+
+
+@contextlib.contextmanager
+def staged_model_directory(out: Path, purpose: str, *, locked: bool = False) -> Iterator[Path]:
+    """A staging folder to write a model directory into, put in place as ``out`` only when the
+    block completes; an error or a kill never leaves a directory that looks complete.
+
+    A new ``out`` is a sibling folder renamed into place at once (one left by a killed writer
+    goes at the next call). Into an existing directory, held under its lock (``purpose`` names
+    the holder; ``locked``: the caller holds it), the files move one by one: the old weight
+    files removed first and the new ones moved last, so an interrupted move leaves a directory
+    without weights (refused on load), never new files beside old weights.
+    """
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(out.parent)
+        staging = temporary_name(out)
+        try:
+            staging.mkdir()
+            yield staging
+            os.rename(staging, out)  # fails if a non-empty `out` appeared meanwhile
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        fsync_directory(out.parent)
+        return
+    with contextlib.nullcontext() if locked else RunDir(out).lock(purpose):
+        staging = temporary_name(out / "export")
+        try:
+            staging.mkdir()
+            yield staging
+            _move_model_files(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_model_files(staging: Path, out: Path) -> None:
+    """Replace the model files in ``out`` by those in ``staging``, weights last."""
+    from xmoe.hf.verified import is_weight_file
+
+    for old in out.iterdir():
+        if is_weight_file(old.name) and not old.is_dir():
+            old.unlink()
+    items = sorted(staging.iterdir(), key=lambda item: (is_weight_file(item.name), item.name))
+    for item in items:
+        os.replace(item, out / item.name)
+    fsync_directory(out)
