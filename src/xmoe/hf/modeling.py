@@ -17,6 +17,7 @@ and any keyword forward does not name.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel, TrainerCallback
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from xmoe.experts.ffn import has_separate_up, upgrade_separate_up_
 from xmoe.hf.configuration import XMoEConfig
@@ -127,7 +129,7 @@ class XMoEPreTrainedModel(PreTrainedModel):
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if source is not None and Path(source).is_dir():
             older_layout = False
-            paths = sorted(Path(source).glob("*.safetensors"))
+            paths = _weight_files(Path(source))  # not a run's checkpoints: not read here
             for path in paths:
                 tensors, _, verified = read_verified(path, require_digests=False)
                 older_layout |= has_separate_up(tensors)
@@ -154,6 +156,17 @@ class XMoEPreTrainedModel(PreTrainedModel):
         if problems:
             raise ValueError(f"checkpoint does not match {cls.__name__}: {problems}")
         return model
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` loads from ``directory``: the shards its index
+    names, or ``model.safetensors``."""
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        return [directory / name for name in sorted(set(shards))]
+    single = directory / SAFE_WEIGHTS_NAME
+    return [single] if single.is_file() else []
 
 
 def _positions_from_mask(
