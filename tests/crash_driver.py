@@ -12,6 +12,9 @@ log append and to each optimizer step.
 Commands:
     {"job": "save", "path": P, "value": V, "kill_at": K, "chunk_bytes": N}
         save_checkpoint(P, a checkpoint whose tensor "w" is full of V, step V)
+    {"job": "resume-save", "path": D, "value": V, "kill_at": K}
+        what a resume does in run directory D: lock it, load its checkpoint as a writer
+        (falling back and moving a damaged latest aside), then save a checkpoint of step V
     {"job": "train", "argv": [...], "kill_at": K}
         xmoe.cli.main.main(argv)
     {"job": "train", "argv": [...], "pause_after_steps": S, "paused": F, "release": R,
@@ -99,6 +102,13 @@ def _child(command: dict, report_fd: int) -> None:
         value = float(command["value"])
         model = {"w": torch.full((1024, 1024), value)}
         save_checkpoint(command["path"], Checkpoint(model, None, {}, {"step": int(value)}))
+    elif command["job"] == "resume-save":
+        run = rundir.RunDir(command["path"])
+        with run.lock():
+            run.load_checkpoint(writer=True)
+            value = float(command["value"])
+            model = {"w": torch.full((64, 64), value)}
+            run.save_checkpoint(Checkpoint(model, None, {}, {"step": int(value)}))
     else:
         code = cli_main(command["argv"])
     write(report_fd, json.dumps({"points": passed[0]}).encode())

@@ -3,9 +3,11 @@
 * :func:`atomic_write` writes bytes to a temporary file of our own naming (exclusive create, the
   umask's mode), fsyncs it, renames it over the target and fsyncs the directory: at every moment
   the target holds either its old content or its new content, never a mix.
-* :func:`save_verified` / :func:`read_verified` put a CRC-32 of every tensor's bytes (and of
-  the metadata) into a safetensors file's metadata, and check them on load, naming the damaged
-  tensor. Length and header damage is caught by the safetensors parser itself.
+* :func:`save_verified` / :func:`read_verified` put every tensor's dtype, shape and a CRC-32 of
+  its bytes (and a CRC-32 of the metadata) into a safetensors file's metadata, and check them on
+  load, naming the damaged tensor. The parser itself refuses a length that does not fit, and
+  data offsets that do not tile the data exactly; an offset edited within those rules moves
+  bytes from one tensor to another, which the CRC-32s catch.
 * :func:`sweep_stale_temporaries` removes temporary files whose writer process is gone.
 * :class:`DirectoryLock` gives one process at a time a directory (``flock``, released by the
   kernel when the holder dies, so a crash never leaves a stale lock).
@@ -23,8 +25,9 @@ import re
 import secrets
 import shutil
 import stat
+import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize_tensors
 
 DIGESTS_KEY = "xmoe.crc32"
-"""safetensors metadata key holding ``{tensor name: crc32 hex}`` plus ``__metadata__``."""
+"""safetensors metadata key holding ``{tensor name: [crc32 hex, dtype, shape]}`` plus
+``__metadata__`` (files written before dtype and shape were recorded hold ``{name: crc32 hex}``)."""
 
 WRITE_CHUNK_BYTES = 8 << 20
 
@@ -184,6 +188,12 @@ def tensor_crc32(tensor: torch.Tensor) -> str:
     return f"{zlib.crc32(flat.view(torch.uint8).numpy()):08x}"
 
 
+def _tensor_digest(tensor: torch.Tensor) -> list:
+    """What the digests record of a tensor: the CRC-32 of its bytes, its dtype and its shape (a
+    header edit that keeps the byte size, such as F32 -> I32, changes no byte of the data)."""
+    return [tensor_crc32(tensor), str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
+
+
 def _text_crc32(text: str) -> str:
     return f"{zlib.crc32(text.encode('utf-8')):08x}"
 
@@ -193,7 +203,7 @@ def serialize_verified(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     one of the other metadata entries."""
     if DIGESTS_KEY in metadata:
         raise ValueError(f"metadata key {DIGESTS_KEY!r} is reserved")
-    digests = {name: tensor_crc32(t) for name, t in tensors.items()}
+    digests: dict[str, object] = {name: _tensor_digest(t) for name, t in tensors.items()}
     digests["__metadata__"] = _text_crc32(json.dumps(metadata, sort_keys=True))
     return serialize_tensors(tensors, metadata={**metadata, DIGESTS_KEY: json.dumps(digests)})
 
@@ -206,22 +216,33 @@ def save_verified(
 
 
 def read_verified(
-    path: str | os.PathLike, *, require_digests: bool = True
+    path: str | os.PathLike,
+    *,
+    require_digests: bool = True,
+    select: Callable[[str], bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
-    """All tensors and the metadata (digests removed) of a safetensors file, checked; the last
+    """The tensors and the metadata (digests removed) of a safetensors file, checked; the last
     item says whether the file carried digests (False only without ``require_digests``).
 
+    With ``select``, only the tensors whose name it accepts are read and verified (a reader that
+    needs part of a file is not refused for damage in the rest); the set of names is still
+    checked against the record.
+
     Raises :class:`DamagedFileError` naming the file and what is wrong: unparsable (truncated,
-    zero-filled, header damage), a tensor whose bytes changed, tensors added or missing, edited
-    metadata, or (with ``require_digests``) no digests at all; an ``OSError`` with the real cause
-    (permission denied) when the file cannot be opened.
+    zero-filled, header damage), a tensor whose bytes, dtype or shape changed, tensors added or
+    missing, edited metadata, or (with ``require_digests``) no digests at all. A file written
+    before dtype and shape were recorded (its digests are bare CRC-32s) is verified for its
+    bytes only, with a warning. An
+    ``OSError`` with the real cause (permission denied) when the file cannot be opened.
     """
     path = Path(path)
     os.close(os.open(path, os.O_RDONLY))  # safetensors calls every open error "No such file"
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            names = set(handle.keys())
+            wanted = sorted(n for n in names if select is None or select(n))
+            tensors = {name: handle.get_tensor(name) for name in wanted}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise DamagedFileError(f"{path} is not a readable safetensors file: {error}") from None
     recorded = metadata.pop(DIGESTS_KEY, None)
@@ -235,16 +256,40 @@ def read_verified(
         raise DamagedFileError(f"{path}: its digest record is damaged") from None
     if digests.pop("__metadata__", None) != _text_crc32(json.dumps(metadata, sort_keys=True)):
         raise DamagedFileError(f"{path}: its metadata is damaged (does not match its digest)")
-    if set(digests) != set(tensors):
-        missing, extra = sorted(set(digests) - set(tensors)), sorted(set(tensors) - set(digests))
+    if set(digests) != names:
+        missing, extra = sorted(set(digests) - names), sorted(names - set(digests))
         raise DamagedFileError(f"{path}: tensors missing {missing}, unexpected {extra}")
+    _check_tensors(path, tensors, digests)
+    return tensors, metadata, True
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], digests: dict) -> None:
+    """Each tensor against its record: a bare CRC-32 (the older layout, with a warning), or
+    CRC-32, dtype and shape."""
+    for name in tensors:
+        entry = digests[name]
+        if not (isinstance(entry, str) or (isinstance(entry, list) and len(entry) == 3)):
+            raise DamagedFileError(f"{path}: its digest record is damaged (entry of {name!r})")
+    older = [name for name in tensors if isinstance(digests[name], str)]
+    if older:
+        warnings.warn(
+            f"{path} predates dtype and shape digests: its tensors' bytes are verified, their "
+            "dtypes and shapes are not (save it again to record them)",
+            stacklevel=3,
+        )
     for name, tensor in tensors.items():
-        if tensor_crc32(tensor) != digests[name]:
+        actual = _tensor_digest(tensor)
+        expected = digests[name] if name not in older else [digests[name], *actual[1:]]
+        if actual[1:] != expected[1:]:
+            raise DamagedFileError(
+                f"{path}: tensor {name!r} is damaged (the header gives it dtype {actual[1]}, "
+                f"shape {actual[2]}; it was written as {expected[1]}, shape {expected[2]})"
+            )
+        if actual[0] != expected[0]:
             raise DamagedFileError(
                 f"{path}: tensor {name!r} is damaged (its bytes do not match the CRC-32 "
                 "recorded when the file was written)"
             )
-    return tensors, metadata, True
 
 
 class DirectoryLock:

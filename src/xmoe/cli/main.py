@@ -47,7 +47,10 @@ def _train(args: argparse.Namespace) -> int:
     export = importlib.util.find_spec("transformers") is not None
     if not export:
         print("transformers is not installed: the HF export is skipped (pip install xmoe[hf])")
+    if args.fresh_optimizer and not args.resume:
+        raise ValueError("--fresh-optimizer applies to --resume only")
     options = {"resume": args.resume, "progress": not args.no_progress, "export": export}
+    options["fresh_optimizer"] = args.fresh_optimizer
     result = _train_parallel(config, out, args.nproc, options)
     if result is None:  # one process
         result = train(config, out, **options)
@@ -313,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--out", default=None, help="run directory (default runs/PRESET)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument(
+        "--fresh-optimizer", action="store_true",
+        help="with --resume: restore model, RNG and step, start the optimizer state afresh "
+        "(for a checkpoint whose optimizer state is damaged)",
+    )  # fmt: skip
     train.add_argument("--no-progress", action="store_true")
     train.add_argument(
         "--nproc", type=int, default=1,

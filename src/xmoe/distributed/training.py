@@ -131,6 +131,7 @@ def train_distributed(
     progress: bool = True,
     stop_after: int | None = None,
     export: bool = False,
+    fresh_optimizer: bool = False,
     expert_parallel_size: int | None = None,
     backend: str | None = None,
     timeout_s: float | None = None,
@@ -148,6 +149,7 @@ def train_distributed(
     from xmoe.distributed.launcher import DEFAULT_TIMEOUT_S, launch
 
     options = {"resume": resume, "progress": progress, "stop_after": stop_after, "export": export}
+    options["fresh_optimizer"] = fresh_optimizer  # see xmoe.training.train
     results = launch(
         _train_rank,
         nproc,

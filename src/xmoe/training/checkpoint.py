@@ -6,14 +6,18 @@ RNG states (``rng.*``); everything else (step, configs, optimizer hyper-paramete
 the safetensors metadata, together with a CRC-32 of every tensor (:mod:`xmoe.storage`). A save
 first links the current checkpoint to ``<name>.prev.safetensors``, then replaces the current one
 atomically, so at every moment the real name holds a complete checkpoint, and a damaged latest
-checkpoint can fall back to the one before it.
+checkpoint can fall back to the one before it. A writer that falls back moves the damaged one
+aside (``<name>.damaged-<n>.safetensors``) first, so the next save can never make it the
+previous one: the good previous checkpoint stays until a new good one exists.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ from xmoe.storage import (
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "xmoe-checkpoint-2"
 UNVERIFIED_FORMATS = ("xmoe-checkpoint-1",)  # written before digests; loaded with a warning
+ALL_PARTS = ("model", "rng", "optim")
+"""The tensor groups of a checkpoint (name prefixes); a reader verifies only those it loads."""
 
 
 class CheckpointError(RuntimeError):
@@ -125,44 +131,100 @@ def _link_previous(path: Path) -> None:
     tmp = temporary_name(previous)
     try:
         os.link(path, tmp)
-    except OSError:  # a file system without hard links: copy instead
-        atomic_write(previous, path.read_bytes())
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise  # disk full and the like: copying would fail the same way
+        atomic_write(previous, path.read_bytes())  # a file system without hard links
         return
-    os.replace(tmp, previous)
+    try:
+        os.replace(tmp, previous)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed save leaves no temporary behind
+        raise
     fsync_directory(path.parent)
 
 
-def load_checkpoint(path: str | os.PathLike, fallback: bool = True) -> Checkpoint:
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to the first free ``<stem>.damaged-<n><suffix>`` (never over
+    an earlier one) and return the new name; the caller holds the run's lock."""
+    number = 1
+    while True:
+        target = path.with_name(f"{path.stem}.damaged-{number}{path.suffix}")
+        try:
+            os.link(path, target)  # fails if the name is taken, where a rename would replace
+        except FileExistsError:
+            number += 1
+            continue
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if target.exists():
+                number += 1
+                continue
+            os.rename(path, target)  # no hard links here; under the lock, nobody races us
+        else:
+            os.unlink(path)
+        fsync_directory(path.parent)
+        return target
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    fallback: bool = True,
+    *,
+    parts: Collection[str] = ALL_PARTS,
+    writer: bool = False,
+) -> Checkpoint:
     """Read and verify a checkpoint file (or a run directory's checkpoint).
+
+    Only the tensor groups in ``parts`` (of :data:`ALL_PARTS`) are read and verified, so a
+    reader of the model is not refused for a damaged optimizer state; the parts not read come
+    back empty (``optimizer_state`` None, ``rng_state`` ``{}``).
 
     Raises :class:`CheckpointError` with the reason when the file is missing, damaged (naming
     the damaged tensor) or of another format. With ``fallback``, a missing or damaged
     checkpoint whose :func:`previous_path` verifies loads that one instead, with a warning.
+
+    ``writer`` is for a caller that holds the run's lock and will save the next checkpoint
+    (resume): a damaged latest checkpoint it falls back from is moved aside (:func:`set_aside`,
+    so the next save cannot make it the previous one), and a damaged previous checkpoint is
+    reported when the latest loads.
     """
     path = resolve_checkpoint_path(path)
+    previous = previous_path(path)
     try:
-        return _load_verified(path)
+        checkpoint = _load_verified(path, parts)
     except CheckpointError as error:
-        previous = previous_path(path)
         if not fallback or not previous.is_file():
             raise
         try:
-            checkpoint = _load_verified(previous)
+            checkpoint = _load_verified(previous, parts)
         except CheckpointError as previous_error:
             raise CheckpointError(f"{error}; the previous one too: {previous_error}") from None
+        aside = f"; moved it aside to {set_aside(path).name}" if writer and path.is_file() else ""
         warnings.warn(
-            f"{error}; using the previous checkpoint {previous.name} "
+            f"{error}{aside}; using the previous checkpoint {previous.name} "
             f"(step {checkpoint.meta.get('step')})",
             stacklevel=2,
         )
         return checkpoint
+    if writer and fallback and previous.is_file():
+        try:
+            _load_verified(previous, ALL_PARTS)
+        except CheckpointError as error:
+            warnings.warn(
+                f"{error}: there is no fallback until the next save replaces it", stacklevel=2
+            )
+    return checkpoint
 
 
-def _load_verified(path: Path) -> Checkpoint:
+def _load_verified(path: Path, parts: Collection[str]) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        tensors, metadata, verified = read_verified(path, require_digests=False)
+        tensors, metadata, verified = read_verified(
+            path, require_digests=False, select=lambda name: name.split(".", 1)[0] in parts
+        )
     except DamagedFileError as error:
         raise CheckpointError(str(error)) from None
     file_format = metadata.get("format")
@@ -179,7 +241,7 @@ def _load_verified(path: Path) -> Checkpoint:
     rng_state = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     optim_info = meta.pop("optimizer", None)
     optimizer_state = None
-    if optim_info is not None:
+    if optim_info is not None and "optim" in parts:
         optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer_state = _join_optimizer_state(optim_tensors, optim_info)
     return Checkpoint(model_state, optimizer_state, rng_state, meta)

@@ -35,6 +35,7 @@ from xmoe.storage import (
     temporary_name,
 )
 from xmoe.training.checkpoint import (
+    ALL_PARTS,
     CHECKPOINT_NAME,
     Checkpoint,
     CheckpointError,
@@ -47,13 +48,19 @@ CONFIG_NAME = "train_config.json"
 TOKENIZER_NAME = "tokenizer.json"
 LOG_NAME = "log.jsonl"
 
-__all__ = ["LockedError", "RunDir", "RunLog", "tokenizer_fingerprint"]
+__all__ = ["LockedError", "RunDir", "RunLog", "tokenizer_file_sha256", "tokenizer_fingerprint"]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """SHA-256 of a ``tokenizers.Tokenizer``'s vocabulary (token -> id), order-independent."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return hashlib.sha256(vocab.encode("utf-8")).hexdigest()
+
+
+def tokenizer_file_sha256(tokenizer) -> str:
+    """SHA-256 of the ``tokenizer.json`` bytes :meth:`RunDir.save_tokenizer` writes for
+    ``tokenizer``: it covers the merges and every setting, not only the vocabulary."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 class RunLog:
@@ -186,13 +193,18 @@ class RunDir:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def load_checkpoint(self) -> Checkpoint:
+    def load_checkpoint(self, parts=ALL_PARTS, *, writer: bool = False) -> Checkpoint:
         """The verified latest checkpoint, or the previous one (with a warning) if the latest is
-        missing or damaged; a checkpoint file named explicitly loads without fallback."""
+        missing or damaged; a checkpoint file named explicitly loads without fallback. Only the
+        tensor groups in ``parts`` are read and verified. ``writer`` (resume, under the lock):
+        a damaged latest checkpoint is moved aside and a damaged previous one is reported (see
+        :func:`xmoe.training.checkpoint.load_checkpoint`)."""
+        if writer:
+            self._require_lock()
         if self._checkpoint_file is not None:
             explicit = self._checkpoint_file != self.checkpoint_path
-            return load_checkpoint(self._checkpoint_file, fallback=not explicit)
-        return load_checkpoint(self.checkpoint_path, fallback=True)
+            return load_checkpoint(self._checkpoint_file, fallback=not explicit, parts=parts)
+        return load_checkpoint(self.checkpoint_path, parts=parts, writer=writer)
 
     def read_log(self) -> list[dict[str, Any]]:
         return read_log(self.log_path)
@@ -211,9 +223,18 @@ class RunDir:
             ) from None
 
     def check_tokenizer(self, tokenizer, meta: dict[str, Any], vocab_size: int) -> None:
-        """Refuse a tokenizer that is not the one the model was trained with: its fingerprint
-        must match the checkpoint's record, and its ids must fit the model's vocabulary."""
+        """Refuse a tokenizer that is not the one the model was trained with: the digest of its
+        file (or, for runs that recorded only that, of its vocabulary) must match the
+        checkpoint's record, and its ids must fit the model's vocabulary. A missing tokenizer
+        file of a run that recorded one is refused as missing."""
+        recorded_file = meta.get("tokenizer_file_sha256")
+        recorded_vocab = meta.get("tokenizer_sha256")
         if tokenizer is None:
+            if recorded_file is not None or recorded_vocab is not None:
+                raise CheckpointError(
+                    f"{self.tokenizer_path} is missing: this run was trained with a tokenizer "
+                    "(its checkpoint records it); restore the file"
+                )
             return
         size = tokenizer.get_vocab_size()
         if size > vocab_size:
@@ -221,11 +242,16 @@ class RunDir:
                 f"{self.tokenizer_path} has {size} tokens but the model has vocab_size="
                 f"{vocab_size}: it is not this model's tokenizer"
             )
-        recorded = meta.get("tokenizer_sha256")
-        if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
+        if recorded_file is not None:
+            actual, what = hashlib.sha256(self.tokenizer_path.read_bytes()).hexdigest(), "file"
+            recorded = recorded_file
+        else:
+            actual, what = tokenizer_fingerprint(tokenizer), "vocabulary"
+            recorded = recorded_vocab
+        if recorded is not None and recorded != actual:
             raise CheckpointError(
                 f"{self.tokenizer_path} is not the tokenizer this model was trained with "
-                "(its vocabulary fingerprint differs from the checkpoint's record)"
+                f"(its {what} digest differs from the checkpoint's record)"
             )
 
     def load_model(self):
@@ -233,7 +259,7 @@ class RunDir:
         from xmoe.models import TransformerLM
         from xmoe.training.config import TrainConfig
 
-        state = self.load_checkpoint()
+        state = self.load_checkpoint(parts=("model",))  # the optimizer state is not needed
         config = TrainConfig.from_dict(state.meta["train_config"])
         model = TransformerLM(config.model)
         model.load_state_dict(state.model_state)
@@ -261,6 +287,8 @@ class RunDir:
             model.save_pretrained(staging)
             if tokenizer is not None:
                 save_hf_tokenizer(self.tokenizer_path, staging)
+                if own:  # the run's own file, whose digest its checkpoint records, stays
+                    (staging / TOKENIZER_NAME).unlink()
         return out
 
 

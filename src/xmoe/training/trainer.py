@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from xmoe.models import TransformerLM
 from xmoe.training.checkpoint import Checkpoint, CheckpointError
 from xmoe.training.config import TrainConfig
 from xmoe.training.evaluate import EvalResult, autocast_context, evaluate
-from xmoe.training.rundir import RunDir, tokenizer_fingerprint
+from xmoe.training.rundir import RunDir, tokenizer_file_sha256
 
 
 class DivergenceError(RuntimeError):
@@ -141,6 +142,7 @@ def train(
     stop_after: int | None = None,
     export: bool = False,
     parallel: SingleProcess | None = None,
+    fresh_optimizer: bool = False,
 ) -> TrainResult:
     """Train (or resume) a run into ``out_dir``, holding the run's lock throughout.
 
@@ -157,6 +159,9 @@ def train(
             (:class:`xmoe.distributed.training.ExpertParallelTraining`, what ``xmoe train --nproc``
             and :func:`xmoe.distributed.training.train_distributed` pass); None for one process.
             Rank 0 holds the lock and writes the run's files.
+        fresh_optimizer: with ``resume``, restore the model, RNG states and step but start the
+            optimizer state afresh (for a checkpoint whose optimizer state is damaged); the run
+            then differs from one never interrupted.
 
     Raises:
         LockedError: another process is writing ``out_dir``.
@@ -177,16 +182,97 @@ def train(
                 )
 
         par.agree(start)
-        result = _train_locked(config, run, resume, data, progress, stop_after, par)
+
+        def resume_state() -> Checkpoint | None:
+            return _resume_state(run, config, par, fresh_optimizer) if resume else None
+
+        # rank 0 first: it may move a damaged checkpoint aside, which the others then skip
+        resume_from = par.agree(lambda: resume_state() if par.is_main else None, "resuming")
+        if not par.is_main:
+            resume_from = resume_state()
+        result = _train_locked(config, run, resume_from, data, progress, stop_after, par)
         if export and par.is_main:
             run.export()
     return result
 
 
+def _resume_state(
+    run: RunDir, config: TrainConfig, par: SingleProcess, fresh_optimizer: bool
+) -> Checkpoint | None:
+    """The checkpoint to resume from (None: start at step 0), its config checked against
+    ``config``. Without a checkpoint, a run whose log shows that it had one is refused."""
+    if not run.has_checkpoint:
+        _check_no_checkpoint_was_lost(run, config)
+        return None
+    if fresh_optimizer:
+        state = run.load_checkpoint(("model", "rng"), writer=par.is_main)
+        warnings.warn(
+            f"resuming step {state.meta['step']} with a fresh optimizer state (as asked): the "
+            "run is no longer identical to one never interrupted",
+            stacklevel=3,
+        )
+    else:
+        state = _load_full_state(run, par)
+    if _comparable(state.meta["train_config"]) != _comparable(config.to_dict()):
+        raise CheckpointError(
+            f"{run.checkpoint_path} was written by a different config; resume with the "
+            "same settings"
+        )
+    threads = state.meta.get("threads")
+    if threads is not None and threads != torch.get_num_threads():
+        warnings.warn(
+            f"this run was trained at thread count {threads} and resumes at "
+            f"{torch.get_num_threads()}: the results will differ slightly from an uninterrupted "
+            f"run (bit-identical resume needs the same count: --threads {threads})",
+            stacklevel=3,
+        )
+    return state
+
+
+def _load_full_state(run: RunDir, par: SingleProcess) -> Checkpoint:
+    """The whole checkpoint; when only its optimizer state fails to verify, an error that says
+    how to continue."""
+    try:
+        return run.load_checkpoint(writer=par.is_main)
+    except CheckpointError as error:
+        with warnings.catch_warnings():  # a probe: its fallback warnings are not news
+            warnings.simplefilter("ignore")
+            try:
+                usable = run.load_checkpoint(("model", "rng"))
+            except CheckpointError:
+                raise error from None
+        raise CheckpointError(
+            f"{error}. Only the optimizer state is damaged: the model and RNG states of step "
+            f"{usable.meta['step']} verify; resume from them with a fresh optimizer state with "
+            "--fresh-optimizer (fresh_optimizer=True)"
+        ) from None
+
+
+def _check_no_checkpoint_was_lost(run: RunDir, config: TrainConfig) -> None:
+    """``--resume`` finds no checkpoint: refuse when the log shows one was written (the log
+    records steps past the first checkpoint), say so when only the run's other files are there
+    (killed before the first checkpoint), and start quietly in a new directory."""
+    reached = max((int(record["step"]) for record in run.read_log()), default=0)
+    first = min(config.checkpoint_interval, config.max_steps)
+    if reached > first:  # a step's record follows the checkpoints of all earlier steps
+        raise CheckpointError(
+            f"cannot resume {run.path}: its checkpoints are gone ({run.checkpoint_path.name} "
+            f"and {run.previous_checkpoint_path.name}) but its log reaches step {reached}, past "
+            f"the first checkpoint (step {first}); restore them, or train without --resume to "
+            "start again from step 0"
+        )
+    if reached or run.config_path.exists():
+        warnings.warn(
+            f"{run.path} has no checkpoint to resume (killed before the first one?): "
+            "starting from step 0",
+            stacklevel=4,
+        )
+
+
 def _train_locked(
     config: TrainConfig,
     run: RunDir,
-    resume: bool,
+    resume_from: Checkpoint | None,
     data: TokenData | None,
     progress: bool,
     stop_after: int | None,
@@ -207,23 +293,19 @@ def _train_locked(
     optimizer = build_optimizer(model, config)
     data_rng = torch.Generator().manual_seed(config.seed + 1)
     step = 0
-    if resume and run.has_checkpoint:
-        state = run.load_checkpoint()
-        if _comparable(state.meta["train_config"]) != _comparable(config.to_dict()):
-            raise CheckpointError(
-                f"{run.checkpoint_path} was written by a different config; resume with the "
-                "same settings"
-            )
+    state = resume_from
+    if state is not None:
         par.load_model_state(model, state.model_state)
-        par.load_optimizer_state(optimizer, model, state.optimizer_state)
+        if state.optimizer_state is not None:  # None: a fresh optimizer state, as asked
+            par.load_optimizer_state(optimizer, model, state.optimizer_state)
         torch.set_rng_state(state.rng_state["torch"])
         data_rng.set_state(state.rng_state["data"])
         if device.type == "cuda" and "cuda" in state.rng_state:
             torch.cuda.set_rng_state(state.rng_state["cuda"])
         step = int(state.meta["step"])
-    meta_extra = {}
+    meta_extra = {"threads": torch.get_num_threads()}  # bit-identical resume needs the same
     if data.tokenizer is not None:
-        meta_extra["tokenizer_sha256"] = tokenizer_fingerprint(data.tokenizer)
+        meta_extra["tokenizer_file_sha256"] = tokenizer_file_sha256(data.tokenizer)
 
     def write_run_files() -> None:
         if not par.is_main:
