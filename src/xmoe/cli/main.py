@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +36,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: ``xmoe train`` stops as on Ctrl-C (the same unwinding: files closed, the run's
+    lock released, ranks stopped), and exits with 143 (128 + SIGTERM)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Raise :class:`_Terminated` on SIGTERM inside the block (from the main thread only: the
+    one where Python runs signal handlers); the previous handler afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _train(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -51,10 +78,11 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("--fresh-optimizer applies to --resume only")
     options = {"resume": args.resume, "progress": not args.no_progress, "export": export}
     options["fresh_optimizer"] = args.fresh_optimizer
-    result = _train_parallel(config, out, args.nproc, options)
-    if result is None:  # one process
-        result = train(config, out, **options)
-    elif result is False:  # a torchrun rank other than 0: rank 0 prints
+    with _sigterm_as_interrupt():  # a run stopped by SIGTERM unwinds as on Ctrl-C
+        result = _train_parallel(config, out, args.nproc, options)
+        if result is None:  # one process
+            result = train(config, out, **options)
+    if result is False:  # a torchrun rank other than 0: rank 0 prints
         return 0
     ev = result.final_eval
     print(
@@ -458,7 +486,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``xmoe`` command; returns the exit status (1 on an expected error, 130 on
-    Ctrl-C). ``--debug`` lets the exception through with its traceback."""
+    Ctrl-C, 143 when SIGTERM stops ``xmoe train``). ``--debug`` lets the exception through
+    with its traceback."""
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
         build_parser().error(f"--threads={args.threads} is invalid: must be >= 1")
@@ -469,11 +498,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if args.debug:
             raise
-        print("xmoe: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(stop, _Terminated)
+        print(f"xmoe: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except _expected_errors() as error:
         if args.debug:
             raise
