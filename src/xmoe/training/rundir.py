@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from safetensors import SafetensorError
+
 from xmoe.storage import (
     DirectoryLock,
     LockedError,
@@ -246,6 +248,8 @@ class RunDir:
                 for item in sorted(staging.iterdir()):
                     os.replace(item, out / item.name)
                 fsync_directory(out)
+            except SafetensorError as error:  # how safetensors reports a full disk
+                raise OSError(f"could not write the export into {out}: {error}") from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return out
