@@ -126,7 +126,7 @@ BAD_VALUES = [
     (TrainConfig, "lr", True, "> 0"),
     (TrainConfig, "warmup_fraction", False, "[0, 1)"),
     (TrainConfig, "batch_size", True, "positive integer"),
-    (TrainConfig, "seed", False, ">= 0"),
+    (TrainConfig, "seed", False, "[0, 2**63 - 1]"),
     (TrainConfig, "eval_batches", False, ">= 0"),
     # non-bools in bool fields
     (MoEConfig, "bias", 1, "a bool"),

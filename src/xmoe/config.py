@@ -51,6 +51,15 @@ def _require_bool(name: str, value: Any) -> None:
     _require(isinstance(value, bool), name, value, "a bool (True or False)")
 
 
+SEED_MAX = 2**63 - 1
+"""Largest seed: torch takes 64-bit seeds, and the trainer seeds its batch order with seed + 1."""
+
+
+def _require_seed(name: str, value: Any) -> None:
+    """``value`` is a seed torch accepts (a larger one fails inside torch without a name)."""
+    _require(_is_int(value) and 0 <= value <= SEED_MAX, name, value, "an integer in [0, 2**63 - 1]")
+
+
 def _require_choice(name: str, value: Any, choices: Collection[str]) -> None:
     """``value`` is a str among ``choices`` (checked as a str first: a list is not hashable)."""
     allowed = sorted(choices) if isinstance(choices, Mapping) else tuple(choices)

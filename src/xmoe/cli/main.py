@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -484,19 +485,28 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _thread_count(threads: int) -> int:
+    """``--threads`` checked against this machine: more threads than 4 per CPU only slow torch
+    down, and a huge count makes it try to start them all (it hangs at 100000)."""
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= 4 * cpus:
+        raise ValueError(
+            f"--threads={threads} is invalid: must be in [1, {4 * cpus}] (4 per CPU, {cpus} here)"
+        )
+    return threads
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``xmoe`` command; returns the exit status (1 on an expected error, 130 on
     Ctrl-C, 143 when SIGTERM stops ``xmoe train``). ``--debug`` lets the exception through
     with its traceback."""
     args = build_parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        build_parser().error(f"--threads={args.threads} is invalid: must be >= 1")
     plain_format = warnings.formatwarning
     if not args.debug:
         warnings.formatwarning = _format_warning
     try:
         if args.threads is not None:
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(_thread_count(args.threads))
         return args.func(args)
     except KeyboardInterrupt as stop:
         if args.debug:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from xmoe.config import MoEConfig
+from xmoe.config import MoEConfig, _is_int, _require, _require_seed
 from xmoe.layer import MoELayer
 
 
@@ -30,6 +30,22 @@ class DemoSettings:
     steps: int = 400
     lr: float = 3e-3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # bounded: a toy on one machine (and beyond 2**63 torch fails without naming the field)
+        _require(
+            _is_int(self.num_tokens) and 1 <= self.num_tokens <= 65536,
+            "num_tokens (--tokens)",
+            self.num_tokens,
+            "an integer in [1, 65536]",
+        )
+        _require(
+            _is_int(self.steps) and 1 <= self.steps <= 1_000_000,
+            "steps",
+            self.steps,
+            "an integer in [1, 1000000]",
+        )
+        _require_seed("seed", self.seed)
 
 
 def _teacher_data(settings: DemoSettings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,9 @@ import time
 
 import torch
 
+from xmoe.config import _require_seed
 from xmoe.models import TransformerLM
+from xmoe.models.generation import scale_logits
 from xmoe.models.usage import ExpertUsage
 from xmoe.training.evaluate import experts_per_token
 from xmoe.training.rundir import RunDir
@@ -55,6 +57,30 @@ class TextCodec:
         return [self.decode([i]) for i in ids]
 
 
+class _StableTemperature:
+    """A transformers logits processor dividing by the temperature with :func:`scale_logits`,
+    in place of transformers' own, which gives inf/nan probabilities at 1e-45 or 1e300."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scale_logits(scores, self.temperature)
+
+
+def _require_utf8(name: str, text: str) -> None:
+    """Refuse text that is not UTF-8: bytes of argv that do not decode reach Python as lone
+    surrogates (U+DC80..U+DCFF for byte 0x80..0xFF), on which the tokenizer fails unnamed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise ValueError(
+            f"{name} is not valid UTF-8: {what} at character {error.start}; give UTF-8 text"
+        ) from None
+
+
 def generate_text(
     path: str | os.PathLike,
     prompt: str,
@@ -67,7 +93,7 @@ def generate_text(
 ) -> tuple[str, dict[str, float]]:
     """Sample a continuation of ``prompt`` through the transformers model and its
     ``generate()`` (KV cache); returns the text and speed / expert statistics.
-    ``temperature=0`` is greedy."""
+    ``temperature=0`` is greedy; any finite temperature > 0 samples (a tiny one as greedy)."""
     from xmoe.hf.export import hf_model_from_lm
 
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or temperature < 0:
@@ -78,6 +104,8 @@ def generate_text(
         raise ValueError(f"top_k={top_k} is invalid: must be >= 0 (0 = no top-k filter)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    _require_seed("seed", seed)
+    _require_utf8("prompt", prompt)
     run = RunDir(path)
     lm, train_config, meta = run.load_model()
     codec = TextCodec(run, train_config.model.vocab_size, meta)
@@ -95,7 +123,8 @@ def generate_text(
         )
     sampling = {"do_sample": False}
     if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0}
+        temper = [_StableTemperature(temperature)]
+        sampling = {"do_sample": True, "top_k": top_k or 0, "logits_processor": temper}
     torch.manual_seed(seed)
     started = time.perf_counter()
     with ExpertUsage(model) as usage:

@@ -111,6 +111,19 @@ class ModelConfig(DictConfig):
         return self.num_layers // self.moe_every
 
     @property
+    def matrix_params(self) -> int:
+        """Parameters in the weight matrices (embedding, attention, FFNs, routers, experts and an
+        untied output): all but biases and norms, so a lower bound of the model's size that is
+        known without building it (sizes too large to allocate are refused with it)."""
+        d, num_moe = self.d_model, self.num_moe_blocks if self.moe is not None else 0
+        moe_ffn = 0
+        if self.moe is not None:  # the router's (E, d) matrix and each expert's matrices
+            moe_ffn = self.moe.num_experts * (d + self.moe.expert_flops // 2)
+        ffns = num_moe * moe_ffn + (self.num_layers - num_moe) * self.dense_ffn_flops // 2
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return embeddings + self.num_layers * 4 * d * d + ffns
+
+    @property
     def dense_ffn_flops(self) -> int:
         """Forward FLOPs per token of one dense FFN (2 per multiply-add, matrices only)."""
         return 4 * self.d_model * self.d_ff

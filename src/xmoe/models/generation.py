@@ -28,6 +28,16 @@ class KVCache:
         return 0 if keys is None else keys.shape[2]
 
 
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, finite for every finite ``temperature > 0``: the maximum is
+    subtracted and the division done in float64, so a tiny temperature keeps only the largest
+    logits (greedy) instead of overflowing to inf, and a huge one gives near-uniform weights
+    instead of the nan of ``-inf / inf`` (1e300 is inf in float32). Same dtype as ``logits``."""
+    wide = logits.double()
+    wide = (wide - wide.amax(dim=-1, keepdim=True)) / temperature
+    return wide.to(logits.dtype)
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
@@ -72,7 +82,7 @@ def generate(
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
         else:
-            logits = logits / temperature
+            logits = scale_logits(logits, temperature)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

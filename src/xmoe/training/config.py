@@ -13,6 +13,7 @@ from xmoe.config import (
     _is_number,
     _require,
     _require_choice,
+    _require_seed,
 )
 from xmoe.models.config import ModelConfig
 from xmoe.registry import ROUTERS
@@ -26,6 +27,10 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 """Where training runs: ``auto`` is CUDA when a GPU is present, else the CPU."""
 
+MAX_GRAD_ACCUM_STEPS = 4096
+"""Micro-batches per optimizer step at most: the progress bar moves once per step, so a larger
+count (a typo of an extra zero or three) would run for hours without a word."""
+
 
 @dataclass(frozen=True)
 class TrainConfig(DictConfig):
@@ -38,7 +43,7 @@ class TrainConfig(DictConfig):
         model: the :class:`~xmoe.models.ModelConfig`.
         data: one of :data:`DATA_SOURCES`; for ``corpus``, ``model.vocab_size`` is the BPE size.
         batch_size: sequences per micro-batch. seq_len: tokens per sequence (≤ max_seq_len).
-        grad_accum_steps: micro-batches per optimizer step.
+        grad_accum_steps: micro-batches per optimizer step, at most :data:`MAX_GRAD_ACCUM_STEPS`.
         max_steps: optimizer steps; the cosine schedule ends here.
         lr: peak learning rate; min_lr_ratio: final lr / peak lr.
         warmup_fraction: share of max_steps with a linear warmup.
@@ -87,9 +92,15 @@ class TrainConfig(DictConfig):
             "a ModelConfig or a dict of ModelConfig fields",
         )
         _require_choice("data", self.data, DATA_SOURCES)
-        for name in ("batch_size", "seq_len", "grad_accum_steps", "max_steps"):
+        for name in ("batch_size", "seq_len", "max_steps"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, value, "a positive integer")
+        _require(
+            _is_int(self.grad_accum_steps) and 1 <= self.grad_accum_steps <= MAX_GRAD_ACCUM_STEPS,
+            "grad_accum_steps",
+            self.grad_accum_steps,
+            f"an integer in [1, {MAX_GRAD_ACCUM_STEPS}]",
+        )
         for name in ("eval_interval", "checkpoint_interval", "log_interval"):
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, value, "a positive integer")
@@ -105,7 +116,7 @@ class TrainConfig(DictConfig):
             self.seq_len,
             f"at most model.max_seq_len={self.model.max_seq_len}",
         )
-        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _require_seed("seed", self.seed)
         _require(_is_number(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
         _require(
             _is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,

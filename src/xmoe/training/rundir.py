@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from safetensors import SafetensorError
+
 from xmoe.storage import (
     DirectoryLock,
     LockedError,
@@ -283,12 +285,15 @@ class RunDir:
         model = hf_model_from_run(self)
         tokenizer = self.load_tokenizer()
         locked = self._lock.held and own
-        with staged_model_directory(out, "xmoe export", locked=locked) as staging:
-            model.save_pretrained(staging)
-            if tokenizer is not None:
-                save_hf_tokenizer(self.tokenizer_path, staging)
-                if own:  # the run's own file, whose digest its checkpoint records, stays
-                    (staging / TOKENIZER_NAME).unlink()
+        try:
+            with staged_model_directory(out, "xmoe export", locked=locked) as staging:
+                model.save_pretrained(staging)
+                if tokenizer is not None:
+                    save_hf_tokenizer(self.tokenizer_path, staging)
+                    if own:  # the run's own file, whose digest its checkpoint records, stays
+                        (staging / TOKENIZER_NAME).unlink()
+        except SafetensorError as error:  # how safetensors reports a full disk
+            raise OSError(f"could not write the export into {out}: {error}") from None
         return out
 
 

@@ -19,6 +19,7 @@ from xmoe.models import TransformerLM
 from xmoe.training.checkpoint import Checkpoint, CheckpointError
 from xmoe.training.config import TrainConfig
 from xmoe.training.evaluate import EvalResult, autocast_context, evaluate
+from xmoe.training.memory import check_run_memory
 from xmoe.training.rundir import RunDir, tokenizer_file_sha256
 
 
@@ -173,6 +174,7 @@ def train(
 
         def start() -> None:
             par.check_config(config)
+            check_run_memory(config, par.world_size)  # before any size reaches an allocator
             if par.is_main:  # rank 0 writes the run; the others only read its checkpoint
                 stack.enter_context(run.lock("xmoe train"))
             if run.has_checkpoint and not resume:
