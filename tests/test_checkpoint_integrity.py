@@ -323,11 +323,13 @@ def test_a_deleted_tokenizer_is_reported_as_missing(text_run, tmp_path, capsys):
     for argv in (
         ["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "2"],
         ["eval", str(run), "--no-progress", "--batches", "1"],
+        ["export", str(run), "--out", str(tmp_path / "export")],
     ):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert "tokenizer.json is missing: this run was trained with a tokenizer" in err, argv
         assert "synthetic" not in err
+    assert not (tmp_path / "export").exists()
 
 
 # --- item 12: the thread count ------------------------------------------------------------------

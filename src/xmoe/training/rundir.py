@@ -280,10 +280,12 @@ class RunDir:
         out = self.path if out_dir is None else Path(out_dir)
         own = out.resolve() == self.path.resolve()
         check_model_target(out, force=force, own=own)
-        from xmoe.hf.export import hf_model_from_run, save_hf_tokenizer
+        from xmoe.hf.export import hf_model_from_lm, save_hf_tokenizer
 
-        model = hf_model_from_run(self)
+        lm, config, meta = self.load_model()
+        model = hf_model_from_lm(lm, config.model)
         tokenizer = self.load_tokenizer()
+        self.check_tokenizer(tokenizer, meta, config.model.vocab_size)  # never export without it
         locked = self._lock.held and own
         try:
             with staged_model_directory(out, "xmoe export", locked=locked) as staging:
