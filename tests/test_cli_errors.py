@@ -144,4 +144,6 @@ def test_export_disk_full_names_the_directory(run, tmp_path, monkeypatch, capsys
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 1
     _one_error(capsys, f"could not write the export into {out}", "No space left on device")
-    assert not [p for p in out.iterdir() if p.name != ".lock"]  # no staging folder left
+    # a new target is staged beside it and renamed into place only when complete
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging folder left
