@@ -351,3 +351,15 @@ def test_cli_sparsify_end_to_end(tmp_path, capsys):
     assert loaded.config.xmoe_sparsify["threshold"] == 0.7
     assert (out / "tokenizer.json").is_file()
     logits(loaded, token_ids())
+
+
+def test_seeds_out_of_range_are_refused_by_name():
+    """A seed past what KMeans (32-bit) or torch (63-bit) takes is named, not an 'Overflow'."""
+    from xmoe.conversion.recovery import RecoveryConfig
+
+    with pytest.raises(ConfigError, match=r"seed=4294967296 .*\[0, 2\*\*32 - 1\]"):
+        SparsifyConfig(expert_size=4, active_fraction=0.5, seed=2**32)
+    with pytest.raises(ConfigError, match=r"seed=18446744073709551616"):
+        RecoveryConfig(seed=2**64)
+    with pytest.raises(ConfigError, match="seed=-1"):
+        SparsifyConfig(expert_size=4, active_fraction=0.5, seed=-1)

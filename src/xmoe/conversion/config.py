@@ -87,7 +87,12 @@ class SparsifyConfig(DictConfig):
             self.router_lr,
             "a number > 0",
         )
-        _require(_is_int(self.seed), "seed", self.seed, "an int")
+        _require(  # the clustering's KMeans random_state: scikit-learn takes 32-bit seeds
+            _is_int(self.seed) and 0 <= self.seed < 2**32,
+            "seed",
+            self.seed,
+            "an integer in [0, 2**32 - 1]",
+        )
 
     def num_experts(self, intermediate_size: int) -> int:
         """E for an FFN of this width.

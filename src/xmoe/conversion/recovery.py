@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from xmoe.config import DictConfig, _is_int, _is_number, _require
+from xmoe.config import DictConfig, _is_int, _is_number, _require, _require_seed
 from xmoe.conversion.sparsify import sparse_mlps
 
 CHECKPOINT_KIND = "xmoe-sparsify-recovery"
@@ -79,7 +79,7 @@ class RecoveryConfig(DictConfig):
             self.train_experts,
             "a bool",
         )
-        _require(_is_int(self.seed), "seed", self.seed, "an int")
+        _require_seed("seed", self.seed)
 
     @property
     def steps(self) -> int:
