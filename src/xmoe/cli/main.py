@@ -25,7 +25,8 @@ def _layer_demo(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from xmoe.demos.lm import LMDemoSettings, run_lm_demo
 
-    run_lm_demo(LMDemoSettings(steps=args.steps, out=Path(args.out), seed=args.seed))
+    steps = {} if args.steps is None else {"steps": args.steps}  # the default lives in settings
+    run_lm_demo(LMDemoSettings(**steps, out=Path(args.out), seed=args.seed))
     return 0
 
 
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="train a small XMoE and a top-2 LM on Shakespeare+KJV and compare them"
     )
-    demo.add_argument("--steps", type=int, default=120, help="training steps per model")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per model (450)")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
