@@ -12,10 +12,10 @@ from reference import layer_params, reference_forward
 def use_host_reads(monkeypatch, host_reads: bool) -> None:
     """Run the CPU path (host reads allowed) or, with False, the sync-free path that devices
     other than the CPU take (tensor-only plan, segment operations and threshold ranking)."""
-    from xmoe.dispatch import sync
+    from xmoe import device
 
     if not host_reads:
-        monkeypatch.setattr(sync, "HOST_READ_DEVICES", frozenset())
+        monkeypatch.setattr(device, "HOST_READ_DEVICES", frozenset())
 
 
 def make_layer(config: MoEConfig, dtype=torch.float64, router_std: float = 1.0, seed: int = 0):

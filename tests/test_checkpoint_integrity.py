@@ -176,8 +176,11 @@ def test_files_with_the_older_digest_layout_load_verified_for_bytes_with_a_warni
 def run_with_export(tmp_path_factory):
     """A tiny run of 9 steps stopped after 6: checkpoints at steps 3 (previous) and 6 (latest),
     and its export."""
+    from xmoe.cli.export import export_run
+
     run = tmp_path_factory.mktemp("run")
-    train(RESUMED, run, progress=False, export=True, stop_after=6)
+    train(RESUMED, run, progress=False, stop_after=6)
+    export_run(run)
     return run
 
 

@@ -21,7 +21,7 @@ from xmoe.training.trainer import train
 def run(tmp_path_factory):
     """A tiny run on synthetic data (prompts are token ids), one step, no export."""
     path = tmp_path_factory.mktemp("run")
-    train(tiny_config(max_steps=1), path, progress=False, export=False)
+    train(tiny_config(max_steps=1), path, progress=False)
     return path
 
 

@@ -194,7 +194,7 @@ def test_report_from_cells(tmp_path):
                             partitions=("clustered",), recover=(), xmoe_route=0)  # fmt: skip
     points = dict(best_points(cells[1:], cells[0]))
     assert points[0.5]["name"] == "b" and points[0.25]["name"] == "c"  # the oracle is no router
-    text = write_report(cells, settings).read_text()
+    text = write_report(cells, settings, iter_names(settings)).read_text()
     assert settings.command in text
     assert "within 5% of dense on both domains: met by 1 cell(s)" in text
     assert "0.50×" in text and "1.30×" in text and "+4.0%" in text

@@ -136,6 +136,8 @@ def test_training_killed_ten_times_resumes_bit_identically(driver, tmp_path):
 
 @pytest.mark.slow
 def test_second_trainer_fails_fast_and_first_finishes_intact(driver, tmp_path):
+    from xmoe.cli.export import export_run
+
     run = tmp_path / "run"
     paused, release = tmp_path / "paused", tmp_path / "release"
     first = driver(
@@ -149,7 +151,7 @@ def test_second_trainer_fails_fast_and_first_finishes_intact(driver, tmp_path):
     with pytest.raises(LockedError, match=f"pid {first['pid']}"):
         train(tiny_config(max_steps=14), run, progress=False, resume=True)
     with pytest.raises(LockedError, match="in use"):
-        RunDir(run).export()
+        export_run(run)
     release.touch()
     result = driver(job="wait")
     assert result["exit"] == 0 and not result["killed"]

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 import xmoe  # noqa: F401  (registers the Auto classes)
 from xmoe import ConfigError
-from xmoe.hf import XMoEConfig, XMoEForCausalLM, XMoEModel, export_run, register
+from xmoe.cli.export import export_run
+from xmoe.hf import XMoEConfig, XMoEForCausalLM, XMoEModel, register
 
 
 def _config(**overrides) -> XMoEConfig:

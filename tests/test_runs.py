@@ -75,8 +75,11 @@ def _damage(path: Path, how: str) -> str | None:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny run with two checkpoints (steps 3 and 6) and its transformers export."""
+    from xmoe.cli.export import export_run
+
     run = tmp_path_factory.mktemp("run")
-    train(tiny_config(max_steps=6, checkpoint_interval=3), run, progress=False, export=True)
+    train(tiny_config(max_steps=6, checkpoint_interval=3), run, progress=False)
+    export_run(run)
     return run
 
 

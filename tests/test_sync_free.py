@@ -2,7 +2,7 @@
 fail on any ``.tolist()``, ``.item()`` or tensor-to-Python conversion during forward+backward.
 
 Syncs inside C++ ops (``nonzero`` and boolean masks, whose output size is data-dependent) are not
-visible here; :mod:`xmoe.dispatch.sync` lists them.
+visible here; :mod:`xmoe.device` lists them.
 """
 
 from __future__ import annotations

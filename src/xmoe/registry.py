@@ -63,13 +63,3 @@ ROUTERS: Registry = Registry(
     },
 )
 """Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""
-
-DISPATCHERS: Registry = Registry(
-    "dispatcher",
-    {
-        "local": "xmoe.dispatch.dispatcher",
-        "all_to_all": "xmoe.distributed.all_to_all",
-    },
-)
-"""How a layer's kept pairs reach their experts (``xmoe.distributed.Dispatcher`` subclasses):
-``local`` (every layer's default) and ``all_to_all`` (expert parallelism)."""

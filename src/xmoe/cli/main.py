@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from xmoe.hf import export_run
+    from xmoe.cli.export import export_run
 
     out = export_run(args.run, args.out, force=args.force)
     print(f"wrote a transformers model directory: {out}")
@@ -78,12 +78,16 @@ def _train(args: argparse.Namespace) -> int:
         print("transformers is not installed: the HF export is skipped (pip install xmoe[hf])")
     if args.fresh_optimizer and not args.resume:
         raise ValueError("--fresh-optimizer applies to --resume only")
-    options = {"resume": args.resume, "progress": not args.no_progress, "export": export}
+    options = {"resume": args.resume, "progress": not args.no_progress}
     options["fresh_optimizer"] = args.fresh_optimizer
     with _sigterm_as_interrupt():  # a run stopped by SIGTERM unwinds as on Ctrl-C
         result = _train_parallel(config, out, args.nproc, options)
         if result is None:  # one process
             result = train(config, out, **options)
+        if export and result is not False:  # rank 0's result: the run is complete
+            from xmoe.cli.export import export_run
+
+            export_run(out)
     if result is False:  # a torchrun rank other than 0: rank 0 prints
         return 0
     ev = result.final_eval
@@ -111,7 +115,7 @@ def _train_parallel(config, out: Path, nproc: int, options: dict):
 
         groups = ExpertParallelGroups.create()
         if not groups.is_main:
-            options = {**options, "progress": False, "export": False}
+            options = {**options, "progress": False}
         result = train(config, out, parallel=ExpertParallelTraining(groups), **options)
         return result if groups.is_main else False
     if nproc == 1:

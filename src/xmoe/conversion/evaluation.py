@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xmoe.conversion.recovery import RecoveryConfig, recover
+from xmoe.conversion.report import write_report
 from xmoe.conversion.sparsify import (
     _reconfigure,
     set_active_fraction,
@@ -592,19 +593,17 @@ def plan(settings: EvalSettings) -> list[Job]:
 
 def run_eval(settings: EvalSettings) -> Path:
     """Run (or resume) the grid and write the report; returns the report's path."""
-    from xmoe.conversion.report import write_report
-
     runner = Runner(settings)
-    runner.after_cell = lambda: write_report(runner.all_cells(), settings)
     jobs = plan(settings)
-    total = sum(len(names) for names, _ in jobs)
-    bar = tqdm(total=total, desc="sparsify eval cells", disable=not settings.progress)
-    report = write_report(runner.all_cells(), settings)
+    expected = list(iter_names(settings))
+    runner.after_cell = lambda: write_report(runner.all_cells(), settings, expected)
+    bar = tqdm(total=len(expected), desc="sparsify eval cells", disable=not settings.progress)
+    report = write_report(runner.all_cells(), settings, expected)
     for names, job in jobs:
         job(runner)
         bar.update(len(names))
     bar.close()
-    report = write_report(runner.all_cells(), settings)
+    report = write_report(runner.all_cells(), settings, expected)
     return report
 
 

@@ -10,7 +10,8 @@ import torch
 
 from xmoe.conversion.real_model import INSTALL_HINT as REAL_MODEL_HINT
 from xmoe.conversion.real_model import real_model_available
-from xmoe.training.rundir import RunDir, check_model_target, staged_model_directory
+from xmoe.storage import check_model_target, staged_model_directory
+from xmoe.training.rundir import RunDir
 
 __all__ = ["REAL_MODEL_HINT", "calibration_windows", "real_model_available", "sparsify_directory"]
 
@@ -70,9 +71,9 @@ def sparsify_directory(
     """Load the causal LM in ``source`` (fp32), :func:`~xmoe.conversion.sparsify` it, and
     write it (and the tokenizer, when there is one) to ``out``.
 
-    ``out`` is written as ``xmoe export`` writes (:func:`~xmoe.training.rundir.
-    staged_model_directory`): staged, put in place only when complete, the weights carrying
-    digests and the config they were saved with, checked on load.
+    ``out`` is written as ``xmoe export`` writes (:func:`~xmoe.storage.staged_model_directory`):
+    staged, put in place only when complete, the weights carrying digests and the config they
+    were saved with, checked on load.
 
     Args:
         force: write into a non-empty ``out`` (replacing the model files there).

@@ -5,6 +5,7 @@ Everything printed comes from the measured cells; nothing is typed in.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,9 @@ def write_plot(cells: list[dict[str, Any]], dense: dict[str, Any], path: Path) -
     return True
 
 
-def write_report(cells: list[dict[str, Any]], settings) -> Path:
-    """Write ``<docs>/sparsify.md`` (and the plot beside it) from the measured cells."""
+def write_report(cells: list[dict[str, Any]], settings, expected: Iterable[str]) -> Path:
+    """Write ``<docs>/sparsify.md`` (and the plot beside it) from the measured cells;
+    ``expected`` names every cell of the grid, so the page lists those not measured yet."""
     docs = Path(settings.docs)
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / "sparsify.md"
@@ -236,7 +238,7 @@ def write_report(cells: list[dict[str, Any]], settings) -> Path:
         ]
     if write_plot(cells, dense, docs / "sparsify.png"):
         lines += ["", "![perplexity against FFN FLOPs](sparsify.png)"]
-    missing = [n for n in _expected(settings) if n not in {c["name"] for c in cells}]
+    missing = [n for n in expected if n not in {c["name"] for c in cells}]
     if missing:
         lines += [
             "",
@@ -246,9 +248,3 @@ def write_report(cells: list[dict[str, Any]], settings) -> Path:
         ]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
-
-
-def _expected(settings) -> list[str]:
-    from xmoe.conversion.evaluation import iter_names
-
-    return list(iter_names(settings))

@@ -29,7 +29,6 @@ from xmoe.data.tokenizer import (
 from xmoe.data.tokens import (
     TokenData,
     eval_batches,
-    load_tokenizer,
     num_eval_windows,
     prepare_corpus,
     random_batch,
@@ -50,7 +49,6 @@ __all__ = [
     "fetch_shakespeare",
     "load_documents",
     "load_or_train_tokenizer",
-    "load_tokenizer",
     "num_eval_windows",
     "prepare_corpus",
     "random_batch",

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from xmoe.data.corpus import Document, load_documents, resolve_cache_dir, split_documents
-from xmoe.data.tokenizer import EOT_ID, _import_tokenizers, load_or_train_tokenizer_with_key
+from xmoe.data.tokenizer import EOT_ID, load_or_train_tokenizer_with_key
 from xmoe.storage import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
@@ -238,11 +238,6 @@ def prepare_corpus(
         _save_tokens(folder, data, train_docs, val_docs)
         steps.update()
     return data
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a tokenizer JSON file, e.g. one written by ``load_or_train_tokenizer``."""
-    return _import_tokenizers().Tokenizer.from_file(str(path))
 
 
 # ----------------------------------------------------------------------------- synthetic tokens

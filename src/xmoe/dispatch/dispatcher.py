@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from xmoe.dispatch.plan import DispatchPlan
-from xmoe.registry import DISPATCHERS
 
 
 class Dispatcher(ABC):
@@ -44,7 +43,6 @@ class Dispatcher(ABC):
     ) -> torch.Tensor: ...
 
 
-@DISPATCHERS.register("local")
 class LocalDispatcher(Dispatcher):
     """All experts are on this process: dispatch, compute and combine are one fused call."""
 

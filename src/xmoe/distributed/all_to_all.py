@@ -33,7 +33,6 @@ import torch.distributed as dist
 
 from xmoe.dispatch import DispatchPlan
 from xmoe.dispatch.dispatcher import Dispatcher
-from xmoe.registry import DISPATCHERS
 
 
 @dataclass
@@ -84,7 +83,6 @@ def _exchange(rows: torch.Tensor, out_rows: int, out_splits, in_splits, group) -
     return _AllToAll.apply(rows, out_rows, out_splits, in_splits, group)
 
 
-@DISPATCHERS.register("all_to_all")
 class AllToAllDispatcher(Dispatcher):
     """Sends each kept pair's row to the rank owning its expert and the result back.
 

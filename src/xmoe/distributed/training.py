@@ -118,7 +118,7 @@ def _train_rank(config_dict, out_dir, options, expert_parallel_size):
     groups = ExpertParallelGroups.create(expert_parallel_size)
     config = TrainConfig.from_dict(config_dict)
     if not groups.is_main:
-        options = {**options, "progress": False, "export": False}
+        options = {**options, "progress": False}
     return train(config, out_dir, parallel=ExpertParallelTraining(groups), **options)
 
 
@@ -130,7 +130,6 @@ def train_distributed(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    export: bool = False,
     fresh_optimizer: bool = False,
     expert_parallel_size: int | None = None,
     backend: str | None = None,
@@ -148,7 +147,7 @@ def train_distributed(
     """
     from xmoe.distributed.launcher import DEFAULT_TIMEOUT_S, launch
 
-    options = {"resume": resume, "progress": progress, "stop_after": stop_after, "export": export}
+    options = {"resume": resume, "progress": progress, "stop_after": stop_after}
     options["fresh_optimizer"] = fresh_optimizer  # see xmoe.training.train
     results = launch(
         _train_rank,

@@ -1,7 +1,7 @@
 """Inference for a handful of tokens: expert weights used in place, no dispatch plan.
 
 At decode sizes a layer call is a few dozen tiny kernels, and their count, not their FLOPs, sets
-the time. Where reading tensors on the host costs nothing (:mod:`xmoe.dispatch.sync`), the
+the time. Where reading tensors on the host costs nothing (:mod:`xmoe.device`), the
 selection is read once and each selected expert runs on views of its own weights: no sort by
 expert, no per-pair weight copies (which at T=1 move as many bytes as the matmuls read), and
 the routing weight and the combine folded into one ``addmm_`` per expert.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from xmoe.dispatch.sync import host_reads_cheap
+from xmoe.device import host_reads_cheap
 from xmoe.experts.activations import ACTIVATION_FNS
 from xmoe.experts.ffn import FFNExperts
 

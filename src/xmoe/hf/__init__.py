@@ -24,22 +24,19 @@ _LAZY = {
     "XMoEModel": "xmoe.hf.modeling",
     "XMoEModelOutput": "xmoe.hf.modeling",
     "XMoEPreTrainedModel": "xmoe.hf.modeling",
-    "export_run": "xmoe.hf.export",
-    "hf_model_from_run": "xmoe.hf.export",
+    "export_model": "xmoe.hf.export",
 }
 
 
 def register() -> None:
     """Register xmoe with transformers now: ``AutoConfig``, ``AutoModel``,
-    ``AutoModelForCausalLM``, the ``"xmoe"`` experts implementation and the sparsified model
-    types of :mod:`xmoe.conversion` (idempotent)."""
+    ``AutoModelForCausalLM`` and the ``"xmoe"`` experts implementation (idempotent). The
+    sparsified model types register themselves on ``import xmoe.conversion`` (which sits above
+    this package)."""
     from xmoe.hf import autoregister
 
     for step in autoregister.STEPS.values():
         step()
-    from xmoe.conversion import register as register_sparsified
-
-    register_sparsified()
 
 
 def __getattr__(name: str) -> Any:

@@ -1,15 +1,24 @@
-"""Turn an `xmoe train` run directory into a transformers model directory."""
+"""Write a :class:`~xmoe.models.TransformerLM` as a transformers model directory.
+
+This package sits below ``training``, so it knows nothing of run directories: the caller loads
+the model (``RunDir.load_model()``) and hands it here (:func:`xmoe.cli.export.export_run`).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from xmoe.data import EOT_TOKEN
 from xmoe.hf.configuration import XMoEConfig
 from xmoe.hf.modeling import XMoEForCausalLM
 from xmoe.models import ModelConfig, TransformerLM
-from xmoe.training.rundir import RunDir
+from xmoe.storage import check_model_target, staged_model_directory
+
+HF_TOKENIZER_NAME = "tokenizer.json"
+"""The file transformers' fast tokenizer writes, the same name as a run's own tokenizer file."""
 
 
 def hf_model_from_lm(lm: TransformerLM, config: ModelConfig) -> XMoEForCausalLM:
@@ -19,15 +28,9 @@ def hf_model_from_lm(lm: TransformerLM, config: ModelConfig) -> XMoEForCausalLM:
     return model.eval()
 
 
-def hf_model_from_run(run: str | os.PathLike | RunDir) -> XMoEForCausalLM:
-    """The :class:`XMoEForCausalLM` (eval mode) holding a trained run's verified weights."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    lm, train_config, _ = run.load_model()
-    return hf_model_from_lm(lm, train_config.model)
-
-
 def save_hf_tokenizer(tokenizer_file: Path, out_dir: Path) -> None:
-    """The run's BPE tokenizer as transformers tokenizer files (``AutoTokenizer``)."""
+    """A BPE tokenizer file (``tokenizers`` JSON) as transformers tokenizer files
+    (``AutoTokenizer``)."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
@@ -40,11 +43,34 @@ def save_hf_tokenizer(tokenizer_file: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def export_run(
-    run: str | os.PathLike, out_dir: str | os.PathLike | None = None, force: bool = False
+def export_model(
+    lm: TransformerLM,
+    config: ModelConfig,
+    out: str | os.PathLike,
+    *,
+    tokenizer_file: Path | None = None,
+    force: bool = False,
+    own: bool = False,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` and (for corpus
-    runs) the tokenizer files of a trained run, loadable with ``AutoModelForCausalLM`` and
-    ``AutoTokenizer``. ``out_dir`` defaults to the run directory itself; see
-    :meth:`RunDir.export` for what is refused without ``force``."""
-    return RunDir(run).export(out_dir, force=force)
+    """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` and (given
+    ``tokenizer_file``) the tokenizer files of ``lm`` into ``out``, loadable with
+    ``AutoModelForCausalLM`` and ``AutoTokenizer``; returns ``out``.
+
+    Refuses a file as ``out``, and a non-empty directory unless ``force`` or ``own`` (``out`` is
+    the run the model comes from: its own ``tokenizer.json``, whose digest the run's checkpoint
+    records, stays as it is). The files are written into a staging folder, then put in place
+    (:func:`~xmoe.storage.staged_model_directory`).
+    """
+    out = Path(out)
+    check_model_target(out, force=force, own=own)
+    model = hf_model_from_lm(lm, config)
+    try:
+        with staged_model_directory(out, "xmoe export") as staging:
+            model.save_pretrained(staging)
+            if tokenizer_file is not None:
+                save_hf_tokenizer(tokenizer_file, staging)
+                if own:
+                    (staging / HF_TOKENIZER_NAME).unlink()
+    except SafetensorError as error:  # how safetensors reports a full disk
+        raise OSError(f"could not write the export into {out}: {error}") from None
+    return out

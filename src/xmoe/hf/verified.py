@@ -18,27 +18,19 @@ checks both before transformers reads the files:
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from xmoe.storage import DamagedFileError, read_verified, save_verified
+from xmoe.storage import DamagedFileError, is_weight_file, read_verified, save_verified
 
 CONFIG_KEY = "xmoe.config"
 """Weight-file metadata key holding the text of the ``config.json`` saved with the weights."""
 
 CONFIG_NAME = "config.json"
 
-_WEIGHT_FILE = re.compile(r"^model([-.].+)?\.safetensors(\.index\.json)?$")  # shards, variants
 _MISSING = object()
-
-
-def is_weight_file(name: str) -> bool:
-    """Whether a file name is one of a model directory's weights (``model.safetensors``, its
-    shards, variants or shard index; a run directory's checkpoints are not)."""
-    return _WEIGHT_FILE.match(name) is not None
 
 
 def weight_files(directory: Path) -> list[Path]:

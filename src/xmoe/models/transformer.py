@@ -396,20 +396,6 @@ class Block(nn.Module):
         return BlockOutput(x_BTD + self.dropout(out.hidden_states), out, attentions, router_logits)
 
 
-def attention_mask_B1TK(
-    attention_mask_BK: torch.Tensor | None, num_new: int, past_len: int, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean mask (True = attend) for queries at positions ``past_len .. past_len+T-1`` over
-    ``past_len + T`` keys (a dynamic cache); see :class:`AttentionMask`.
-
-    None (plain causal attention) when there is neither padding nor a cache offset. A query that
-    would see no key (a left-padding position) is allowed to see itself, so no row is empty.
-    """
-    batch = attention_mask_BK.shape[0] if attention_mask_BK is not None else 1
-    masks = AttentionMask(attention_mask_BK, num_new, past_len, batch, 1)
-    return masks.for_keys(past_len + num_new, device)
-
-
 @dataclass
 class BackboneOutput:
     """What :meth:`TransformerLM.run_backbone` returns.
@@ -507,22 +493,6 @@ class TransformerLM(nn.Module):
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
-
-    def backbone(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: KeyValueCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[RoutingStats], dict[str, torch.Tensor]]:
-        """The blocks and the final norm: (B, T, D) hidden states, summed aux loss, routing
-        statistics per MoE block, and each named aux loss summed over blocks. Arguments as in
-        :meth:`forward`; :meth:`run_backbone` has the options."""
-        out = self.run_backbone(
-            input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
-        )
-        return out.last_hidden_state, out.aux_loss, out.routing, out.aux_losses
 
     def _embed(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
@@ -657,10 +627,10 @@ class TransformerLM(nn.Module):
         attention_mask: (B, past + T) 1 for real tokens, 0 for padding, or None.
         cache: a :class:`KeyValueCache` to read and extend, or None.
         """
-        hidden_BTD, aux_loss, routing, aux_losses = self.backbone(
+        out = self.run_backbone(
             input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
         )
-        logits_BTV = F.linear(hidden_BTD, self.output_weight())
+        logits_BTV = F.linear(out.last_hidden_state, self.output_weight())
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
@@ -668,7 +638,7 @@ class TransformerLM(nn.Module):
                 targets.reshape(-1),
                 ignore_index=-100,
             )
-        return LMOutput(logits_BTV, loss, aux_loss, routing, aux_losses)
+        return LMOutput(logits_BTV, loss, out.aux_loss, out.routing, out.aux_losses)
 
     def moe_flops_per_token(self, routing: list[RoutingStats]) -> float:
         """Forward FLOPs per token of the FFNs at MoE positions, as computed in that call:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from xmoe.config import RouterOptions, _is_int, _is_number, _require
-from xmoe.dispatch.sync import host_reads_cheap
+from xmoe.device import host_reads_cheap
 from xmoe.registry import ROUTERS
 from xmoe.routing.base import Router
 from xmoe.routing.selection import SMALL_SORT_ELEMENTS, Selection, ranked_topk

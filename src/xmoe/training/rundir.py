@@ -1,4 +1,4 @@
-"""RunDir: a training run's directory, the one owner of its file names, lock, loading and export.
+"""RunDir: a training run's directory, the one owner of its file names, lock and loading.
 
 A run directory holds::
 
@@ -8,7 +8,8 @@ A run directory holds::
     tokenizer.json                the BPE tokenizer (corpus runs)
     log.jsonl                     one JSON object per line: training metrics and evaluations
     .lock                         held (flock) by the one process writing the run
-    config.json, model.safetensors, tokenizer files   the transformers export (``xmoe export``)
+    config.json, model.safetensors, tokenizer files   the transformers export (``xmoe export``,
+                                  :func:`xmoe.cli.export.export_run`)
 """
 
 from __future__ import annotations
@@ -17,24 +18,18 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from safetensors import SafetensorError
-
 from xmoe.storage import (
     DirectoryLock,
     LockedError,
     atomic_write_text,
-    fsync_directory,
-    is_own_leftover,
+    hold_for_writing,
     name_the_file,
     open_regular,
-    sweep_stale_temporaries,
-    temporary_name,
 )
 from xmoe.training.checkpoint import (
     ALL_PARTS,
@@ -160,8 +155,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} is a file; give a directory to write the run into")
         self._lock.purpose = purpose
-        with self._lock.hold():
-            sweep_stale_temporaries(self.path, exclusive=True)
+        with hold_for_writing(self._lock):
             yield self
 
     def _require_lock(self) -> None:
@@ -266,98 +260,3 @@ class RunDir:
         model = TransformerLM(config.model)
         model.load_state_dict(state.model_state)
         return model.eval(), config, state.meta
-
-    # --- export --------------------------------------------------------------------------------
-
-    def export(self, out_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
-        """Write the run as a transformers directory (``config.json``, ``model.safetensors``,
-        ``generation_config.json`` and the tokenizer files), by default into the run itself.
-
-        Refuses a file as target, and a non-empty directory other than the run's own unless
-        ``force``. The files are written into a staging folder, then put in place
-        (:func:`staged_model_directory`).
-        """
-        out = self.path if out_dir is None else Path(out_dir)
-        own = out.resolve() == self.path.resolve()
-        check_model_target(out, force=force, own=own)
-        from xmoe.hf.export import hf_model_from_lm, save_hf_tokenizer
-
-        lm, config, meta = self.load_model()
-        model = hf_model_from_lm(lm, config.model)
-        tokenizer = self.load_tokenizer()
-        self.check_tokenizer(tokenizer, meta, config.model.vocab_size)  # never export without it
-        locked = self._lock.held and own
-        try:
-            with staged_model_directory(out, "xmoe export", locked=locked) as staging:
-                model.save_pretrained(staging)
-                if tokenizer is not None:
-                    save_hf_tokenizer(self.tokenizer_path, staging)
-                    if own:  # the run's own file, whose digest its checkpoint records, stays
-                        (staging / TOKENIZER_NAME).unlink()
-        except SafetensorError as error:  # how safetensors reports a full disk
-            raise OSError(f"could not write the export into {out}: {error}") from None
-        return out
-
-
-# --- model directories (export, sparsify) ------------------------------------------------------
-
-
-def check_model_target(
-    out: Path, *, force: bool, own: bool = False, what: str = "export target"
-) -> None:
-    """Refuse ``out`` as the folder to write a model directory into: a file always, a non-empty
-    directory (other than a run's own, ``own``) unless ``force``; what a killed writer of ours
-    left there (a staging folder, a lock file) does not count. ``what`` names it."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{what} {out} is a file; give a directory")
-    users = [p for p in out.iterdir() if not is_own_leftover(p)] if out.is_dir() else []
-    if not own and users and not force:
-        raise FileExistsError(
-            f"{what} {out} is not empty; pass force=True (--force) to overwrite the files there"
-        )
-
-
-@contextlib.contextmanager
-def staged_model_directory(out: Path, purpose: str, *, locked: bool = False) -> Iterator[Path]:
-    """A staging folder to write a model directory into, put in place as ``out`` only when the
-    block completes; an error or a kill never leaves a directory that looks complete.
-
-    A new ``out`` is a sibling folder renamed into place at once (one left by a killed writer
-    goes at the next call). Into an existing directory, held under its lock (``purpose`` names
-    the holder; ``locked``: the caller holds it), the files move one by one: the old weight
-    files removed first and the new ones moved last, so an interrupted move leaves a directory
-    without weights (refused on load), never new files beside old weights.
-    """
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_temporaries(out.parent)
-        staging = temporary_name(out)
-        try:
-            staging.mkdir()
-            yield staging
-            os.rename(staging, out)  # fails if a non-empty `out` appeared meanwhile
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        fsync_directory(out.parent)
-        return
-    with contextlib.nullcontext() if locked else RunDir(out).lock(purpose):
-        staging = temporary_name(out / "export")
-        try:
-            staging.mkdir()
-            yield staging
-            _move_model_files(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _move_model_files(staging: Path, out: Path) -> None:
-    """Replace the model files in ``out`` by those in ``staging``, weights last."""
-    from xmoe.hf.verified import is_weight_file
-
-    for old in out.iterdir():
-        if is_weight_file(old.name) and not old.is_dir():
-            old.unlink()
-    items = sorted(staging.iterdir(), key=lambda item: (is_weight_file(item.name), item.name))
-    for item in items:
-        os.replace(item, out / item.name)
-    fsync_directory(out)

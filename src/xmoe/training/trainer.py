@@ -141,7 +141,6 @@ def train(
     data: TokenData | None = None,
     progress: bool = True,
     stop_after: int | None = None,
-    export: bool = False,
     parallel: SingleProcess | None = None,
     fresh_optimizer: bool = False,
 ) -> TrainResult:
@@ -155,7 +154,6 @@ def train(
         progress: show a tqdm bar (on stderr).
         stop_after: stop (after checkpointing) once this many steps are done, as if the
             process had been interrupted there; the schedule still targets ``max_steps``.
-        export: also write the transformers files (``RunDir.export``) at the end.
         parallel: the hooks of one rank of an expert-parallel run
             (:class:`xmoe.distributed.training.ExpertParallelTraining`, what ``xmoe train --nproc``
             and :func:`xmoe.distributed.training.train_distributed` pass); None for one process.
@@ -193,8 +191,6 @@ def train(
         if not par.is_main:
             resume_from = resume_state()
         result = _train_locked(config, run, resume_from, data, progress, stop_after, par)
-        if export and par.is_main:
-            run.export()
     return result
 
 
