@@ -120,9 +120,9 @@ def bench_size(name, size, args) -> list[dict]:
                 args.warmup,
                 torch.device("cpu"),
             )
-        d_model = size[0]
-        dense_flops = 4 * d_model * dense.config.d_ff / 1e6
-        xmoe_flops = (4 * d_model * d_expert * experts + 2 * d_model * size[3]) / 1e6
+        moe = xmoe_model.model.lm.config.moe
+        dense_flops = dense.model.lm.config.dense_ffn_flops / 1e6
+        xmoe_flops = (moe.expert_flops * experts + moe.router_flops) / 1e6
         for label, flops, ffn in (
             ("xmoe (t=0.9)", xmoe_flops, f"{size[3]} x {d_expert}, {experts:.2f} experts/token"),
             ("dense, same active FLOPs", dense_flops, f"d_ff {dense.config.d_ff}"),

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from xmoe import MoEConfig
+from xmoe.flops import FORWARD_BACKWARD, ffn_flops
 from xmoe.models import ModelConfig, TransformerLM
 
 # name: (d_model, layers, heads, experts, d_expert, vocab, batch, seq_len, micro-batches)
@@ -217,7 +218,7 @@ def scale_model_rows(bytes_per_element: int = 2) -> list[dict]:
             bandwidth, remote = _effective_bandwidth(cluster)
             k, d, h = shape.experts_per_token, shape.d_model, shape.d_expert
             comm_bytes = 4 * k * d * bytes_per_element * remote  # per token and layer
-            flops = 3 * 2 * shape.matmuls * d * h * k
+            flops = FORWARD_BACKWARD * ffn_flops(d, h, gated=shape.matmuls == 3) * k
             comm_s = comm_bytes / (bandwidth * 1e9)
             compute_s = flops / (cluster.tflops * 1e12)
             rows.append(

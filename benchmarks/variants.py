@@ -16,6 +16,7 @@ from torch import nn
 from xmoe import MoEConfig, MoELayer
 from xmoe.dispatch import DispatchPlan
 from xmoe.dispatch.engines import GroupedEngine
+from xmoe.flops import ffn_flops
 from xmoe.routing import Selection, route_pairs
 
 BATCHED_MM_MAX_BYTES = 1 << 30
@@ -228,7 +229,11 @@ def training_variants(
     torch.manual_seed(s.seed)
     bound = DenseFFN(s.d_model, hidden, gated=False, bias=True).to(s.device, s.dtype)
     variants[f"bound: dense FFN {s.d_model}x{hidden}"] = module_variant(
-        bound, x, cotangent, experts_per_token=kept, moe_flops_per_token=4.0 * s.d_model * hidden
+        bound,
+        x,
+        cotangent,
+        experts_per_token=kept,
+        moe_flops_per_token=float(ffn_flops(s.d_model, hidden, gated=False)),
     )
     if capacity_factor is not None:
         capacity = layer.config.capacity(s.num_tokens)
@@ -339,7 +344,7 @@ def hf_variants(s: Setting, top_k: int) -> dict[str, Variant]:
     )
     for variant in variants.values():
         variant.experts_per_token = float(top_k)
-        variant.moe_flops_per_token = 6.0 * top_k * s.d_model * s.d_expert
+        variant.moe_flops_per_token = float(top_k * layer.config.expert_flops)
     return variants
 
 
@@ -379,7 +384,7 @@ def hf_block_variants(s: Setting, top_k: int) -> dict[str, Variant]:
         variants[f"HF Mixtral block, {implementation}"] = variant
     for variant in variants.values():
         variant.experts_per_token = float(top_k)
-        variant.moe_flops_per_token = 6.0 * top_k * s.d_model * s.d_expert
+        variant.moe_flops_per_token = float(top_k * layer.config.expert_flops)
     return variants
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from xmoe.cli.main import build_parser, main
@@ -15,9 +16,11 @@ def test_layer_demo_runs_and_reports(capsys):
 
 
 def test_help_lists_commands():
-    text = build_parser().format_help()
-    for command in ("demo", "layer-demo", "train", "eval", "generate", "reproduce"):
-        assert command in text
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    names = ("demo", "layer-demo", "train", "eval", "generate", "export", "sparsify", "reproduce")
+    assert tuple(commands.choices) == names
+    assert "{" + ",".join(names) + "}" in parser.format_help()
 
 
 def test_bad_threads_rejected(capsys):

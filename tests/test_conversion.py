@@ -363,3 +363,26 @@ def test_seeds_out_of_range_are_refused_by_name():
         RecoveryConfig(seed=2**64)
     with pytest.raises(ConfigError, match="seed=-1"):
         SparsifyConfig(expert_size=4, active_fraction=0.5, seed=-1)
+
+
+def test_measured_ffn_flops_are_what_the_mlps_compute():
+    """measure_quality's FFN FLOPs per token (dense, and sparse with its learned router) equal
+    the matmul FLOPs torch counts inside the MLP modules over the evaluated tokens."""
+    from types import SimpleNamespace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xmoe.conversion.evaluation import DOMAINS, measure_quality
+
+    dense = tiny_llama(torch.float32)
+    data = {f"eval_{d}": token_ids(6, 16, seed=3 + i) for i, d in enumerate(DOMAINS)}
+    settings = SimpleNamespace(eval_batch=6, progress=False)
+    sparse = sparsify(dense, 8, calibration=token_ids(), router_steps=5, threshold=0.7)
+    for model in (dense, sparse):
+        with FlopCounterMode(display=False) as counter:
+            result = measure_quality(model, data, settings, "flops")
+        mlps = [v for k, v in counter.get_flop_counts().items() if k.endswith(".mlp")]
+        assert len(mlps) == TINY["num_hidden_layers"]
+        counted = sum(sum(v.values()) for v in mlps) / (2 * 6 * 16)  # per evaluated token
+        assert result["ffn_flops"] == pytest.approx(counted, rel=1e-12)
+    assert result["ffn_flops_share"] < 1  # the sparse model's count is not the dense one

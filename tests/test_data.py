@@ -342,6 +342,21 @@ def test_real_corpus_counts_and_split():
         assert 0.05 <= held / total <= 0.08, (domain, held / total)
 
 
-def test_tokenizer_module_rejects_nothing_for_valid_sizes():
-    for size in (tokenizer.MIN_VOCAB_SIZE, tokenizer.MAX_VOCAB_SIZE):
+@pytest.mark.parametrize(
+    "size,valid",
+    [
+        (tokenizer.MIN_VOCAB_SIZE - 1, False),
+        (tokenizer.MIN_VOCAB_SIZE, True),
+        (tokenizer.MAX_VOCAB_SIZE, True),
+        (tokenizer.MAX_VOCAB_SIZE + 1, False),
+        (float(tokenizer.MIN_VOCAB_SIZE), False),
+        (True, False),
+    ],
+)
+def test_vocab_size_bounds(size, valid):
+    if valid:
         tokenizer.check_vocab_size(size)
+    else:
+        message = rf"vocab_size={size!r} is invalid: .* \[258, 65535\]"
+        with pytest.raises(ValueError, match=message):
+            tokenizer.check_vocab_size(size)

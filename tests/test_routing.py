@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xmoe import MoEConfig, MoELayer
-from xmoe.routing import ranked_topk
+from xmoe.routing import RoutingStats, ranked_topk
 
 from helpers import make_layer, run_both
 
@@ -124,3 +124,29 @@ def test_aux_loss_is_one_for_uniform_routing_and_scaled_by_coef():
     out = layer(torch.randn(8, 4, dtype=torch.float64))
     # uniform p; ties send every top-1 to expert 0: E * sum(1/E * [1,0,0,0]) = 1
     assert out.aux_loss.item() == pytest.approx(0.5)
+
+
+def _stats(kept: list[list[int]], wanted: list[list[int]]) -> RoutingStats:
+    kept_SK, wanted_SK = (torch.tensor(m, dtype=torch.bool) for m in (kept, wanted))
+    top1_S = torch.zeros(kept_SK.shape[0], dtype=torch.long)
+    return RoutingStats(wanted_SK, kept_SK, kept_SK.sum(0), top1_S, 10, 1)
+
+
+def test_routing_stats_mean_weighs_every_layer_once():
+    first = _stats([[1, 1], [1, 0], [1, 0]], [[1, 1], [1, 0], [1, 1]])  # 4 of 5 pairs kept
+    second = _stats([[1, 0], [1, 0], [1, 1]], [[1, 0], [1, 0], [1, 1]])  # dropless
+    mean = RoutingStats.mean([first, second])
+    assert mean.experts_per_token == pytest.approx(4 / 3)
+    assert mean.experts_wanted_per_token == pytest.approx((5 / 3 + 4 / 3) / 2)
+    assert mean.drop_fraction == pytest.approx((0.2 + 0.0) / 2)
+    assert mean.kept_per_token.tolist() == [1.5, 1.0, 1.5]
+    assert mean.summary() == {
+        "experts_per_token": mean.experts_per_token,
+        "experts_wanted_per_token": mean.experts_wanted_per_token,
+        "drop_fraction": mean.drop_fraction,
+    }
+    assert RoutingStats.mean([first]).summary() == {
+        k: v for k, v in first.summary().items() if k in mean.summary()
+    }
+    with pytest.raises(ValueError, match="at least one layer"):
+        RoutingStats.mean([])

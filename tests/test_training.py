@@ -152,6 +152,20 @@ def test_presets_hold_total_ffn_width_equal():
         preset("nope")
 
 
-def test_bf16_autocast_training_runs(tmp_path):
-    result = train(_tiny(max_steps=2, precision="bf16"), tmp_path, progress=False)
-    assert math.isfinite(result.final_eval.loss)
+def test_bf16_autocast_training_learns_like_fp32(tmp_path):
+    """On one repeated batch, bf16 autocast lowers the loss as fp32 does, step for step within
+    bf16's rounding, and is not fp32 in disguise (its losses differ)."""
+    data = synthetic_token_data(vocab_size=64, num_tokens=600)
+    data.train = data.train[:41]  # a single 32-token window (+1 target): every batch repeats it
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = _tiny(
+            max_steps=10, batch_size=2, log_interval=1, warmup_fraction=0.0, lr=0.01,
+            eval_batches=1, precision=precision,
+        )  # fmt: skip
+        train(config, tmp_path / precision, data=data, progress=False)
+        losses[precision] = [loss for _, loss in _losses(tmp_path / precision)]
+    fp32, bf16 = losses["fp32"], losses["bf16"]
+    assert bf16 != fp32
+    assert bf16[-1] < 0.7 * bf16[0]
+    assert bf16 == pytest.approx(fp32, rel=0.02)

@@ -7,6 +7,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from xmoe import flops
 from xmoe.registry import ROUTERS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
@@ -260,14 +261,13 @@ class MoEConfig(DictConfig):
 
     @property
     def expert_flops(self) -> int:
-        """Forward FLOPs of one expert on one token (2 FLOPs per multiply-add, matrices only)."""
-        matrices = 3 if self.gated else 2
-        return 2 * matrices * self.d_model * self.d_expert
+        """Forward FLOPs of one expert on one token (:func:`xmoe.flops.ffn_flops`)."""
+        return flops.ffn_flops(self.d_model, self.d_expert, self.gated)
 
     @property
     def router_flops(self) -> int:
-        """Forward FLOPs of the router on one token."""
-        return 2 * self.d_model * self.num_experts
+        """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`)."""
+        return flops.router_flops(self.d_model, self.num_experts)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity C for a call over ``num_tokens`` tokens, or None when dropless."""

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from xmoe import flops
 from xmoe.conversion.recovery import RecoveryConfig, recover
 from xmoe.conversion.report import write_report
 from xmoe.conversion.sparsify import (
@@ -41,6 +42,7 @@ from xmoe.conversion.sparsify import (
     sparse_mlps,
     sparsify,
 )
+from xmoe.routing.stats import layer_mean
 from xmoe.storage import atomic_write_text, read_verified, save_verified
 
 DOMAINS = ("shakespeare", "kjv")
@@ -226,19 +228,14 @@ def _mlps(model: nn.Module) -> list[nn.Module]:
     return [layer.mlp for layer in model.model.layers]
 
 
-def ffn_flops_per_layer(d_model: int, intermediate: int) -> int:
-    """Dense SwiGLU FFN FLOPs per token per layer: 3 matmuls of D × I, 2 FLOPs per MAC."""
-    return 6 * d_model * intermediate
-
-
 @torch.no_grad()
 def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: EvalSettings,
                     desc: str) -> dict[str, Any]:  # fmt: skip
     """Perplexity per held-out domain, experts per token and FFN FLOPs per token.
 
-    FFN FLOPs: dense 6·D·I per layer; sparse 6·D·H per selected expert plus the router's
-    2·D·E (none for the oracle, which is not a deployable router: its ranking costs a dense
-    FFN), per layer, averaged over the evaluated tokens.
+    FFN FLOPs (:mod:`xmoe.flops`, SwiGLU): dense 6·D·I per layer; sparse 6·D·H per selected
+    expert plus the router's 2·D·E (none for the oracle, which is not a deployable router: its
+    ranking costs a dense FFN), per layer, averaged over the evaluated tokens.
     """
     config = model.config
     modules = sparse_mlps(model)
@@ -262,17 +259,23 @@ def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: E
     for domain in DOMAINS:
         result["nll"][domain] = nll[domain] / count[domain]
         result["ppl"][domain] = math.exp(result["nll"][domain])
-    dense_flops = ffn_flops_per_layer(config.hidden_size, config.intermediate_size)
+    d_model = config.hidden_size
+    dense_flops = flops.ffn_flops(d_model, config.intermediate_size, gated=True)
     if modules:
-        flops = 0.0
+        per_layer = []
         for index, module in enumerate(modules):
-            per_token = selected[index] / tokens_seen
-            flops += per_token * 6 * config.hidden_size * module.expert_size
-            if module.settings.router == "learned":
-                flops += 2 * config.hidden_size * module.num_experts
-        result["experts_per_token"] = sum(selected) / tokens_seen / len(modules)
+            learned = module.settings.router == "learned"
+            per_layer.append(
+                flops.routed_flops_per_token(
+                    selected[index],
+                    tokens_seen,
+                    flops.ffn_flops(d_model, module.expert_size, gated=True),
+                    flops.router_flops(d_model, module.num_experts) if learned else 0,
+                )
+            )
+        result["experts_per_token"] = layer_mean([s / tokens_seen for s in selected])
         result["active_share"] = result["experts_per_token"] / modules[0].num_experts
-        result["ffn_flops"] = flops / len(modules) * config.num_hidden_layers
+        result["ffn_flops"] = layer_mean(per_layer) * config.num_hidden_layers
     else:
         result["experts_per_token"] = None
         result["active_share"] = 1.0

@@ -21,6 +21,7 @@ from xmoe.conversion.modeling import SETTINGS_KEY, SPARSE_CLASSES
 from xmoe.conversion.partition import clustered_partition, contiguous_partition
 from xmoe.conversion.router_training import train_router
 from xmoe.conversion.sparse_mlp import SparseMLP
+from xmoe.routing.stats import layer_mean
 
 
 def _expert_weights(
@@ -218,4 +219,4 @@ def experts_per_token(model: nn.Module) -> float:
     counts = [m.experts_per_token for m in sparse_mlps(model) if m.experts_per_token is not None]
     if not counts:
         return 0.0
-    return float(torch.stack([c.double().mean() for c in counts]).mean())
+    return layer_mean([float(c.double().mean()) for c in counts])

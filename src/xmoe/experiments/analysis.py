@@ -11,6 +11,7 @@ import torch
 
 from xmoe.data import eval_batches
 from xmoe.models import TransformerLM
+from xmoe.routing import RoutingStats
 
 TOKEN_KINDS = ("newline", "punctuation", "word start", "word piece", "other")
 """How a BPE token reads: it holds a newline; only punctuation; starts a word (a leading space);
@@ -58,7 +59,7 @@ def measure_adaptivity(
         if not out.routing:
             raise ValueError("measure_adaptivity needs a model with MoE layers")
         ids.append(x_BT.reshape(-1).numpy())
-        kept = torch.stack([s.kept_per_token.float() for s in out.routing]).mean(0)
+        kept = RoutingStats.mean(out.routing).kept_per_token
         experts.append(kept.cpu().numpy())
         loads.append(torch.stack([s.expert_load.float() for s in out.routing]).cpu().numpy())
     load = np.sum(loads, axis=0)

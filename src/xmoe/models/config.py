@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from xmoe import flops
 from xmoe.config import (
     ConfigError,
     DictConfig,
@@ -118,12 +119,14 @@ class ModelConfig(DictConfig):
         d, num_moe = self.d_model, self.num_moe_blocks if self.moe is not None else 0
         moe_ffn = 0
         if self.moe is not None:  # the router's (E, d) matrix and each expert's matrices
-            moe_ffn = self.moe.num_experts * (d + self.moe.expert_flops // 2)
-        ffns = num_moe * moe_ffn + (self.num_layers - num_moe) * self.dense_ffn_flops // 2
+            expert = flops.ffn_params(d, self.moe.d_expert, self.moe.gated)
+            moe_ffn = self.moe.num_experts * (d + expert)
+        dense_ffn = flops.ffn_params(d, self.d_ff, gated=False)
+        ffns = num_moe * moe_ffn + (self.num_layers - num_moe) * dense_ffn
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return embeddings + self.num_layers * 4 * d * d + ffns
 
     @property
     def dense_ffn_flops(self) -> int:
-        """Forward FLOPs per token of one dense FFN (2 per multiply-add, matrices only)."""
-        return 4 * self.d_model * self.d_ff
+        """Forward FLOPs per token of one dense FFN (:func:`xmoe.flops.ffn_flops`; not gated)."""
+        return flops.ffn_flops(self.d_model, self.d_ff, gated=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from xmoe.models.transformer import TransformerLM
+from xmoe.routing import RoutingStats
 
 
 class KVCache:
@@ -75,9 +76,7 @@ def generate(
     for _ in range(max_new_tokens):
         out = model(next_input if use_cache else ids, cache=cache)
         if out.routing:
-            experts_per_call.append(
-                sum(stats.experts_per_token for stats in out.routing) / len(out.routing)
-            )
+            experts_per_call.append(RoutingStats.mean(out.routing).experts_per_token)
         logits = out.logits[:, -1, :].float()
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from xmoe.layer import MoELayer
+from xmoe.routing.stats import layer_mean
 
 
 class KeptPairsCounter:
@@ -52,7 +53,7 @@ class KeptPairsCounter:
     def experts_per_token(self) -> float:
         """Mean over the modules that ran of experts computed per token (0 if none ran)."""
         rates = [p / t for p, t in zip(self.pairs, self.tokens, strict=True) if t]
-        return sum(rates) / len(rates) if rates else 0.0
+        return layer_mean(rates) if rates else 0.0
 
 
 class ExpertUsage(KeptPairsCounter):

@@ -6,11 +6,21 @@ router's decisions are kept and each statistic is derived when read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 
 import torch
 
+from xmoe.flops import routed_flops_per_token
 from xmoe.routing.pairs import RoutedPairs
+
+
+def layer_mean(values: Sequence[float]) -> float:
+    """The mean over MoE layers of one per-layer number: every layer counts once, however many
+    tokens it saw. The one averaging rule of the statistics (:meth:`RoutingStats.mean`)."""
+    if not values:
+        raise ValueError("layer_mean needs at least one layer's value, got none")
+    return sum(values) / len(values)
 
 
 class RoutingStats:
@@ -88,7 +98,9 @@ class RoutingStats:
     @cached_property
     def flops_per_token(self) -> torch.Tensor:
         kept = self.kept_per_token.sum()
-        return (kept * self._expert_flops) / self._num_tokens + self._router_flops
+        return routed_flops_per_token(
+            kept, self._num_tokens, self._expert_flops, self._router_flops
+        )
 
     @property
     def experts_per_token(self) -> float:
@@ -99,6 +111,12 @@ class RoutingStats:
     def experts_wanted_per_token(self) -> float:
         """Mean experts the rule selected per token (before capacity)."""
         return self.wanted_per_token.float().mean().item()
+
+    @staticmethod
+    def mean(stats: Sequence[RoutingStats]) -> LayerMeanStats:
+        """The statistics of several MoE layers on the same tokens (one model call), averaged
+        over the layers; the one place that combines layers."""
+        return LayerMeanStats(stats)
 
     def summary(self) -> dict[str, float]:
         """The scalar statistics as Python floats (for logs and tables)."""
@@ -111,4 +129,44 @@ class RoutingStats:
             "tokens_with_drop_fraction": float(self.tokens_with_drop_fraction),
             "top1_load_cv": float(load.std(unbiased=False) / load.mean().clamp_min(1e-12)),
             "flops_per_token": float(self.flops_per_token),
+        }
+
+
+class LayerMeanStats:
+    """:class:`RoutingStats` of several MoE layers on the same S tokens, each statistic the mean
+    over layers (what the training log, the evaluation and the demos report for a model).
+
+    Attributes:
+        experts_per_token, experts_wanted_per_token, drop_fraction: floats, the layers' own
+            values (as :meth:`RoutingStats.summary` gives them) averaged with :func:`layer_mean`.
+        kept_per_token: (S,) float32, experts each token was computed with, mean over layers.
+    """
+
+    def __init__(self, stats: Sequence[RoutingStats]) -> None:
+        if not stats:
+            raise ValueError("RoutingStats.mean needs at least one layer's statistics, got none")
+        self.layers = list(stats)
+
+    @cached_property
+    def experts_per_token(self) -> float:
+        return layer_mean([s.experts_per_token for s in self.layers])
+
+    @cached_property
+    def experts_wanted_per_token(self) -> float:
+        return layer_mean([s.experts_wanted_per_token for s in self.layers])
+
+    @cached_property
+    def drop_fraction(self) -> float:
+        return layer_mean([float(s.drop_fraction) for s in self.layers])
+
+    @cached_property
+    def kept_per_token(self) -> torch.Tensor:
+        return torch.stack([s.kept_per_token.float() for s in self.layers]).mean(dim=0)
+
+    def summary(self) -> dict[str, float]:
+        """The scalars the training log records for a step."""
+        return {
+            "experts_per_token": self.experts_per_token,
+            "experts_wanted_per_token": self.experts_wanted_per_token,
+            "drop_fraction": self.drop_fraction,
         }

@@ -11,6 +11,7 @@ import torch
 
 from xmoe.data import eval_batches
 from xmoe.models import TransformerLM
+from xmoe.routing import RoutingStats
 
 
 @dataclass
@@ -80,8 +81,9 @@ def evaluate(
         total_tokens += count
         flops += model.moe_flops_per_token(out.routing) * count
         if out.routing:
-            experts += count * float(np.mean([s.experts_per_token for s in out.routing]))
-            drops += count * float(np.mean([float(s.drop_fraction) for s in out.routing]))
+            layers = RoutingStats.mean(out.routing)
+            experts += count * layers.experts_per_token
+            drops += count * layers.drop_fraction
     model.train(was_training)
     if total_tokens == 0:
         raise ValueError(
@@ -107,5 +109,4 @@ def experts_per_token(model: TransformerLM, input_ids_BT: torch.Tensor) -> torch
     model.train(was_training)
     if not out.routing:
         return torch.zeros(input_ids_BT.shape)
-    counts = torch.stack([s.kept_per_token.float() for s in out.routing]).mean(dim=0)
-    return counts.reshape(input_ids_BT.shape)
+    return RoutingStats.mean(out.routing).kept_per_token.reshape(input_ids_BT.shape)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from xmoe.data import TokenData, prepare_corpus, random_batch, synthetic_token_data
 from xmoe.models import TransformerLM
+from xmoe.routing import RoutingStats
 from xmoe.training.checkpoint import Checkpoint, CheckpointError
 from xmoe.training.config import TrainConfig
 from xmoe.training.evaluate import EvalResult, autocast_context, evaluate
@@ -76,14 +77,8 @@ def _comparable(config_dict: dict) -> dict:
     return {k: v for k, v in config_dict.items() if k != "device"}
 
 
-def _routing_summary(routing) -> dict[str, float]:
-    if not routing:
-        return {}
-    return {
-        "experts_per_token": sum(s.experts_per_token for s in routing) / len(routing),
-        "experts_wanted_per_token": sum(s.experts_wanted_per_token for s in routing) / len(routing),
-        "drop_fraction": sum(float(s.drop_fraction) for s in routing) / len(routing),
-    }
+def _routing_summary(routing: list[RoutingStats]) -> dict[str, float]:
+    return RoutingStats.mean(routing).summary() if routing else {}
 
 
 class SingleProcess:
