@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from xmoe import MoEConfig
+from xmoe.dispatch import ENGINES
 
 from helpers import assert_close_grads, make_layer, run_both, use_host_reads
 
@@ -76,7 +77,7 @@ def test_cases_exercise_what_they_claim():
 
 
 @pytest.mark.parametrize("host_reads", [True, False], ids=["host", "sync_free"])
-@pytest.mark.parametrize("backend", ["grouped", "loop", "batched"])
+@pytest.mark.parametrize("backend", sorted(ENGINES))
 @pytest.mark.parametrize("router", ["threshold", "topk"])
 def test_fp32_backends_match_reference(monkeypatch, backend, router, host_reads):
     use_host_reads(monkeypatch, host_reads)
@@ -156,7 +157,7 @@ def test_empty_input():
     assert x.grad.shape == (0, 8)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "loop", "batched"])
+@pytest.mark.parametrize("backend", sorted(ENGINES))
 @pytest.mark.parametrize(("activation", "bias"), [("gelu", True), ("swiglu", False)])
 def test_chunked_expert_ranges_match_reference(monkeypatch, backend, activation, bias):
     """Large plans run expert range by expert range; force many small chunks (one expert over

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from xmoe import flops
-from xmoe.registry import ROUTERS
+from xmoe.registry import ENGINES, ROUTERS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 """Expert activations. ``gelu`` is the exact (erf) GELU; ``swiglu`` is the gated expert
@@ -20,10 +20,26 @@ INITS = ("independent", "identical")
 """``independent``: every expert drawn on its own. ``identical``: every expert of a layer is a copy
 of expert 0, as in the XMoE reference code (the router then breaks the symmetry)."""
 
-BACKENDS = ("auto", "grouped", "loop", "batched")
+
+class _Backends(Collection[str]):
+    """``auto`` and the names in :data:`ENGINES`, read on each use: registering an engine is
+    all it takes to make it a valid ``backend``."""
+
+    def __contains__(self, name: object) -> bool:
+        return name == "auto" or name in ENGINES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("auto", *ENGINES))
+
+    def __len__(self) -> int:
+        return 1 + len(ENGINES)
+
+
+BACKENDS: Collection[str] = _Backends()
 """How the kept (token, expert) pairs are multiplied: ``grouped`` uses ``F.grouped_mm``, ``loop``
 is a per-expert ``torch.mm`` loop with a hand-written backward (any dtype, any size), ``batched``
-gathers one weight copy per pair (fast for a handful of tokens), ``auto`` picks per call."""
+gathers one weight copy per pair (fast for a handful of tokens), any other registered engine by
+its name, and ``auto`` picks per call."""
 
 
 class ConfigError(ValueError):

@@ -63,3 +63,10 @@ ROUTERS: Registry = Registry(
     },
 )
 """Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""
+
+ENGINES: Registry = Registry(
+    "engine",
+    {name: "xmoe.dispatch.engines" for name in ("batched", "grouped", "loop")},
+)
+"""Grouped-matmul engines by the name a config's ``backend`` field gives
+(``xmoe.dispatch.engines.Engine`` subclasses); ``backend="auto"`` asks each of them."""

@@ -9,14 +9,22 @@ Every engine offers the two products an expert FFN needs, forward and backward:
 
 Engines never index a stacked weight under autograd: they are called from inside the expert
 FFN's hand-written ``autograd.Function``.
+
+A new engine is an :class:`Engine` subclass in a file of its own, registered with
+``@ENGINES.register("name")`` (and listed in :data:`xmoe.registry.ENGINES` for a lazy import):
+that makes it a ``MoEConfig.backend`` choice, a candidate for ``auto``, and a subject of the
+conformance tests in ``tests/test_backends.py``.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from xmoe.dispatch.plan import DispatchPlan
+from xmoe.registry import ENGINES
 
 BATCHED_MAX_WEIGHT_ELEMENTS = 1 << 19
 """While pairs x d_model x d_expert stays within this, gathering one weight copy per pair and a
@@ -30,10 +38,43 @@ def batched_max_pairs(d_model: int, d_expert: int) -> int:
     return BATCHED_MAX_WEIGHT_ELEMENTS // (d_model * d_expert)
 
 
-class LoopEngine:
-    """One ``torch.mm`` per non-empty expert. Any dtype and size; the readable reference."""
+class Engine:
+    """What ``choose_engine`` asks of every engine; subclasses add ``mm`` and ``wgrad``.
 
-    name = "loop"
+    Attributes:
+        priority: ``auto`` takes the highest-priority engine that supports the call.
+        runs_unsorted: whether it runs a plan whose rows are not sorted by expert.
+        requirement: what :meth:`runs` asks of the operands, for the error an explicit backend
+            that cannot run them raises.
+    """
+
+    priority: ClassVar[int] = 0
+    runs_unsorted: ClassVar[bool] = False
+    requirement: ClassVar[str] = ""
+
+    @classmethod
+    def runs(cls, dtype: torch.dtype, device: torch.device, d_model: int, d_expert: int) -> bool:
+        """Whether it computes operands of this dtype and device, with these widths, at all."""
+        return True
+
+    @classmethod
+    def supports(
+        cls,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_pairs: int,
+        d_model: int,
+        d_expert: int,
+    ) -> bool:
+        """Whether ``auto`` may choose it for this call: it :meth:`runs` the operands and is
+        worth choosing at this size."""
+        return cls.runs(dtype, device, d_model, d_expert)
+
+
+@ENGINES.register("loop")
+class LoopEngine(Engine):
+    """One ``torch.mm`` per non-empty expert. Any dtype and size; the readable reference, and
+    ``auto``'s last resort."""
 
     @staticmethod
     def mm(a_NK: torch.Tensor, b_EKM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -60,10 +101,19 @@ class LoopEngine:
         return out_EKM
 
 
-class GroupedEngine:
+@ENGINES.register("grouped")
+class GroupedEngine(Engine):
     """``torch.nn.functional.grouped_mm`` (a C++ loop on CPU, CUTLASS on SM90 GPUs)."""
 
-    name = "grouped"
+    priority = 10
+    requirement = (
+        "grouped_mm needs fp32/bf16/fp16 (bf16 on CUDA) and widths whose rows are a multiple "
+        "of 16 bytes"
+    )
+
+    @classmethod
+    def runs(cls, dtype: torch.dtype, device: torch.device, d_model: int, d_expert: int) -> bool:
+        return grouped_supported(dtype, device, d_model, d_expert)
 
     @staticmethod
     def mm(a_NK: torch.Tensor, b_EKM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -82,14 +132,28 @@ class GroupedEngine:
         return _into(F.grouped_mm(a_NK.t(), g_NM, offs=plan.offsets_E), out_EKM)
 
 
-class BatchedEngine:
+@ENGINES.register("batched")
+class BatchedEngine(Engine):
     """Per-pair weight gather plus ``bmm``: cheapest for a handful of pairs (decode). The only
-    engine that runs a plan not sorted by expert.
+    engine that runs a plan not sorted by expert. Any dtype; ``auto`` takes it up to
+    :func:`batched_max_pairs`, whatever the dtype and device.
 
     Its weight gradient sums per-pair outer products into the experts: (N, K, M) elements, no
     more than the forward's weight gather, and no host read of the plan."""
 
-    name = "batched"
+    priority = 20
+    runs_unsorted = True
+
+    @classmethod
+    def supports(
+        cls,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_pairs: int,
+        d_model: int,
+        d_expert: int,
+    ) -> bool:
+        return num_pairs <= batched_max_pairs(d_model, d_expert)
 
     @staticmethod
     def mm(a_NK: torch.Tensor, b_EKM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -115,8 +179,6 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return result if out is None else out.copy_(result)
 
 
-ENGINES = {engine.name: engine for engine in (GroupedEngine, LoopEngine, BatchedEngine)}
-
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -127,31 +189,35 @@ def grouped_supported(dtype: torch.dtype, device: torch.device, *dims: int) -> b
         return False
     if device.type == "cuda" and dtype != torch.bfloat16:
         return False
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return all(dim * itemsize % 16 == 0 for dim in dims)
+    return all(dim * dtype.itemsize % 16 == 0 for dim in dims)
 
 
 def choose_engine(
-    backend: str, dtype: torch.dtype, device: torch.device, num_pairs: int, *dims: int
-):
+    backend: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_pairs: int,
+    d_model: int,
+    d_expert: int,
+) -> type[Engine]:
     """The engine for one call.
 
     Args:
-        backend: ``"auto"``, or an explicit name in :data:`ENGINES`. An explicit ``"grouped"``
-            that the operands cannot use raises instead of silently running something else.
+        backend: ``"auto"`` (the highest-priority registered engine that supports the call), or
+            a name in :data:`ENGINES`: an engine that cannot run the operands raises instead of
+            silently running something else.
         dtype, device: of the operands.
         num_pairs: N, the kept pairs of this call.
-        dims: the matrix widths (d_model, d_expert) that must meet ``grouped_mm``'s alignment.
+        d_model, d_expert: the matrix widths.
     """
     if backend == "auto":
-        d_model, d_expert = dims[0], dims[1]
-        if num_pairs <= batched_max_pairs(d_model, d_expert):
-            return BatchedEngine
-        return GroupedEngine if grouped_supported(dtype, device, *dims) else LoopEngine
-    if backend == "grouped" and not grouped_supported(dtype, device, *dims):
+        # highest priority first; sorted() is stable, so a tie goes to the name first in order
+        engines = sorted((ENGINES[name] for name in ENGINES), key=lambda e: -e.priority)
+        return next(e for e in engines if e.supports(dtype, device, num_pairs, d_model, d_expert))
+    engine = ENGINES[backend]
+    if not engine.runs(dtype, device, d_model, d_expert):
         raise ValueError(
-            f"backend='grouped' cannot run dtype={dtype} on {device.type} with widths {dims}: "
-            "grouped_mm needs fp32/bf16/fp16 (bf16 on CUDA) and widths whose rows are a multiple "
-            "of 16 bytes; use backend='auto' or 'loop'"
+            f"backend={backend!r} cannot run dtype={dtype} on {device.type} with widths "
+            f"{(d_model, d_expert)}: {engine.requirement}; use backend='auto' or 'loop'"
         )
-    return ENGINES[backend]
+    return engine
