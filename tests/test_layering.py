@@ -17,7 +17,17 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "xmoe"
 
-_LOW = {"config", "registry", "flops", "device", "storage", "routing", "dispatch", "experts", "layer"}
+_LOW = {
+    "config",
+    "registry",
+    "flops",
+    "device",
+    "storage",
+    "routing",
+    "dispatch",
+    "experts",
+    "layer",
+}
 _BELOW_CLI = _LOW | {"models", "hf", "data", "training", "conversion", "distributed"}
 
 MAY_IMPORT: dict[str, set[str]] = {
