@@ -267,13 +267,21 @@ def test_save_load_round_trip_and_generate(tmp_path):
     assert torch.equal(out, uncached)
 
 
-def test_knobs_are_recorded_and_oracle_switch():
-    sparse = sparsify(tiny_llama(), 8, router="oracle")
+def test_knobs_set_the_modules_and_save_records_them(tmp_path):
+    sparse = sparsify(tiny_llama(), 8, router="oracle", threshold=0.7, active_fraction=None)
+    recipe = dict(sparse.config.xmoe_sparsify)
     set_active_fraction(sparse, 0.5)
-    assert sparse.config.xmoe_sparsify["active_fraction"] == 0.5
     set_router(sparse, "learned")
-    logits(sparse, token_ids())
+    assert sparse.config.xmoe_sparsify == recipe  # the knobs touch no config copy
+    assert all(m.settings.active_fraction == 0.5 for m in sparse_mlps(sparse))
+    expected = logits(sparse, token_ids())
     assert experts_per_token(sparse) == 4.0
+    sparse.save_pretrained(tmp_path)
+    loaded = load_sparsified(tmp_path)
+    assert loaded.config.xmoe_sparsify["active_fraction"] == 0.5
+    assert loaded.config.xmoe_sparsify["threshold"] is None
+    assert loaded.config.xmoe_sparsify["router"] == "learned"
+    torch.testing.assert_close(logits(loaded, token_ids()), expected, rtol=0, atol=0)
 
 
 def test_bad_arguments_raise_named_errors():

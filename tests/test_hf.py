@@ -18,6 +18,7 @@ import xmoe  # noqa: F401  (registers the Auto classes)
 from xmoe import ConfigError
 from xmoe.cli.export import export_run
 from xmoe.hf import XMoEConfig, XMoEForCausalLM, XMoEModel, register
+from xmoe.models import TransformerLM
 
 
 def _config(**overrides) -> XMoEConfig:
@@ -105,9 +106,45 @@ def test_set_threshold_changes_experts_monotonically_and_is_saved(tmp_path):
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["moe"]["threshold"] == 0.3
     assert (
-        AutoModelForCausalLM.from_pretrained(tmp_path).model.lm.moe_layers[0].config.threshold
+        AutoModelForCausalLM.from_pretrained(tmp_path).model.lm.moe_layers[0].router.threshold
         == 0.3
     )
+
+
+def test_set_threshold_is_router_state_saved_from_the_modules(tmp_path):
+    """set_threshold changes routing through the routers alone (no config object is replaced
+    or written); the model's live config rebuilds it for a state_dict, and save_pretrained
+    records it, so both reload running at the new t."""
+    model = _model()
+    lm = model.model.lm
+    ids = torch.randint(0, 60, (2, 16))
+    hf_moe, lm_config = dict(model.config.moe), lm.config
+    layer_configs = [layer.config for layer in lm.moe_layers]
+    before = model(ids)
+    model.set_threshold(0.3)
+    after = model(ids)
+    assert sum(after.experts_per_token).sum() < sum(before.experts_per_token).sum()
+    assert model.config.moe == hf_moe and lm.config is lm_config
+    assert lm_config.moe.threshold == 0.9
+    assert [layer.config for layer in lm.moe_layers] == layer_configs
+    assert all(layer.config is layer.router.config for layer in lm.moe_layers)
+
+    rebuilt = TransformerLM(lm.live_config())
+    rebuilt.load_state_dict(lm.state_dict())
+    assert torch.equal(rebuilt.eval()(ids).logits, after.logits)
+
+    model.save_pretrained(tmp_path)
+    loaded = XMoEForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(layer.router.threshold == 0.3 for layer in loaded.model.lm.moe_layers)
+    assert torch.equal(loaded(ids).logits, after.logits)
+
+
+def test_save_refuses_layers_that_hold_different_thresholds(tmp_path):
+    model = _model(num_layers=4)
+    assert len(model.model.lm.moe_layers) == 2
+    model.model.lm.moe_layers[0].router.set_threshold(0.5)
+    with pytest.raises(ConfigError, match=r"hold different \['threshold'\]"):
+        model.save_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, 1.5, None])
@@ -116,8 +153,8 @@ def test_bad_threshold_is_rejected_before_model_or_config_change(bad):
     with pytest.raises(ConfigError, match=r"^threshold="):
         model.set_threshold(bad)
     assert model.config.moe["threshold"] == 0.9
-    assert model.model.lm.config.moe.threshold == 0.9
-    assert all(layer.config.threshold == 0.9 for layer in model.model.lm.moe_layers)
+    assert model.model.lm.live_config().moe.threshold == 0.9
+    assert all(layer.router.threshold == 0.9 for layer in model.model.lm.moe_layers)
 
 
 def test_set_threshold_on_a_dense_model_changes_nothing():

@@ -86,7 +86,7 @@ def test_lower_threshold_never_adds_experts():
         model.set_threshold(threshold)
         out = model(ids)
         counts.append(torch.stack([s.kept_per_token for s in out.routing]))
-        assert all(layer.config.threshold == threshold for layer in model.moe_layers)
+        assert all(layer.router.threshold == threshold for layer in model.moe_layers)
     for more, fewer in itertools.pairwise(counts):
         assert bool((fewer <= more).all())
     assert counts[0].float().mean() > counts[-1].float().mean()
@@ -165,20 +165,21 @@ def test_input_ids_range_checked_only_on_cpu():
         check_input_ids([[1, 2]], 50)
 
 
-def test_bad_threshold_changes_nothing_and_good_one_replaces_configs():
+def test_bad_threshold_changes_nothing_and_good_one_sets_the_routers_only():
     model = _model()
     config = model.config
+    layer_configs = [layer.config for layer in model.moe_layers]
     for bad in (float("nan"), float("inf"), True, 0.0, "0.5"):
         with pytest.raises(ConfigError, match=r"^threshold="):
             model.set_threshold(bad)
-    assert model.config is config
-    assert all(layer.config.threshold == 0.9 for layer in model.moe_layers)
+    assert all(layer.router.threshold == 0.9 for layer in model.moe_layers)
     model.set_threshold(0.5)
-    assert config.moe.threshold == 0.9  # the frozen original is untouched
-    assert model.config.moe.threshold == 0.5
-    for layer in model.moe_layers:
-        assert layer.config.threshold == layer.router.config.threshold == 0.5
-        assert layer.experts.config is layer.config
+    assert all(layer.router.threshold == 0.5 for layer in model.moe_layers)
+    # the recipe is never re-installed: no config object is replaced or changed
+    assert model.config is config and config.moe.threshold == 0.9
+    for layer, layer_config in zip(model.moe_layers, layer_configs, strict=True):
+        assert layer.config is layer.router.config is layer.experts.config is layer_config
+    assert model.live_config().moe.threshold == 0.5
 
 
 def test_too_long_input_rejected():

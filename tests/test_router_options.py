@@ -197,3 +197,31 @@ def test_a_router_is_registered_lazily_by_name():
     assert {"threshold", "topk", "topp"} <= set(ROUTERS)
     with pytest.raises(KeyError, match="unknown router 'nope'"):
         ROUTERS["nope"]
+
+
+def test_topk_router_owns_top_k():
+    torch.manual_seed(0)
+    config = MoEConfig(d_model=8, num_experts=4, d_expert=4, router="topk", top_k=2)
+    layer = MoELayer(config).eval()
+    x = torch.randn(10, 8)
+    assert bool((layer(x).routing.kept_per_token == 2).all())
+    layer.router.set_top_k(3)
+    assert bool((layer(x).routing.kept_per_token == 3).all())
+    assert layer.config is layer.router.config is config and config.top_k == 2
+    assert layer.tunables() == {"capacity_at_eval": False, "top_k": 3}
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(ConfigError, match=r"^top_k=.* is invalid: .*\[1, num_experts=4\]"):
+            layer.router.set_top_k(bad)
+    assert layer.router.top_k == 3
+
+
+@pytest.mark.parametrize("router", ["threshold", "topp"])
+def test_threshold_routers_own_their_threshold(router):
+    layer = _layer(router=router)
+    assert layer.tunables() == {"capacity_at_eval": False, "threshold": 0.9}
+    for bad in (0.0, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ConfigError, match=r"^threshold=.* is invalid: .*\(0, 1\]"):
+            layer.router.set_threshold(bad)
+    layer.router.set_threshold(0.5)
+    assert layer.router.threshold == 0.5 and layer.config.threshold == 0.9
+    assert "threshold=0.5" in repr(layer)

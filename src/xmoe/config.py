@@ -83,6 +83,21 @@ def _require_choice(name: str, value: Any, choices: Collection[str]) -> None:
     _require(isinstance(value, str) and value in choices, name, value, f"one of {allowed}")
 
 
+def require_threshold(value: Any) -> None:
+    """``value`` is a routing mass threshold t (or top-p's p): a number in (0, 1]."""
+    _require(_is_number(value) and 0.0 < value <= 1.0, "threshold", value, "a number in (0, 1]")
+
+
+def require_top_k(value: Any, num_experts: int) -> None:
+    """``value`` is a k the top-k router can keep: an integer in [1, num_experts]."""
+    _require(
+        _is_int(value) and 1 <= value <= num_experts,
+        "top_k",
+        value,
+        f"an integer in [1, num_experts={num_experts}]",
+    )
+
+
 class DictConfig:
     """``to_dict`` / ``from_dict`` for the config dataclasses; unknown or missing keys, and
     anything but a dict, are a :class:`ConfigError`."""
@@ -164,8 +179,11 @@ ROUTER_INITS = ("normal", "linear")
 class MoEConfig(DictConfig):
     """Configuration of one :class:`xmoe.MoELayer`.
 
-    Frozen: every value is checked at construction, so change one with
-    ``dataclasses.replace(config, threshold=0.7)``, which checks the result again.
+    A recipe: the layer is built from it and never re-reads it for its tunables. The router
+    holds ``threshold`` / ``top_k`` from then on (``router.set_threshold``, ``set_top_k``) and
+    the layer ``capacity_at_eval``; :meth:`xmoe.models.TransformerLM.live_config` reports what
+    the modules hold. Frozen: every value is checked at construction (``dataclasses.replace``
+    checks the result again).
 
     Args:
         d_model: width of the tokens entering and leaving the layer.
@@ -221,18 +239,10 @@ class MoEConfig(DictConfig):
         options = ROUTERS[self.router].Options.coerce(self.router_options, "router_options")
         object.__setattr__(self, "router_options", options)
         options.check_for(self)
+        require_threshold(self.threshold)
+        # the upper bound is the top-k router's check (Options.check_for): others ignore top_k
         _require(
-            _is_number(self.threshold) and 0.0 < self.threshold <= 1.0,
-            "threshold",
-            self.threshold,
-            "a number in (0, 1]",
-        )
-        # top_k only binds the top-k router; other routers ignore it
-        top_k_max = self.num_experts if self.router == "topk" else None
-        _require(
-            _is_int(self.top_k)
-            and self.top_k >= 1
-            and (top_k_max is None or self.top_k <= top_k_max),
+            _is_int(self.top_k) and self.top_k >= 1,
             "top_k",
             self.top_k,
             f"an integer in [1, num_experts={self.num_experts}]",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from xmoe.config import MoEConfig
+from xmoe.config import MoEConfig, _require_bool
 from xmoe.dispatch import LOCAL_DISPATCHER, Dispatcher, DispatchPlan, batched_max_pairs
 from xmoe.experts import FFNExperts
 from xmoe.experts.decode import decode_ffn, use_decode_path
@@ -55,9 +56,19 @@ class MoELayer(nn.Module):
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
-        self.config = config
+        self.config = config  # the recipe; tunables live in the modules from here on
+        self.capacity_at_eval = config.capacity_at_eval
         self.router = ROUTERS[config.router](config)
         self.experts = FFNExperts(config)
+
+    def set_capacity_at_eval(self, enabled: bool) -> None:
+        """Apply the capacity in eval mode too (``MoEConfig.capacity_at_eval``)."""
+        _require_bool("capacity_at_eval", enabled)
+        self.capacity_at_eval = enabled
+
+    def tunables(self) -> dict[str, Any]:
+        """The :class:`MoEConfig` fields this layer and its router hold now."""
+        return {"capacity_at_eval": self.capacity_at_eval, **self.router.tunables()}
 
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
@@ -90,7 +101,7 @@ class MoELayer(nn.Module):
 
         routed = self.router(x_SD)
         selection = routed.selection
-        capacity = config.capacity(num_tokens) if self.training or config.capacity_at_eval else None
+        capacity = config.capacity(num_tokens) if self.training or self.capacity_at_eval else None
         tokens_SD = x_SD.to(self._compute_dtype(x))
         if self.dispatcher is LOCAL_DISPATCHER and use_decode_path(self.experts, x_SD, capacity):
             y_SD, stats = self._decode(tokens_SD, selection)
@@ -155,6 +166,5 @@ class MoELayer(nn.Module):
         return y_SD, stats
 
     def extra_repr(self) -> str:
-        c = self.config
-        rule = f"top_k={c.top_k}" if c.router == "topk" else f"threshold={c.threshold}"
-        return f"router={c.router!r}, {rule}, capacity_factor={c.capacity_factor}"
+        c = self.config  # the router's own repr shows its tunables
+        return f"router={c.router!r}, capacity_factor={c.capacity_factor}"

@@ -33,4 +33,4 @@ def export_run(
     tokenizer = run.load_tokenizer()
     run.check_tokenizer(tokenizer, meta, config.model.vocab_size)
     tokenizer_file = None if tokenizer is None else run.tokenizer_path
-    return export_model(lm, config.model, out, tokenizer_file=tokenizer_file, force=force, own=own)
+    return export_model(lm, out, tokenizer_file=tokenizer_file, force=force, own=own)

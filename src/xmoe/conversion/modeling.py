@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from xmoe.config import ConfigError
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.sparse_mlp import SparseMLP
 from xmoe.hf.verified import VerifiedWeightsMixin
@@ -43,15 +44,31 @@ def install_sparse_mlps(model: Any, config: Any) -> None:
         layer.mlp = SparseMLP(config.hidden_size, settings, num_experts)
 
 
+class SavesModuleSettingsMixin:
+    """``save_pretrained`` records ``xmoe_sparsify`` from the SparseMLPs' settings as they are
+    now (``set_threshold`` and the other knobs change the modules, never the config)."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        held = [m.settings for m in self.modules() if isinstance(m, SparseMLP)]
+        if any(settings != held[0] for settings in held):
+            raise ConfigError(
+                "the SparseMLPs hold different settings: one config records a single "
+                "xmoe_sparsify (set them model-wide before saving)"
+            )
+        setattr(self.config, SETTINGS_KEY, held[0].to_dict())
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
 class SparseLlamaConfig(LlamaConfig):
     """A :class:`~transformers.LlamaConfig` with ``xmoe_sparsify`` (the conversion settings)."""
 
     model_type = "xmoe_sparse_llama"
 
 
-class SparseLlamaForCausalLM(VerifiedWeightsMixin, LlamaForCausalLM):
+class SparseLlamaForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, LlamaForCausalLM):
     """``LlamaForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`; its weights and
-    config are verified on load (:class:`~xmoe.hf.verified.VerifiedWeightsMixin`)."""
+    config are verified on load (:class:`~xmoe.hf.verified.VerifiedWeightsMixin`) and its
+    settings saved from the modules (:class:`SavesModuleSettingsMixin`)."""
 
     config_class = SparseLlamaConfig
     weight_config_fields = WEIGHT_CONFIG_FIELDS
@@ -67,7 +84,7 @@ class SparseQwen2Config(Qwen2Config):
     model_type = "xmoe_sparse_qwen2"
 
 
-class SparseQwen2ForCausalLM(VerifiedWeightsMixin, Qwen2ForCausalLM):
+class SparseQwen2ForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, Qwen2ForCausalLM):
     """``Qwen2ForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`, verified on load."""
 
     config_class = SparseQwen2Config

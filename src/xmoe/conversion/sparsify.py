@@ -85,7 +85,8 @@ def sparsify(
 
     Returns:
         a ``SparseLlamaForCausalLM`` / ``SparseQwen2ForCausalLM`` in ``eval`` mode, on the
-        input's device and dtype; ``model.config.xmoe_sparsify`` records the settings.
+        input's device and dtype; ``model.config.xmoe_sparsify`` records the settings it was
+        built with (``save_pretrained`` writes the ones its SparseMLPs hold then).
 
     Raises:
         UnsupportedModelError: the model is not a supported architecture.
@@ -174,16 +175,13 @@ def _reconfigure(model: nn.Module, **changes: Any) -> None:
     if not modules:
         raise ValueError(f"{type(model).__name__} has no SparseMLP: convert it with sparsify()")
     settings = dataclasses.replace(modules[0].settings, **changes)  # validates
-    for module in modules:
+    for module in modules:  # save_pretrained records the modules' settings
         module.configure(settings)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, SETTINGS_KEY):
-        setattr(config, SETTINGS_KEY, settings.to_dict())  # saved with the model
 
 
 def set_active_fraction(model: nn.Module, fraction: float) -> None:
-    """Select the top ceil(f·E) experts per token in every SparseMLP of ``model`` (also
-    recorded in its config, so ``save_pretrained`` keeps it).
+    """Select the top ceil(f·E) experts per token in every SparseMLP of ``model``
+    (``save_pretrained`` records it).
 
     Raises:
         ConfigError: ``fraction`` is not a number in (0, 1] (nothing changes then).

@@ -24,6 +24,7 @@ import torch
 from xmoe.data import eval_batches
 from xmoe.demos.text import TextCodec, expert_count_lines, generate_text
 from xmoe.experiments.reproduce import HEADLINE_THRESHOLD
+from xmoe.registry import ROUTERS
 from xmoe.training.config import apply_overrides
 from xmoe.training.evaluate import evaluate
 from xmoe.training.presets import preset
@@ -135,7 +136,9 @@ def run_lm_demo(settings: LMDemoSettings) -> dict:
     train_seconds = {}
     for name, config in configs.items():
         moe = config.model.moe
-        rule = f"top-{moe.top_k}" if moe.router == "topk" else f"threshold t={moe.threshold}"
+        rule = ", ".join(
+            f"{knob}={getattr(moe, knob)}" for knob in ROUTERS[moe.router].tunable_names
+        )
         print(f"Training {name}: {moe.num_experts} experts x {moe.d_expert}, {rule}")
         shutil.rmtree(settings.out / name, ignore_errors=True)
         begun = time.perf_counter()

@@ -109,7 +109,7 @@ def generate_text(
     run = RunDir(path)
     lm, train_config, meta = run.load_model()
     codec = TextCodec(run, train_config.model.vocab_size, meta)
-    model = hf_model_from_lm(lm, train_config.model)
+    model = hf_model_from_lm(lm)
     if threshold is not None:
         model.set_threshold(threshold)
     ids = codec.encode(prompt)

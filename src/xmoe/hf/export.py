@@ -14,16 +14,17 @@ from safetensors import SafetensorError
 from xmoe.data import EOT_TOKEN
 from xmoe.hf.configuration import XMoEConfig
 from xmoe.hf.modeling import XMoEForCausalLM
-from xmoe.models import ModelConfig, TransformerLM
+from xmoe.models import TransformerLM
 from xmoe.storage import check_model_target, staged_model_directory
 
 HF_TOKENIZER_NAME = "tokenizer.json"
 """The file transformers' fast tokenizer writes, the same name as a run's own tokenizer file."""
 
 
-def hf_model_from_lm(lm: TransformerLM, config: ModelConfig) -> XMoEForCausalLM:
-    """The :class:`XMoEForCausalLM` (eval mode) holding a :class:`TransformerLM`'s weights."""
-    model = XMoEForCausalLM(XMoEConfig.from_model_config(config))
+def hf_model_from_lm(lm: TransformerLM) -> XMoEForCausalLM:
+    """The :class:`XMoEForCausalLM` (eval mode) holding a :class:`TransformerLM`'s weights,
+    built from what ``lm`` holds now (:meth:`~xmoe.models.TransformerLM.live_config`)."""
+    model = XMoEForCausalLM(XMoEConfig.from_model_config(lm.live_config()))
     model.model.lm.load_state_dict(lm.state_dict())
     return model.eval()
 
@@ -45,7 +46,6 @@ def save_hf_tokenizer(tokenizer_file: Path, out_dir: Path) -> None:
 
 def export_model(
     lm: TransformerLM,
-    config: ModelConfig,
     out: str | os.PathLike,
     *,
     tokenizer_file: Path | None = None,
@@ -63,7 +63,7 @@ def export_model(
     """
     out = Path(out)
     check_model_target(out, force=force, own=own)
-    model = hf_model_from_lm(lm, config)
+    model = hf_model_from_lm(lm)
     try:
         with staged_model_directory(out, "xmoe export") as staging:
             model.save_pretrained(staging)

@@ -98,6 +98,15 @@ class XMoEPreTrainedModel(VerifiedWeightsMixin, PreTrainedModel):
         | {"moe.router", "moe.router_options", "moe.activation", "moe.bias"}
     )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save with ``config.moe`` taken from what the MoE layers hold now (a threshold set
+        since loading is saved and reloads as it runs), not from the config they were built
+        from."""
+        lm = next(m for m in self.modules() if isinstance(m, TransformerLM))
+        moe = lm.live_config().moe  # raises ConfigError if the layers disagree
+        self.config.moe = None if moe is None else moe.to_dict()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, TransformerLM):
             # transformers guards torch.nn.init while loading, so only missing weights change
@@ -162,12 +171,11 @@ class XMoEModel(XMoEPreTrainedModel):
             self.lm.config = dataclasses.replace(self.lm.config, vocab_size=value.num_embeddings)
 
     def set_threshold(self, threshold: float) -> None:
-        """Change t of the threshold-routed MoE layers, in the model and in its config.
+        """Change t of the threshold-routed MoE layers (``save_pretrained`` records it).
 
-        An invalid t raises :class:`xmoe.ConfigError` before anything (model or config) changes.
+        An invalid t raises :class:`xmoe.ConfigError` before any layer changes.
         """
-        self.lm.set_threshold(threshold)  # validates first
-        self.config.moe = dict(self.config.moe, threshold=threshold)
+        self.lm.set_threshold(threshold)
 
     def forward(
         self,

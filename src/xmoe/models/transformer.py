@@ -461,31 +461,43 @@ class TransformerLM(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [block.ffn for block in self.blocks if block.is_moe]
 
-    def _update_moe_configs(self, layers: list[MoELayer], **changes) -> None:
-        # configs are frozen: build (and so validate) every new one before installing any, so a
-        # bad value raises ConfigError and leaves the model as it was
-        model_config = dataclasses.replace(
-            self.config, moe=dataclasses.replace(self.config.moe, **changes)
-        )
-        layer_configs = [dataclasses.replace(layer.config, **changes) for layer in layers]
-        for layer, layer_config in zip(layers, layer_configs, strict=True):
-            layer.config = layer_config
-            layer.router.config = layer_config
-            layer.experts.config = layer_config
-        self.config = model_config
-
     def set_threshold(self, threshold: float) -> None:
-        """Change t of every threshold-routed MoE layer (an inference-time knob)."""
-        layers = [layer for layer in self.moe_layers if layer.router.uses_threshold]
-        if not layers:
+        """Change t of every threshold-routed MoE layer (an inference-time knob).
+
+        Raises:
+            ConfigError: no layer is threshold-routed, or t is not in (0, 1] (nothing changes).
+        """
+        routers = [layer.router for layer in self.moe_layers if layer.router.uses_threshold]
+        if not routers:
             raise ConfigError("set_threshold needs a model with threshold-routed MoE layers")
-        self._update_moe_configs(layers, threshold=threshold)
+        for router in routers:  # the first one validates t, before any router changes
+            router.set_threshold(threshold)
 
     def set_capacity_at_eval(self, enabled: bool) -> None:
         """Apply the training capacity in eval mode too (as the XMoE reference code evaluates);
         off by default, which keeps inference dropless and batch-independent."""
-        if self.moe_layers:
-            self._update_moe_configs(self.moe_layers, capacity_at_eval=enabled)
+        for layer in self.moe_layers:
+            layer.set_capacity_at_eval(enabled)
+
+    def live_config(self) -> ModelConfig:
+        """``config`` (the recipe this model was built from) with the MoE tunables its layers
+        hold now: what a saved config must record to rebuild the model as it runs.
+
+        Raises:
+            ConfigError: the MoE layers hold different values (one ``moe`` entry cannot
+                record them).
+        """
+        held = [layer.tunables() for layer in self.moe_layers]
+        if not held:
+            return self.config
+        differing = sorted(k for k in held[0] if any(h[k] != held[0][k] for h in held))
+        if differing:
+            raise ConfigError(
+                f"the MoE layers hold different {differing}: one config records a single value "
+                "(set them model-wide, e.g. with set_threshold, before saving)"
+            )
+        moe = dataclasses.replace(self.config.moe, **held[0])
+        return dataclasses.replace(self.config, moe=moe)
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:
         """:func:`check_input_ids` against this model's vocabulary."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,17 @@ class Router(nn.Module):
     :meth:`select`; it may transform :meth:`logits`, add losses in :meth:`losses` and adapt
     itself between training steps in :meth:`end_step`. Every router has the Switch balance
     loss (``aux_loss_coef``) and the optional entropy loss (``router_options.entropy_coef``).
+
+    The config is the recipe the router was built from; a tunable it reads (``threshold``,
+    ``top_k``) is copied into the router at construction, changed through the router's own
+    ``set_*`` method and reported by :meth:`tunables`, so nothing rewrites the config.
     """
 
     Options: ClassVar[type[RouterOptions]] = RouterOptions
     uses_threshold: ClassVar[bool] = False
-    """Whether ``MoEConfig.threshold`` drives this router (``set_threshold`` applies)."""
+    """Whether this router has a mass threshold (``set_threshold`` applies)."""
+    tunable_names: ClassVar[tuple[str, ...]] = ()
+    """The :class:`~xmoe.config.MoEConfig` fields this router reads, as attributes of its own."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -107,6 +113,11 @@ class Router(nn.Module):
         selection = self.select(probs_SE)
         train = self.training and x_SD.shape[0] > 0  # losses only steer training
         return RouterOutput(probs_SE, selection, self.losses(probs_SE, selection) if train else {})
+
+    def tunables(self) -> dict[str, Any]:
+        """``tunable_names`` with the values this router holds now (what a saved config must
+        record to rebuild it as it is)."""
+        return {name: getattr(self, name) for name in self.tunable_names}
 
     def end_step(self) -> None:
         """Called once after each optimizer step (routers that adapt between steps)."""

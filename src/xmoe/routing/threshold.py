@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from xmoe.config import RouterOptions, _is_int, _is_number, _require
+from xmoe.config import RouterOptions, _is_int, _is_number, _require, require_threshold
 from xmoe.device import host_reads_cheap
 from xmoe.registry import ROUTERS
 from xmoe.routing.base import Router
@@ -138,9 +138,11 @@ class ThresholdRouter(Router):
 
     Options = ThresholdOptions
     uses_threshold = True
+    tunable_names = ("threshold",)
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
+        self.threshold = float(config.threshold)
         options = self.options
         if options.logit_scale is not None:
             self.register_buffer("logit_scale", torch.tensor(float(options.logit_scale)))
@@ -148,6 +150,15 @@ class ThresholdRouter(Router):
             self.register_buffer("controller_step", torch.zeros((), dtype=torch.int64))
             self.register_buffer("_wanted_sum", torch.zeros((), dtype=torch.float64), False)
             self.register_buffer("_token_count", torch.zeros((), dtype=torch.int64), False)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Change t (p for top-p) from now on: an inference-time knob, no retraining.
+
+        Raises:
+            ConfigError: ``threshold`` is not a number in (0, 1] (nothing changes then).
+        """
+        require_threshold(threshold)
+        self.threshold = float(threshold)
 
     def logits(self, x_SD: torch.Tensor) -> torch.Tensor:
         logits_SE = super().logits(x_SD)
@@ -157,10 +168,10 @@ class ThresholdRouter(Router):
 
     def keeps(self, mass_before: torch.Tensor) -> torch.Tensor:
         """Whether an expert with this much strictly better mass is kept (float64 sums)."""
-        return mass_before < self.config.threshold
+        return mass_before < self.threshold
 
     def select(self, probs_SE: torch.Tensor) -> Selection:
-        threshold = float(self.config.threshold)
+        threshold = self.threshold
         num_experts = probs_SE.shape[-1]
         # one ranking over all E: cheapest for small calls, and off the host-read devices it
         # avoids the host sync each widening decision would cost
@@ -184,7 +195,7 @@ class ThresholdRouter(Router):
     def _wanted(self, probs_SK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, K) the rule's choice among the K ranked experts, and (S,) whether it would also
         keep the next expert (the ranking must widen)."""
-        if self.config.threshold >= 1.0 and type(self).keeps is ThresholdRouter.keeps:
+        if self.threshold >= 1.0 and type(self).keeps is ThresholdRouter.keeps:
             # mass before j is below 1 exactly when some probability remains at j
             return probs_SK > 0, probs_SK[:, -1] > 0
         # float64 prefix sums: the decision must not hinge on fp32 rounding of the sum
@@ -209,7 +220,7 @@ class ThresholdRouter(Router):
         self._token_count.zero_()
 
     def extra_repr(self) -> str:
-        extra = (
-            f", logit_scale={float(self.logit_scale):.3g}" if hasattr(self, "logit_scale") else ""
-        )
+        extra = f", threshold={self.threshold}"
+        if hasattr(self, "logit_scale"):
+            extra += f", logit_scale={float(self.logit_scale):.3g}"
         return super().extra_repr() + extra

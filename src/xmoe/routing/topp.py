@@ -28,9 +28,9 @@ class TopPOptions(ThresholdOptions):
 @ROUTERS.register("topp")
 class TopPRouter(ThresholdRouter):
     """Keeps sorted position j iff the mass of the strictly better experts is at most p
-    (``MoEConfig.threshold``)."""
+    (``threshold``: ``MoEConfig.threshold`` at construction, then ``set_threshold``)."""
 
     Options = TopPOptions
 
     def keeps(self, mass_before: torch.Tensor) -> torch.Tensor:
-        return mass_before <= self.config.threshold
+        return mass_before <= self.threshold
