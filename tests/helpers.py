@@ -18,6 +18,15 @@ def use_host_reads(monkeypatch, host_reads: bool) -> None:
         monkeypatch.setattr(device, "HOST_READ_DEVICES", frozenset())
 
 
+def register_for_test(monkeypatch, registry, name: str, entry) -> None:
+    """``registry.register(name)(entry)`` until the test ends (the built-ins imported first, so
+    that restoring the entries loses none of them)."""
+    for known in registry:
+        registry[known]
+    monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    registry.register(name)(entry)
+
+
 def make_layer(config: MoEConfig, dtype=torch.float64, router_std: float = 1.0, seed: int = 0):
     """A layer whose router is peaked enough that tokens want different numbers of experts."""
     torch.manual_seed(seed)

@@ -8,9 +8,14 @@ import torch
 from xmoe import MoEConfig
 from xmoe.dispatch import ENGINES, DispatchPlan, choose_engine
 from xmoe.dispatch.engines import Engine
-from xmoe.registry import Registry
 
-from helpers import assert_close_grads, make_layer, run_both, use_host_reads
+from helpers import (
+    assert_close_grads,
+    make_layer,
+    register_for_test,
+    run_both,
+    use_host_reads,
+)
 
 
 def _forward_backward(layer, x, cotangent):
@@ -197,15 +202,6 @@ def test_every_registered_engine_conforms(monkeypatch, engine, plan, dtype, host
     check_engine(ENGINES[engine], PLANS[plan], dtype, seed=len(plan))
 
 
-def _register_for_test(monkeypatch, registry: Registry, name: str, entry) -> None:
-    """``registry.register(name)(entry)`` until the test ends (the built-ins imported first, so
-    that restoring the entries loses none of them)."""
-    for known in registry:
-        registry[known]
-    monkeypatch.setattr(registry, "_entries", dict(registry._entries))
-    registry.register(name)(entry)
-
-
 class _OneHotEngine(Engine):
     """A toy engine, one file's worth: every row times every expert, the row's own kept by a
     one-hot mask. Any order of rows; ``auto`` takes it for at most 4 pairs in float64."""
@@ -233,7 +229,7 @@ def test_a_registered_engine_is_a_backend_a_candidate_and_under_test(monkeypatch
     """One class plus one registry entry: a valid ``backend``, chosen by ``auto`` where it is
     the highest priority that supports the call, conformant, and the layer's float64 reference
     holds through it."""
-    _register_for_test(monkeypatch, ENGINES, "onehot", _OneHotEngine)
+    register_for_test(monkeypatch, ENGINES, "onehot", _OneHotEngine)
     from xmoe.config import BACKENDS
 
     assert "onehot" in BACKENDS

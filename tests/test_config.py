@@ -58,7 +58,7 @@ def test_config_round_trips_through_dict():
     config = MoEConfig(**BASE, router="topk", capacity_factor=1.25)
     assert MoEConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown MoEConfig field"):
-        MoEConfig.from_dict({**BASE, "experts": 3})
+        MoEConfig.from_dict({**BASE, "num_expert": 3})
 
 
 def test_wrong_last_dimension():

@@ -8,7 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from xmoe import flops
-from xmoe.registry import ENGINES, ROUTERS
+from xmoe.registry import ENGINES, EXPERT_KINDS, ROUTERS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 """Expert activations. ``gelu`` is the exact (erf) GELU; ``swiglu`` is the gated expert
@@ -210,6 +210,11 @@ class MoEConfig(DictConfig):
         init_std: standard deviation of the normal init of router and expert weights (> 0).
         backend: one of :data:`BACKENDS`.
         check_finite: raise on NaN/inf in the layer's input (costs a reduction per call).
+        experts: the kind of the routed experts, a name in :data:`xmoe.registry.EXPERT_KINDS`
+            (``"ffn"``: the FFN experts above).
+        num_shared_experts: always-on FFN experts (``d_expert`` wide, the same activation and
+            bias) that every token passes through besides its routed ones, unweighted, as
+            DeepSeekMoE's shared experts; 0 for none.
     """
 
     d_model: int
@@ -230,6 +235,8 @@ class MoEConfig(DictConfig):
     init_std: float = 0.02
     backend: str = "auto"
     check_finite: bool = False
+    experts: str = "ffn"
+    num_shared_experts: int = 0
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_experts", "d_expert"):
@@ -279,6 +286,13 @@ class MoEConfig(DictConfig):
         )
         _require_choice("backend", self.backend, BACKENDS)
         _require_bool("check_finite", self.check_finite)
+        _require_choice("experts", self.experts, EXPERT_KINDS)
+        _require(
+            _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
+            "num_shared_experts",
+            self.num_shared_experts,
+            "an integer >= 0",
+        )
 
     @property
     def gated(self) -> bool:
@@ -294,6 +308,12 @@ class MoEConfig(DictConfig):
     def router_flops(self) -> int:
         """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`)."""
         return flops.router_flops(self.d_model, self.num_experts)
+
+    @property
+    def dense_flops(self) -> int:
+        """Forward FLOPs every token costs whatever its routing: the router and the shared
+        experts."""
+        return self.router_flops + self.num_shared_experts * self.expert_flops
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity C for a call over ``num_tokens`` tokens, or None when dropless."""

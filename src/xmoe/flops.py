@@ -30,11 +30,17 @@ def router_flops(d_model: int, num_experts: int) -> int:
     return 2 * d_model * num_experts
 
 
-def routed_flops_per_token(kept_pairs, num_tokens, expert_flops: int, router_flops: int):
+def routed_flops_per_token(kept_pairs, num_tokens, expert_flops, router_flops: int):
     """Forward MoE FLOPs per token of a call: ``kept_pairs`` (token, expert) pairs computed over
-    ``num_tokens`` tokens, each costing ``expert_flops``, plus the router on every token.
+    ``num_tokens`` tokens, each costing ``expert_flops``, plus the router on every token
+    (``router_flops``: whatever every token costs, shared experts included).
 
-    Works on Python numbers and on tensors alike (pairs are multiplied before dividing, as the
-    statistics always did, so the numbers in docs/ stay bit for bit).
+    ``kept_pairs`` and ``expert_flops`` may also be (E,) tensors, per expert (a pool whose
+    experts differ in cost): the products are summed. Works on Python numbers and on tensors
+    alike (pairs are multiplied before dividing, as the statistics always did, so the numbers
+    in docs/ stay bit for bit).
     """
-    return (kept_pairs * expert_flops) / num_tokens + router_flops
+    pair_flops = kept_pairs * expert_flops
+    if getattr(pair_flops, "ndim", 0):  # per expert: load times cost, summed over experts
+        pair_flops = pair_flops.sum()
+    return pair_flops / num_tokens + router_flops

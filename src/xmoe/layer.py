@@ -10,9 +10,9 @@ from torch import nn
 
 from xmoe.config import MoEConfig, _require_bool
 from xmoe.dispatch import LOCAL_DISPATCHER, Dispatcher, DispatchPlan, batched_max_pairs
-from xmoe.experts import FFNExperts
+from xmoe.experts import FFNExperts, run_shared
 from xmoe.experts.decode import decode_ffn, use_decode_path
-from xmoe.registry import ROUTERS
+from xmoe.registry import EXPERT_KINDS, ROUTERS
 from xmoe.routing import RoutingStats, Selection, route_pairs
 
 
@@ -38,8 +38,10 @@ class MoELayer(nn.Module):
     """A mixture-of-experts FFN that computes only the (token, expert) pairs it keeps.
 
     ``forward(x)`` takes ``(..., d_model)`` in any float dtype, treats every leading position as
-    a token, and returns :class:`MoEOutput`. Parameters: ``router.weight`` (E, d_model) and the
-    stacked expert weights under ``experts.`` (see :class:`~xmoe.experts.FFNExperts`).
+    a token, and returns :class:`MoEOutput`. Parameters: ``router.weight`` (E, d_model), the
+    routed experts under ``experts.`` (the kind ``config.experts`` names in
+    :data:`xmoe.registry.EXPERT_KINDS`; by default :class:`~xmoe.experts.FFNExperts`) and, when
+    ``num_shared_experts`` > 0, the always-on FFN experts under ``shared_experts.`` (else None).
 
     Capacity (``capacity_factor``) applies in training mode only, unless ``capacity_at_eval``;
     the router's losses are computed in training mode only (zero in eval mode).
@@ -59,7 +61,9 @@ class MoELayer(nn.Module):
         self.config = config  # the recipe; tunables live in the modules from here on
         self.capacity_at_eval = config.capacity_at_eval
         self.router = ROUTERS[config.router](config)
-        self.experts = FFNExperts(config)
+        self.experts = EXPERT_KINDS[config.experts](config)
+        shared = config.num_shared_experts
+        self.shared_experts = FFNExperts(config, shared) if shared else None
 
     def set_capacity_at_eval(self, enabled: bool) -> None:
         """Apply the capacity in eval mode too (``MoEConfig.capacity_at_eval``)."""
@@ -73,6 +77,8 @@ class MoELayer(nn.Module):
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
         self.experts.reset_parameters()
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -91,7 +97,7 @@ class MoELayer(nn.Module):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-        return self.experts.w1.dtype
+        return self.experts.dtype
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         self._check_input(x)
@@ -107,6 +113,8 @@ class MoELayer(nn.Module):
             y_SD, stats = self._decode(tokens_SD, selection)
         else:
             y_SD, stats = self._dispatch_and_compute(tokens_SD, selection, capacity)
+        if self.shared_experts is not None:
+            y_SD = y_SD + run_shared(self.shared_experts, tokens_SD)
         if not torch.is_autocast_enabled(x.device.type):
             y_SD = y_SD.to(x.dtype)
 
@@ -134,8 +142,9 @@ class MoELayer(nn.Module):
         )
         wanted_SK = selection.wanted_SK  # dropless: every wanted pair is kept
         top1_expert_S = selection.expert_idx_SK[:, 0]
+        flops_E = self.experts.flops_per_pair_E()
         stats = RoutingStats(
-            wanted_SK, wanted_SK, counts_E, top1_expert_S, config.expert_flops, config.router_flops
+            wanted_SK, wanted_SK, counts_E, top1_expert_S, flops_E, config.dense_flops
         )
         return y_SD, stats
 
@@ -160,8 +169,9 @@ class MoELayer(nn.Module):
         )
         # dispatch -> expert compute -> combine (local by default; all-to-all when sharded)
         y_SD = self.dispatcher(self.experts, x_SD, plan, pairs.weight_N)
+        flops_E = self.experts.flops_per_pair_E()
         stats = RoutingStats.from_pairs(
-            pairs, selection.expert_idx_SK[:, 0], config.expert_flops, config.router_flops
+            pairs, selection.expert_idx_SK[:, 0], flops_E, config.dense_flops
         )
         return y_SD, stats
 

@@ -70,3 +70,7 @@ ENGINES: Registry = Registry(
 )
 """Grouped-matmul engines by the name a config's ``backend`` field gives
 (``xmoe.dispatch.engines.Engine`` subclasses); ``backend="auto"`` asks each of them."""
+
+EXPERT_KINDS: Registry = Registry("expert kind", {"ffn": "xmoe.experts.ffn"})
+"""Expert kinds by the name a config's ``experts`` field gives
+(``xmoe.experts.kind.ExpertKind`` subclasses)."""

@@ -2,9 +2,10 @@
 
 :func:`expert_parallel` takes an :class:`~xmoe.MoELayer` or any module holding them (a
 :class:`~xmoe.models.TransformerLM`), built identically on every rank (same config, same seed),
-and keeps on each rank only its E/P experts of every layer: each stacked expert parameter
-(``experts.w1``, ``b1``, ``w2``, ``b2``, all (E, ...)) becomes its slice ``[p·L, (p+1)·L)``
-along the expert dimension, under the same name. The model's parameters keep their names and
+and keeps on each rank only its E/P experts of every layer: each stacked expert parameter (the
+expert kind's ``sharded_parameters()``; for FFN experts ``experts.w1``, ``b1``, ``w2``, ``b2``,
+all (E, ...)) becomes its slice ``[p·L, (p+1)·L)`` along the expert dimension, under the same
+name. Shared experts stay whole on every rank. The model's parameters keep their names and
 order, so optimizers, state dicts and checkpoints line up with the single-process model; only
 expert shapes differ (:func:`shard_state_dict` / :mod:`xmoe.distributed.checkpoint` convert).
 """
@@ -29,7 +30,7 @@ def expert_parameter_names(module: nn.Module) -> list[str]:
     """Qualified names of the stacked expert parameters (sharded along dim 0)."""
     names = []
     for prefix, layer in moe_layers(module).items():
-        for name, _ in layer.experts.named_parameters():
+        for name in layer.experts.sharded_parameters():
             names.append(".".join(filter(None, (prefix, "experts", name))))
     return names
 
@@ -69,10 +70,12 @@ def expert_parallel(module: nn.Module, groups: ExpertParallelGroups | None = Non
             raise ValueError("expert_parallel: the module's experts are already sharded")
         num_experts = layer.config.num_experts
         part = expert_slice(num_experts, size, groups.ep_rank)
-        experts = layer.experts
-        for name, param in list(experts.named_parameters(recurse=False)):
+        for name in layer.experts.sharded_parameters():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = layer.experts.get_submodule(owner_name)
+            param = getattr(owner, leaf)
             shard = nn.Parameter(param.detach()[part].clone(), requires_grad=param.requires_grad)
-            setattr(experts, name, shard)
+            setattr(owner, leaf, shard)
         layer.dispatcher = AllToAllDispatcher(groups.ep_group, size, groups.ep_rank, num_experts)
     module.expert_parallel_groups = groups  # type: ignore[attr-defined]
     return module

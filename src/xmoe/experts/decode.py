@@ -16,6 +16,8 @@ import torch
 from xmoe.device import host_reads_cheap
 from xmoe.experts.activations import ACTIVATION_FNS
 from xmoe.experts.ffn import FFNExperts
+from xmoe.experts.kind import ExpertKind
+from xmoe.experts.weights import ExpertWeights
 
 DECODE_MAX_TOKENS = 1
 """Calls with at most this many tokens take :func:`decode_ffn` (under ``backend="auto"``): its
@@ -24,11 +26,12 @@ tokens on the plan path measured as fast or faster (``python -m benchmarks.tunin
 docs/benchmarks/tuning_cpu.md)."""
 
 
-def use_decode_path(experts: FFNExperts, x_SD: torch.Tensor, capacity: int | None) -> bool:
-    """Whether this call runs :func:`decode_ffn`: ``auto`` back-end, few tokens, dropless,
-    no gradient wanted, and host reads that cost no sync."""
+def use_decode_path(experts: ExpertKind, x_SD: torch.Tensor, capacity: int | None) -> bool:
+    """Whether this call runs :func:`decode_ffn`: FFN experts, ``auto`` back-end, few tokens,
+    dropless, no gradient wanted, and host reads that cost no sync."""
     return (
-        experts.config.backend == "auto"
+        isinstance(experts, FFNExperts)
+        and experts.config.backend == "auto"
         and 0 < x_SD.shape[0] <= DECODE_MAX_TOKENS
         and capacity is None
         and not (torch.is_grad_enabled() and _needs_grad(x_SD, experts))
@@ -36,7 +39,7 @@ def use_decode_path(experts: FFNExperts, x_SD: torch.Tensor, capacity: int | Non
     )
 
 
-def _needs_grad(x_SD: torch.Tensor, experts: FFNExperts) -> bool:
+def _needs_grad(x_SD: torch.Tensor, experts: ExpertKind) -> bool:
     return x_SD.requires_grad or any(p.requires_grad for p in experts.parameters())
 
 
@@ -71,11 +74,8 @@ def decode_ffn(
     Returns:
         ((S, D) output in ``x_SD``'s dtype, (E,) int64 pairs per expert).
     """
-    config = experts.config
     dtype = x_SD.dtype
-    w1, w2, b1, b2 = (
-        None if p is None else p.to(dtype) for p in (experts.w1, experts.w2, experts.b1, experts.b2)
-    )
+    ffn = experts.weights().to(dtype)
     weight_SK = weight_SK.detach()
     if renormalize:
         total_S1 = (weight_SK * wanted_SK).sum(dim=1, keepdim=True)
@@ -86,7 +86,7 @@ def decode_ffn(
     out_SD = torch.zeros_like(x_SD)
     singles = [(expert, *pairs[0]) for expert, pairs in groups.items() if len(pairs) == 1]
     if singles:
-        _add_single_rows(x_SD, singles, weights, w1, b1, w2, b2, config.activation, out_SD)
+        _add_single_rows(x_SD, singles, weights, ffn, out_SD)
     for expert, pairs in groups.items():
         if len(pairs) == 1:
             continue
@@ -94,19 +94,19 @@ def decode_ffn(
         weight_N1 = torch.tensor(
             [[weights[t][r]] for t, r in pairs], dtype=dtype, device=x_SD.device
         )
-        h_NF = _first_layer(x_SD.index_select(0, tokens), expert, w1, b1)
-        a_NH = ACTIVATION_FNS[config.activation].forward(h_NF)
-        y_ND = torch.mm(a_NH.mul_(weight_N1), w2[expert])
-        if b2 is not None:
-            y_ND.addmm_(weight_N1, b2[expert : expert + 1])
+        h_NF = _first_layer(x_SD.index_select(0, tokens), expert, ffn)
+        a_NH = ACTIVATION_FNS[ffn.activation].forward(h_NF)
+        y_ND = torch.mm(a_NH.mul_(weight_N1), ffn.w2[expert])
+        if ffn.b2 is not None:
+            y_ND.addmm_(weight_N1, ffn.b2[expert : expert + 1])
         out_SD.index_add_(0, tokens, y_ND)
-    counts = [0] * config.num_experts
+    counts = [0] * experts.num_experts
     for expert, pairs in groups.items():
         counts[expert] = len(pairs)
     return out_SD, torch.tensor(counts, device=x_SD.device)
 
 
-def _add_single_rows(x_SD, singles, weights, w1, b1, w2, b2, activation, out_SD) -> None:
+def _add_single_rows(x_SD, singles, weights, ffn: ExpertWeights, out_SD) -> None:
     """Experts selected by one token each (every expert, at one token): their first layers are
     written into one (P, F) buffer and activated by one call, since a call's fixed cost is
     most of its time at one row (exact GELU's especially, on CPU); then one ``addmm_`` per
@@ -118,25 +118,27 @@ def _add_single_rows(x_SD, singles, weights, w1, b1, w2, b2, activation, out_SD)
     def row(t_SD: torch.Tensor, token: int) -> torch.Tensor:
         return t_SD if one_token else t_SD[token : token + 1]
 
-    h_PF = x_SD.new_empty(len(singles), w1.shape[2])
+    h_PF = x_SD.new_empty(len(singles), ffn.w1.shape[2])
     for index, (expert, token, _) in enumerate(singles):
-        _first_layer(row(x_SD, token), expert, w1, b1, out=h_PF[index : index + 1])
-    a_PH = ACTIVATION_FNS[activation].forward(h_PF)
+        _first_layer(row(x_SD, token), expert, ffn, out=h_PF[index : index + 1])
+    a_PH = ACTIVATION_FNS[ffn.activation].forward(h_PF)
     for index, (expert, token, rank) in enumerate(singles):
-        row(out_SD, token).addmm_(a_PH[index : index + 1], w2[expert], alpha=weights[token][rank])
-    if b2 is not None:  # Σ weight·b2[expert] per token: a few ops, not two per expert
+        row(out_SD, token).addmm_(
+            a_PH[index : index + 1], ffn.w2[expert], alpha=weights[token][rank]
+        )
+    if ffn.b2 is not None:  # Σ weight·b2[expert] per token: a few ops, not two per expert
         device = x_SD.device
         experts_P = torch.tensor([expert for expert, _, _ in singles], device=device)
         tokens_P = torch.tensor([token for _, token, _ in singles], device=device)
         weight_P1 = torch.tensor(
             [[weights[token][rank]] for _, token, rank in singles], dtype=x_SD.dtype, device=device
         )
-        out_SD.index_add_(0, tokens_P, b2.index_select(0, experts_P).mul_(weight_P1))
+        out_SD.index_add_(0, tokens_P, ffn.b2.index_select(0, experts_P).mul_(weight_P1))
 
 
-def _first_layer(x_ND, expert: int, w1, b1, out=None) -> torch.Tensor:
+def _first_layer(x_ND, expert: int, ffn: ExpertWeights, out=None) -> torch.Tensor:
     """``x·w1[e] + b1[e]`` (N, F): one matmul, gated or not (the gate and up projections of
     gated experts sit side by side in ``w1``)."""
-    if b1 is None:
-        return torch.mm(x_ND, w1[expert], out=out)
-    return torch.addmm(b1[expert], x_ND, w1[expert], out=out)
+    if ffn.b1 is None:
+        return torch.mm(x_ND, ffn.w1[expert], out=out)
+    return torch.addmm(ffn.b1[expert], x_ND, ffn.w1[expert], out=out)

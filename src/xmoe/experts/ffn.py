@@ -7,7 +7,10 @@ from torch import nn
 
 from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan, choose_engine
-from xmoe.experts.ffn_function import expert_ffn
+from xmoe.experts.ffn_function import ffn_over_plan
+from xmoe.experts.kind import ExpertKind
+from xmoe.experts.weights import ExpertWeights
+from xmoe.registry import EXPERT_KINDS
 
 _SEPARATE_UP = "experts.w3"  # the up projection's key in the older gated layout
 
@@ -49,7 +52,8 @@ def _load_separate_up(module: nn.Module, state_dict: dict, prefix: str, *args) -
     _fuse_experts_(state_dict, prefix)
 
 
-class FFNExperts(nn.Module):
+@EXPERT_KINDS.register("ffn")
+class FFNExperts(ExpertKind):
     """E two-layer FFN experts ``d_model -> d_expert -> d_model`` stored as stacked tensors.
 
     Parameters: ``w1`` (E, d_model, F), ``w2`` (E, d_expert, d_model), and ``b1`` (E, F) and
@@ -58,17 +62,20 @@ class FFNExperts(nn.Module):
     is the gate, ``w1[..., d_expert:]`` the up projection, so both are one matmul (the layout of
     transformers' ``gate_up_proj``, transposed). State dicts of the older layout (a separate
     ``w3`` for the up projection, ``b1`` on the gate only) load unchanged in value.
+
+    E is ``config.num_experts`` unless ``num_experts`` is given (a layer's shared experts).
     """
 
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
-        self.config = config
-        num_experts, d_model, d_expert = config.num_experts, config.d_model, config.d_expert
+    def __init__(self, config: MoEConfig, num_experts: int | None = None) -> None:
+        super().__init__(config, num_experts)
+        num_experts, d_model, d_expert = self.num_experts, config.d_model, config.d_expert
         first_width = 2 * d_expert if config.gated else d_expert
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, first_width))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
         self.b1 = nn.Parameter(torch.empty(num_experts, first_width)) if config.bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if config.bias else None
+        # every pair costs one FFN's FLOPs; kept on the host, built once (read per call)
+        self._flops_E = torch.full((num_experts,), config.expert_flops, dtype=torch.int64)
         self.reset_parameters()
         if config.gated:
             self.register_load_state_dict_pre_hook(_load_separate_up)
@@ -83,6 +90,13 @@ class FFNExperts(nn.Module):
             if bias is not None:
                 nn.init.zeros_(bias)
 
+    def weights(self) -> ExpertWeights:
+        """The parameters as one :class:`ExpertWeights` (no copies)."""
+        return ExpertWeights(self.w1, self.b1, self.w2, self.b2, self.config.activation)
+
+    def flops_per_pair_E(self) -> torch.Tensor:
+        return self._flops_E
+
     def forward(
         self, x_SD: torch.Tensor, plan: DispatchPlan, weight_N: torch.Tensor
     ) -> torch.Tensor:
@@ -96,9 +110,6 @@ class FFNExperts(nn.Module):
             (S, d_model) in the dtype of ``x_SD``.
         """
         dtype = x_SD.dtype
-        w1, b1, w2, b2 = (
-            p if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2)
-        )
         engine = choose_engine(
             self.config.backend,
             dtype,
@@ -107,11 +118,11 @@ class FFNExperts(nn.Module):
             self.config.d_model,
             self.config.d_expert,
         )
-        return expert_ffn(x_SD, weight_N, w1, b1, w2, b2, plan, self.config.activation, engine)
+        return ffn_over_plan(x_SD, self.weights().to(dtype), plan, weight_N, engine)
 
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"num_experts={c.num_experts}, d_model={c.d_model}, d_expert={c.d_expert}, "
+            f"num_experts={self.num_experts}, d_model={c.d_model}, d_expert={c.d_expert}, "
             f"activation={c.activation!r}, bias={c.bias}"
         )

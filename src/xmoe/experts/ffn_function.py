@@ -23,12 +23,14 @@ Shape legend: S tokens, N kept pairs, D d_model, H d_expert, F the first layer's
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
-from xmoe.config import GATED_ACTIVATIONS
 from xmoe.dispatch.plan import DispatchPlan
 from xmoe.experts.activations import ACTIVATION_FNS
+from xmoe.experts.weights import ExpertWeights
 
 CHUNK_ELEMENTS = 1 << 20
 """Grouped rows x d_model per chunk (4 MiB in fp32): larger plans run expert range by expert
@@ -42,101 +44,105 @@ def _chunk_rows(d_model: int) -> int:
     return max(1, CHUNK_ELEMENTS // d_model)
 
 
-def _slice(weight, experts: slice):
-    return None if weight is None else weight[experts]
+class _Needs(NamedTuple):
+    """Which inputs of :class:`ExpertFFNFunction` want a gradient, by name."""
+
+    x: bool
+    weight: bool
+    w1: bool
+    b1: bool
+    w2: bool
+    b2: bool
 
 
-def _chunk_forward(x_SD, weight_N, w1, b1, w2, b2, plan, activation, engine, out_SD):
+def _chunk_forward(x_SD, weights: ExpertWeights, plan, weight_N, engine, out_SD):
     """One expert range: adds its weighted outputs into ``out_SD``; returns the
     pre-activations (N, F) that the backward needs."""
     xg_ND = plan.gather(x_SD)
-    h_NF = engine.mm(xg_ND, w1, plan)
+    h_NF = engine.mm(xg_ND, weights.w1, plan)
     del xg_ND
-    if b1 is not None:
-        plan.add_expert_rows_(h_NF, b1)
+    if weights.b1 is not None:
+        plan.add_expert_rows_(h_NF, weights.b1)
     weight_col_N1 = weight_N.to(h_NF.dtype).unsqueeze(1)
-    a_NH = ACTIVATION_FNS[activation].forward(h_NF).mul_(weight_col_N1)
-    y_ND = engine.mm(a_NH, w2, plan)
+    a_NH = ACTIVATION_FNS[weights.activation].forward(h_NF).mul_(weight_col_N1)
+    y_ND = engine.mm(a_NH, weights.w2, plan)
     del a_NH
-    if b2 is not None:
-        plan.add_expert_rows_(y_ND, b2, weight_N.to(y_ND.dtype))
+    if weights.b2 is not None:
+        plan.add_expert_rows_(y_ND, weights.b2, weight_N.to(y_ND.dtype))
     plan.scatter_add(y_ND, out_SD)
     return h_NF
 
 
-def _ffn_forward(x_SD, weight_N, w1, b1, w2, b2, plan, activation, engine):
+def _ffn_forward(x_SD, weights: ExpertWeights, plan, weight_N, engine):
     """Returns the (S, D) output and, per chunk, ``(sub_plan, rows, experts, h_NF)``."""
     out_SD = x_SD.new_zeros(plan.num_tokens, x_SD.shape[1])
     saved = []
     for sub, rows, experts in plan.chunks(_chunk_rows(x_SD.shape[1])):
-        h_NF = _chunk_forward(
-            x_SD,
-            weight_N[rows],
-            w1[experts],
-            _slice(b1, experts),
-            w2[experts],
-            _slice(b2, experts),
-            sub,
-            activation,
-            engine,
-            out_SD,
-        )
+        h_NF = _chunk_forward(x_SD, weights.slice(experts), sub, weight_N[rows], engine, out_SD)
         saved.append((sub, rows, experts, h_NF))
     return out_SD, saved
 
 
-def _chunk_backward(ctx, grad_SD, x_SD, weight_N, w1, w2, b2, h_NF, plan, dx_SD, wgrad_out):
-    """Gradients of one expert range; the input gradient is added into ``dx_SD``, and the
-    weight gradients written into ``wgrad_out`` = (dw1, dw2) slices where not None.
+_GRADIENTS = ("weight", "w1", "b1", "w2", "b2")
+"""The gradients a chunk computes, by the name of their input."""
 
-    Returns (dweight, dw1, db1, dw2, db2) for this range (None where not needed)."""
-    engine, need = ctx.engine, ctx.needs_input_grad
-    activation = ACTIVATION_FNS[ctx.activation]
-    dweight = dw1 = db1 = dw2 = db2 = None
+
+def _chunk_backward(ctx, grad_SD, x_SD, weights: ExpertWeights, h_NF, plan, weight_N, dx_SD, into):
+    """Gradients of one expert range (``weights`` without ``b1``); the input gradient is added
+    into ``dx_SD``, and the weight gradients written into ``into["w1"]`` / ``into["w2"]``
+    (slices of the full gradients) where not None.
+
+    Returns {name: gradient} over :data:`_GRADIENTS` for this range (None where not needed)."""
+    engine, need = ctx.engine, ctx.need
+    activation = ACTIVATION_FNS[weights.activation]
+    w1, w2, b2 = weights.w1, weights.w2, weights.b2
+    out = dict.fromkeys(_GRADIENTS)
     dy_ND = plan.gather(grad_SD)  # gradient of each pair's weighted output
     weight_col_N1 = weight_N.to(dy_ND.dtype).unsqueeze(1)
     g_NH = engine.mm(dy_ND, w2.transpose(1, 2), plan)  # d(output)/d(w·a), unweighted
     a_NH = activation.forward(h_NF)
 
-    if need[1]:
+    if need.weight:
         # accumulate in the routing weight's dtype (fp32 or float64), not in bf16
-        dweight = torch.linalg.vecdot(g_NH, a_NH).to(weight_N.dtype)
-    if b2 is not None and (need[1] or need[5]):
-        bias_dot_N, db2 = plan.expert_rowdot_and_weighted_sum(dy_ND, b2, weight_N)
-        if need[1]:
-            dweight += bias_dot_N
-    if need[4]:
-        dw2 = engine.wgrad(a_NH.mul_(weight_col_N1), dy_ND, plan, wgrad_out[1])
+        out["weight"] = torch.linalg.vecdot(g_NH, a_NH).to(weight_N.dtype)
+    if b2 is not None and (need.weight or need.b2):
+        bias_dot_N, out["b2"] = plan.expert_rowdot_and_weighted_sum(dy_ND, b2, weight_N)
+        if need.weight:
+            out["weight"] += bias_dot_N
+    if need.w2:
+        out["w2"] = engine.wgrad(a_NH.mul_(weight_col_N1), dy_ND, plan, into["w2"])
     del a_NH, dy_ND
 
     dh_NF = activation.backward(g_NH.mul_(weight_col_N1), h_NF)
     del g_NH
 
-    if ctx.has_b1 and need[3]:
-        db1 = plan.expert_sum(dh_NF)
-    if need[0]:  # before the re-gather, so two (N, D) buffers never coexist
+    if ctx.has_b1 and need.b1:
+        out["b1"] = plan.expert_sum(dh_NF)
+    if need.x:  # before the re-gather, so two (N, D) buffers never coexist
         dxg_ND = engine.mm(dh_NF, w1.transpose(1, 2), plan)
         plan.scatter_add(dxg_ND, dx_SD)
         del dxg_ND
-    if need[2]:
-        dw1 = engine.wgrad(plan.gather(x_SD), dh_NF, plan, wgrad_out[0])
-    return dweight, dw1, db1, dw2, db2
+    if need.w1:
+        out["w1"] = engine.wgrad(plan.gather(x_SD), dh_NF, plan, into["w1"])
+    return out
 
 
-def _full_gradients(need, weight_N, w1, w2, b2, has_b1) -> list:
-    """Uninitialised (dweight, dw1, db1, dw2, db2), None where no chunk computes one."""
+def _full_gradients(need: _Needs, weights: ExpertWeights, weight_N, has_b1) -> dict:
+    """Uninitialised gradients over :data:`_GRADIENTS`, None where no chunk computes one."""
 
     def empty(like, shape, wanted: bool):
         return like.new_empty(shape) if wanted else None
 
+    w1, w2, b2 = weights.w1, weights.w2, weights.b2
     num_experts, _, first_width = w1.shape
-    return [
-        empty(weight_N, weight_N.shape, need[1]),
-        empty(w1, w1.shape, need[2]),
-        empty(w1, (num_experts, first_width), has_b1 and need[3]),
-        empty(w2, w2.shape, need[4]),
-        empty(w2, None if b2 is None else b2.shape, b2 is not None and (need[1] or need[5])),
-    ]
+    b2_wanted = b2 is not None and (need.weight or need.b2)
+    return {
+        "weight": empty(weight_N, weight_N.shape, need.weight),
+        "w1": empty(w1, w1.shape, need.w1),
+        "b1": empty(w1, (num_experts, first_width), has_b1 and need.b1),
+        "w2": empty(w2, w2.shape, need.w2),
+        "b2": empty(w2, None if b2 is None else b2.shape, b2_wanted),
+    }
 
 
 class ExpertFFNFunction(torch.autograd.Function):
@@ -144,7 +150,8 @@ class ExpertFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD, weight_N, w1, b1, w2, b2, plan, activation, engine):
-        out_SD, saved = _ffn_forward(x_SD, weight_N, w1, b1, w2, b2, plan, activation, engine)
+        weights = ExpertWeights(w1, b1, w2, b2, activation)
+        out_SD, saved = _ffn_forward(x_SD, weights, plan, weight_N, engine)
         ctx.save_for_backward(x_SD, weight_N, w1, w2, b2, *(h for *_, h in saved))
         ctx.chunks = [(sub, rows, experts) for sub, rows, experts, _ in saved]
         ctx.activation, ctx.engine = activation, engine
@@ -155,38 +162,54 @@ class ExpertFFNFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_SD):
         x_SD, weight_N, w1, w2, b2, *pre_activations = ctx.saved_tensors
+        weights = ExpertWeights(w1, None, w2, b2, ctx.activation)
         grad_SD = grad_SD.contiguous()
-        need = ctx.needs_input_grad
-        dx_SD = torch.zeros_like(x_SD) if need[0] else None
+        ctx.need = need = _Needs(*ctx.needs_input_grad[:6])
+        dx_SD = torch.zeros_like(x_SD) if need.x else None
         chunked = len(ctx.chunks) > 1
         # full gradients, written into as chunks finish (the weight ones directly by the
         # engines): never a second full copy
-        grads = _full_gradients(need, weight_N, w1, w2, b2, ctx.has_b1) if chunked else None
+        grads = _full_gradients(need, weights, weight_N, ctx.has_b1) if chunked else None
         for (sub, rows, experts), h_NF in zip(ctx.chunks, pre_activations, strict=True):
-            wgrad_out = (None, None)
+            into = dict.fromkeys(("w1", "w2"))
             if chunked:
-                wgrad_out = tuple(None if g is None else g[experts] for g in grads[1::2])
+                into = {k: None if grads[k] is None else grads[k][experts] for k in into}
             chunk = _chunk_backward(
-                ctx,
-                grad_SD,
-                x_SD,
-                weight_N[rows],
-                w1[experts],
-                w2[experts],
-                _slice(b2, experts),
-                h_NF,
-                sub,
-                dx_SD,
-                wgrad_out,
+                ctx, grad_SD, x_SD, weights.slice(experts), h_NF, sub, weight_N[rows], dx_SD, into
             )
             if not chunked:
                 grads = chunk
                 break
-            for index_in_grads, key in ((0, rows), (2, experts), (4, experts)):
-                if grads[index_in_grads] is not None:
-                    grads[index_in_grads][key] = chunk[index_in_grads]
-        dweight, dw1, db1, dw2, db2 = grads
-        return dx_SD, dweight, dw1, db1, dw2, db2 if need[5] else None, None, None, None
+            for name, key in (("weight", rows), ("b1", experts), ("b2", experts)):
+                if grads[name] is not None:
+                    grads[name][key] = chunk[name]
+        db2 = grads["b2"] if need.b2 else None
+        return dx_SD, grads["weight"], grads["w1"], grads["b1"], grads["w2"], db2, None, None, None
+
+
+def ffn_over_plan(
+    x_SD: torch.Tensor,
+    weights: ExpertWeights,
+    plan: DispatchPlan,
+    weight_N: torch.Tensor,
+    engine,
+) -> torch.Tensor:
+    """Weighted sum of expert FFN outputs per token.
+
+    Args:
+        x_SD: (S, D) tokens, in the dtype of ``weights``. weights: the experts.
+        plan: the grouped rows (N pairs). weight_N: (N,) routing weight per grouped row.
+        engine: an engine from :mod:`xmoe.dispatch.engines`.
+
+    Returns:
+        (S, D) ``Σ_{pairs of s} weight · FFN_e(x_s)``; tokens with no pair get zeros.
+    """
+    tensors = (x_SD, weight_N, *weights.tensors())
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return ExpertFFNFunction.apply(
+            x_SD, weight_N, *weights.tensors(), plan, weights.activation, engine
+        )
+    return _ffn_forward(x_SD, weights, plan, weight_N, engine)[0]  # inference: no autograd
 
 
 def expert_ffn(
@@ -200,26 +223,7 @@ def expert_ffn(
     activation: str,
     engine,
 ) -> torch.Tensor:
-    """Weighted sum of expert FFN outputs per token.
-
-    Args:
-        x_SD: (S, D) tokens. weight_N: (N,) routing weight per grouped row.
-        w1: (E, D, F), b1: (E, F) or None, w2: (E, H, D), b2: (E, D) or None, all in one dtype
-            with ``x_SD``. F = H for plain experts; for gated ones F = 2H, ``[gate | up]``.
-        plan: the grouped rows. activation: a key of ``ACTIVATION_FNS`` (``swiglu`` when gated).
-        engine: an engine from :mod:`xmoe.dispatch.engines`.
-
-    Returns:
-        (S, D) ``Σ_{pairs of s} weight · FFN_e(x_s)``; tokens with no pair get zeros.
-    """
-    first_width = 2 * w2.shape[1] if activation in GATED_ACTIVATIONS else w2.shape[1]
-    if w1.shape[2] != first_width:
-        raise ValueError(
-            f"w1.shape={tuple(w1.shape)} does not fit activation={activation!r} with "
-            f"w2.shape={tuple(w2.shape)}: the first layer must be {first_width} wide"
-        )
-    args = (x_SD, weight_N, w1, b1, w2, b2, plan, activation, engine)
-    tensors = (x_SD, weight_N, w1, b1, w2, b2)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return ExpertFFNFunction.apply(*args)
-    return _ffn_forward(*args)[0]  # inference: no autograd context to build or keep
+    """:func:`ffn_over_plan` for callers that hold the weights as separate tensors (transformers'
+    experts modules, sparsified MLPs): ``w1`` (E, D, F), ``b1`` (E, F) or None, ``w2`` (E, H, D),
+    ``b2`` (E, D) or None, as :class:`ExpertWeights` names them."""
+    return ffn_over_plan(x_SD, ExpertWeights(w1, b1, w2, b2, activation), plan, weight_N, engine)

@@ -34,8 +34,13 @@ class RoutingStats:
         drop_fraction: scalar, fraction of wanted (token, expert) pairs dropped by capacity.
         top1_drop_fraction: scalar, fraction of tokens whose first choice was dropped.
         tokens_with_drop_fraction: scalar, fraction of tokens that lost at least one expert.
-        flops_per_token: scalar, forward MoE FLOPs per token actually computed: kept pairs times
-            the expert's FLOPs, plus the router, divided by S.
+        flops_per_token: scalar, forward MoE FLOPs per token actually computed: each kept pair
+            times its expert's FLOPs, summed and divided by S, plus the router (and any shared
+            experts) per token.
+
+    ``expert_flops`` is the forward FLOPs of one pair per expert, an (E,) int64 tensor (the
+    expert kind's :meth:`~xmoe.experts.kind.ExpertKind.flops_per_pair_E`) or one int for every
+    expert; ``router_flops`` what every token costs besides its pairs.
     """
 
     def __init__(
@@ -44,7 +49,7 @@ class RoutingStats:
         kept_SK: torch.Tensor,
         expert_load_E: torch.Tensor,
         top1_expert_S: torch.Tensor,
-        expert_flops: int,
+        expert_flops: int | torch.Tensor,
         router_flops: int,
     ) -> None:
         self._wanted_SK = wanted_SK.detach()
@@ -56,7 +61,11 @@ class RoutingStats:
 
     @classmethod
     def from_pairs(
-        cls, pairs: RoutedPairs, top1_expert_S: torch.Tensor, expert_flops: int, router_flops: int
+        cls,
+        pairs: RoutedPairs,
+        top1_expert_S: torch.Tensor,
+        expert_flops: int | torch.Tensor,
+        router_flops: int,
     ) -> RoutingStats:
         return cls(
             pairs.wanted_SK,
@@ -97,10 +106,10 @@ class RoutingStats:
 
     @cached_property
     def flops_per_token(self) -> torch.Tensor:
-        kept = self.kept_per_token.sum()
-        return routed_flops_per_token(
-            kept, self._num_tokens, self._expert_flops, self._router_flops
-        )
+        load_E, expert_flops = self.expert_load, self._expert_flops
+        if isinstance(expert_flops, torch.Tensor):  # the kind's (E,) costs live on the host
+            expert_flops = expert_flops.to(load_E.device)
+        return routed_flops_per_token(load_E, self._num_tokens, expert_flops, self._router_flops)
 
     @property
     def experts_per_token(self) -> float:
