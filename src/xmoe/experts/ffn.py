@@ -74,8 +74,11 @@ class FFNExperts(ExpertKind):
         self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
         self.b1 = nn.Parameter(torch.empty(num_experts, first_width)) if config.bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if config.bias else None
-        # every pair costs one FFN's FLOPs; kept on the host, built once (read per call)
-        self._flops_E = torch.full((num_experts,), config.expert_flops, dtype=torch.int64)
+        # every pair costs one FFN's FLOPs. Built once (read per call), on the host even when
+        # the module is built on the meta device (transformers' loading)
+        self._flops_E = torch.full(
+            (num_experts,), config.expert_flops, dtype=torch.int64, device="cpu"
+        )
         self.reset_parameters()
         if config.gated:
             self.register_load_state_dict_pre_hook(_load_separate_up)

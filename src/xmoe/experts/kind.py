@@ -10,6 +10,8 @@ Shape legend: S tokens, N kept pairs, D d_model, E experts.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ from xmoe.dispatch.dispatcher import LOCAL_DISPATCHER
 from xmoe.dispatch.plan import DispatchPlan
 
 
-class ExpertKind(nn.Module):
+class ExpertKind(nn.Module, ABC):
     """E experts over a dispatch plan. Built as ``Kind(config)``, or ``Kind(config, num_experts)``
     for a pool of another size than ``config.num_experts`` (a layer's shared experts).
 
@@ -31,21 +33,22 @@ class ExpertKind(nn.Module):
         self.config = config
         self.num_experts = config.num_experts if num_experts is None else num_experts
 
+    @abstractmethod
     def forward(
         self, x_SD: torch.Tensor, plan: DispatchPlan, weight_N: torch.Tensor
     ) -> torch.Tensor:
         """(S, D) ``Σ_{pairs of s} weight · expert_e(x_s)`` in ``x_SD``'s dtype; zeros for a
         token with no pair. ``plan`` holds N pairs over this pool's experts, ``weight_N`` (N,)
         their combine weights."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reset_parameters(self) -> None:
-        raise NotImplementedError
+        """Draw the parameters anew (the layer's ``reset_parameters``)."""
 
+    @abstractmethod
     def flops_per_pair_E(self) -> torch.Tensor:
         """(E,) int64 forward FLOPs of one (token, expert) pair per expert (:mod:`xmoe.flops`),
         which the routing statistics weight each expert's load by."""
-        raise NotImplementedError
 
     def sharded_parameters(self) -> list[str]:
         """Names (relative to this module) of the parameters stacked along the expert dimension,

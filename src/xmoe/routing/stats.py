@@ -40,7 +40,7 @@ class RoutingStats:
 
     ``expert_flops`` is the forward FLOPs of one pair per expert, an (E,) int64 tensor (the
     expert kind's :meth:`~xmoe.experts.kind.ExpertKind.flops_per_pair_E`) or one int for every
-    expert; ``router_flops`` what every token costs besides its pairs.
+    expert; ``dense_flops`` what every token costs besides its pairs (the router, shared experts).
     """
 
     def __init__(
@@ -50,14 +50,14 @@ class RoutingStats:
         expert_load_E: torch.Tensor,
         top1_expert_S: torch.Tensor,
         expert_flops: int | torch.Tensor,
-        router_flops: int,
+        dense_flops: int,
     ) -> None:
         self._wanted_SK = wanted_SK.detach()
         self._kept_SK = kept_SK.detach()
         self._top1_expert_S = top1_expert_S.detach()
         self.expert_load = expert_load_E.detach()
         self._expert_flops = expert_flops
-        self._router_flops = router_flops
+        self._dense_flops = dense_flops
 
     @classmethod
     def from_pairs(
@@ -65,7 +65,7 @@ class RoutingStats:
         pairs: RoutedPairs,
         top1_expert_S: torch.Tensor,
         expert_flops: int | torch.Tensor,
-        router_flops: int,
+        dense_flops: int,
     ) -> RoutingStats:
         return cls(
             pairs.wanted_SK,
@@ -73,7 +73,7 @@ class RoutingStats:
             pairs.counts_E,
             top1_expert_S,
             expert_flops,
-            router_flops,
+            dense_flops,
         )
 
     @cached_property
@@ -109,7 +109,7 @@ class RoutingStats:
         load_E, expert_flops = self.expert_load, self._expert_flops
         if isinstance(expert_flops, torch.Tensor):  # the kind's (E,) costs live on the host
             expert_flops = expert_flops.to(load_E.device)
-        return routed_flops_per_token(load_E, self._num_tokens, expert_flops, self._router_flops)
+        return routed_flops_per_token(load_E, self._num_tokens, expert_flops, self._dense_flops)
 
     @property
     def experts_per_token(self) -> float:
