@@ -12,6 +12,7 @@ Shape legend: S tokens, K ranked experts per token, D d_model, H d_expert, E exp
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from xmoe.device import host_reads_cheap
 from xmoe.experts.activations import ACTIVATION_FNS
@@ -24,11 +25,31 @@ tokens on the plan path measured as fast or faster (``python -m benchmarks.tunin
 docs/benchmarks/tuning_cpu.md)."""
 
 
-def use_decode_path(experts: FFNExperts, x_SD: torch.Tensor, capacity: int | None) -> bool:
-    """Whether this call runs :func:`decode_ffn`: ``auto`` back-end, few tokens, dropless,
-    no gradient wanted, and host reads that cost no sync."""
+def decode_path(experts: nn.Module, x_SD: torch.Tensor, pairs) -> torch.Tensor | None:
+    """The local dispatcher's decode path (:class:`~xmoe.dispatch.LocalDispatcher`): the
+    (S, D) output of :func:`decode_ffn` over the routed pairs' selection when
+    :func:`use_decode_path` holds, else None (the plan path runs).
+
+    ``pairs``: the call's :class:`~xmoe.routing.RoutedPairs` (its plan is not read)."""
+    if not use_decode_path(experts, x_SD, pairs.capacity):
+        return None
+    selection = pairs.selection
+    return decode_ffn(
+        x_SD,
+        selection.expert_idx_SK,
+        selection.probs_SK,
+        selection.wanted_SK,
+        experts,
+        pairs.renormalize,
+    )
+
+
+def use_decode_path(experts: nn.Module, x_SD: torch.Tensor, capacity: int | None) -> bool:
+    """Whether this call runs :func:`decode_ffn`: FFN experts, ``auto`` back-end, few tokens,
+    dropless, no gradient wanted, and host reads that cost no sync."""
     return (
-        experts.config.backend == "auto"
+        isinstance(experts, FFNExperts)
+        and experts.config.backend == "auto"
         and 0 < x_SD.shape[0] <= DECODE_MAX_TOKENS
         and capacity is None
         and not (torch.is_grad_enabled() and _needs_grad(x_SD, experts))
@@ -58,7 +79,7 @@ def decode_ffn(
     wanted_SK: torch.Tensor,
     experts: FFNExperts,
     renormalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Weighted expert outputs summed per token, one expert at a time.
 
     Args:
@@ -69,7 +90,7 @@ def decode_ffn(
         renormalize: divide each token's wanted weights by their sum, as ``route_pairs`` does.
 
     Returns:
-        ((S, D) output in ``x_SD``'s dtype, (E,) int64 pairs per expert).
+        (S, D) output in ``x_SD``'s dtype.
     """
     config = experts.config
     dtype = x_SD.dtype
@@ -100,10 +121,7 @@ def decode_ffn(
         if b2 is not None:
             y_ND.addmm_(weight_N1, b2[expert : expert + 1])
         out_SD.index_add_(0, tokens, y_ND)
-    counts = [0] * config.num_experts
-    for expert, pairs in groups.items():
-        counts[expert] = len(pairs)
-    return out_SD, torch.tensor(counts, device=x_SD.device)
+    return out_SD
 
 
 def _add_single_rows(x_SD, singles, weights, w1, b1, w2, b2, activation, out_SD) -> None:

@@ -55,14 +55,13 @@ class RoutingStats:
         self._router_flops = router_flops
 
     @classmethod
-    def from_pairs(
-        cls, pairs: RoutedPairs, top1_expert_S: torch.Tensor, expert_flops: int, router_flops: int
-    ) -> RoutingStats:
+    def from_pairs(cls, pairs: RoutedPairs, expert_flops: int, router_flops: int) -> RoutingStats:
+        """The statistics of one call's routed pairs (top-1: each token's first ranked expert)."""
         return cls(
             pairs.wanted_SK,
             pairs.kept_SK,
-            pairs.counts_E,
-            top1_expert_S,
+            pairs.plan.counts_E,
+            pairs.selection.expert_idx_SK[:, 0],
             expert_flops,
             router_flops,
         )
