@@ -1,4 +1,4 @@
-"""Inference for a handful of tokens: expert weights used in place, no dispatch plan.
+"""Inference for a handful of tokens: expert weights used in place, the dispatch plan unread.
 
 At decode sizes a layer call is a few dozen tiny kernels, and their count, not their FLOPs, sets
 the time. Where reading tensors on the host costs nothing (:mod:`xmoe.device`), the
