@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe import MoEConfig, MoELayer
-from xmoe.dispatch import DispatchPlan
 from xmoe.dispatch.engines import GroupedEngine
 from xmoe.flops import ffn_flops
 from xmoe.routing import Selection, route_pairs
@@ -142,18 +141,19 @@ class CapacityPadded(nn.Module):
         num_tokens = x_SD.shape[0]
         capacity = config.capacity(num_tokens)
         pairs = route_pairs(layer.router.select(probs_SE), config.num_experts, capacity)
-        starts_E = pairs.counts_E.cumsum(0) - pairs.counts_E
-        position_N = torch.arange(pairs.token_idx_N.numel(), device=x_SD.device)
-        slot_N = pairs.expert_idx_N * capacity + position_N - starts_E[pairs.expert_idx_N]
+        plan = pairs.plan
+        starts_E = plan.counts_E.cumsum(0) - plan.counts_E
+        position_N = torch.arange(plan.num_pairs, device=x_SD.device)
+        slot_N = plan.expert_idx_N * capacity + position_N - starts_E[plan.expert_idx_N]
         slots = x_SD.new_zeros(config.num_experts * capacity, config.d_model)
-        slots = slots.index_copy(0, slot_N, x_SD.index_select(0, pairs.token_idx_N))
+        slots = slots.index_copy(0, slot_N, plan.gather(x_SD))
         experts = layer.experts
         h_ECH = torch.bmm(slots.view(config.num_experts, capacity, -1), experts.w1)
         h_ECH = F.gelu(h_ECH + experts.b1.unsqueeze(1))
         y_ECD = torch.bmm(h_ECH, experts.w2) + experts.b2.unsqueeze(1)
         y_ND = y_ECD.reshape(-1, config.d_model).index_select(0, slot_N)
         y_ND = y_ND * pairs.weight_N.to(y_ND.dtype).unsqueeze(1)
-        return x_SD.new_zeros(x_SD.shape).index_add(0, pairs.token_idx_N, y_ND)
+        return plan.scatter_add(y_ND)
 
 
 class ExpertGEMMs(nn.Module):
@@ -167,10 +167,7 @@ class ExpertGEMMs(nn.Module):
         with torch.no_grad():
             selection = layer.router(x_SD).selection
         capacity = config.capacity(x_SD.shape[0])
-        pairs = route_pairs(selection, config.num_experts, capacity, config.renormalize)
-        self.plan = DispatchPlan(
-            pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, x_SD.shape[0]
-        )
+        self.plan = route_pairs(selection, config.num_experts, capacity, config.renormalize).plan
         self.w1, self.w2 = layer.experts.w1.detach(), layer.experts.w2.detach()
         generator = torch.Generator().manual_seed(0)
         num_pairs, d_model = self.plan.num_pairs, config.d_model
@@ -261,8 +258,7 @@ class XMoEExpertsOnRouting(nn.Module):
         pairs = route_pairs(
             Selection(self.top_k_index, self.top_k_weights, wanted), config.num_experts
         )
-        plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, x_SD.shape[0])
-        return self.layer.experts(x_SD, plan, pairs.weight_N)
+        return self.layer.experts(x_SD, pairs.plan, pairs.weight_N)
 
 
 class HFExpertsOnRouting(nn.Module):

@@ -36,9 +36,7 @@ def _decode_calls(monkeypatch, max_tokens: int | None = 64) -> list[int]:
         calls.append(x_SD.shape[0])
         return real(x_SD, *args)
 
-    from xmoe import layer as layer_module
-
-    monkeypatch.setattr(layer_module, "decode_ffn", record)
+    monkeypatch.setattr(decode, "decode_ffn", record)
     return calls
 
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xmoe import MoEConfig, MoELayer
-from xmoe.dispatch import DispatchPlan
 from xmoe.dispatch.engines import LoopEngine
 from xmoe.experts import expert_ffn
 from xmoe.experts.activations import ACTIVATION_FNS
@@ -57,7 +56,7 @@ def test_gated_first_layer_is_one_matmul_forward_and_backward():
     x = torch.randn(6, d_model, dtype=torch.float64, requires_grad=True)
     selection = layer.router(x).selection
     pairs = route_pairs(selection, num_experts)
-    plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, 6)
+    plan = pairs.plan
     e = layer.experts
     _CountingEngine.calls = []
     out = expert_ffn(x, pairs.weight_N, e.w1, e.b1, e.w2, e.b2, plan, "swiglu", _CountingEngine)
@@ -139,7 +138,7 @@ def test_expert_ffn_refuses_a_first_layer_of_the_wrong_width():
     layer = make_layer(MoEConfig(d_model=8, num_experts=4, d_expert=6, activation="swiglu"))
     x = torch.randn(3, 8, dtype=torch.float64)
     pairs = route_pairs(layer.router(x).selection, 4)
-    plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, 3)
+    plan = pairs.plan
     e = layer.experts
     with pytest.raises(ValueError, match="must be 12 wide"):
         expert_ffn(x, pairs.weight_N, e.w1[..., :6], None, e.w2, None, plan, "swiglu", LoopEngine)

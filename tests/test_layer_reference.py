@@ -7,6 +7,7 @@ import torch
 
 from xmoe import MoEConfig
 from xmoe.dispatch import ENGINES
+from xmoe.experts import decode
 
 from helpers import assert_close_grads, make_layer, run_both, use_host_reads
 
@@ -102,24 +103,42 @@ def test_fp32_backends_match_reference(monkeypatch, backend, router, host_reads)
 @pytest.mark.parametrize(("backend", "num_tokens", "unsorted"), [
     ("auto", 1, True), ("auto", 16, True), ("auto", 2048, False), ("loop", 1, False),
 ])  # fmt: skip
-def test_decode_sized_calls_skip_the_sort(monkeypatch, backend, num_tokens, unsorted):
+def test_decode_sized_calls_skip_the_sort(backend, num_tokens, unsorted):
     """Few pairs stay token-major (the batched engine needs no grouping); larger calls and the
-    loop engine get pairs sorted by expert. (With gradients: inference calls this small take
-    the decode path, which builds no plan.)"""
-    from xmoe import layer as layer_module
-
-    plans = []
-    real_plan = layer_module.DispatchPlan
-
-    def record(*args):
-        plans.append(real_plan(*args))
-        return plans[-1]
-
-    monkeypatch.setattr(layer_module, "DispatchPlan", record)
+    loop engine get pairs sorted by expert."""
     config = MoEConfig(d_model=16, num_experts=8, d_expert=8, backend=backend)
     layer = make_layer(config, dtype=torch.float32, router_std=0.3)
-    layer(torch.randn(num_tokens, 16))
-    assert plans[0].sorted_by_expert is not unsorted
+    plan = layer.route(torch.randn(num_tokens, 16)).pairs.plan
+    assert plan.sorted_by_expert is not unsorted
+
+
+@pytest.mark.parametrize(
+    ("training", "num_tokens"),
+    [(True, 40), (False, 40), (False, 1)],
+    ids=["capacity", "eval", "decode"],
+)
+def test_route_then_compute_is_forward(monkeypatch, training, num_tokens):
+    """forward is route then compute: same output, losses and statistics; a routed object
+    computed twice gives the same output (and its routing is reused, not redone)."""
+    decode_calls = []
+    real_decode = decode.decode_ffn
+    monkeypatch.setattr(decode, "decode_ffn", lambda *a: decode_calls.append(1) or real_decode(*a))
+    config = MoEConfig(d_model=12, num_experts=10, d_expert=6, capacity_factor=1.0)
+    layer = make_layer(config, seed=5).train(training)
+    x = torch.randn(num_tokens, 12, dtype=torch.float64)
+    with torch.set_grad_enabled(training):
+        out = layer(x)
+        routed = layer.route(x)
+        first, second = layer.compute(x, routed), layer.compute(x, routed)
+    assert torch.equal(first, out.hidden_states) and torch.equal(second, first)
+    assert routed.losses.keys() == out.aux_losses.keys()
+    assert all(torch.equal(routed.losses[k], v) for k, v in out.aux_losses.items())
+    assert torch.equal(routed.stats.kept_per_token, out.routing.kept_per_token)
+    assert torch.equal(routed.stats.expert_load, out.routing.expert_load)
+    assert (float(routed.stats.drop_fraction) > 0) is training  # capacity drops in training
+    assert len(decode_calls) == (3 if num_tokens == 1 else 0)  # the dispatcher's choice
+    with pytest.raises(ValueError, match=rf"x_SD.shape=\({2 * num_tokens}, 12\) is invalid"):
+        layer.compute(x.repeat(2, 1), routed)
 
 
 def test_leading_dimensions_are_tokens():

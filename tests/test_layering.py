@@ -59,6 +59,11 @@ MAY_IMPORT: dict[str, set[str]] = {
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("routing", "device"): "threshold widening branches on host_reads_cheap; device imports torch",
     ("dispatch", "device"): "the plan's host segments branch on host_reads_cheap",
+    (
+        "routing",
+        "dispatch",
+    ): "route_pairs builds the DispatchPlan its RoutedPairs carry (the spec's "
+    "route -> capacity -> RoutedPairs with the plan); dispatch never imports routing",
     ("data", "storage"): "atomic writes of the tokenizer and the token caches",
     ("hf", "storage"): "verified weight files; a model directory staged then put in place",
     ("training", "storage"): "verified checkpoints, atomic run files and the run's lock",

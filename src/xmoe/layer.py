@@ -1,4 +1,4 @@
-"""MoELayer: routing, dispatch and expert compute wired together."""
+"""MoELayer: routing, dispatch and expert compute wired together (``route`` -> ``compute``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,28 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig, _require_bool
-from xmoe.dispatch import LOCAL_DISPATCHER, Dispatcher, DispatchPlan, batched_max_pairs
+from xmoe.dispatch import Dispatcher, LocalDispatcher, batched_max_pairs
 from xmoe.experts import FFNExperts, run_shared
-from xmoe.experts.decode import decode_ffn, use_decode_path
+from xmoe.experts.decode import decode_path
 from xmoe.registry import EXPERT_KINDS, ROUTERS
-from xmoe.routing import RoutingStats, Selection, route_pairs
+from xmoe.routing import RoutedPairs, RoutingStats, route_pairs
+
+
+@dataclass
+class Routed:
+    """What :meth:`MoELayer.route` decided for S tokens, the input of :meth:`MoELayer.compute`.
+
+    Attributes:
+        pairs: the kept (token, expert) pairs, their plan and combine weights.
+        probs_SE: (S, E) router probabilities (differentiable).
+        losses: the router's named auxiliary losses (empty in eval mode).
+        stats: the call's :class:`~xmoe.routing.RoutingStats`.
+    """
+
+    pairs: RoutedPairs
+    probs_SE: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: RoutingStats
 
 
 @dataclass
@@ -38,8 +55,9 @@ class MoELayer(nn.Module):
     """A mixture-of-experts FFN that computes only the (token, expert) pairs it keeps.
 
     ``forward(x)`` takes ``(..., d_model)`` in any float dtype, treats every leading position as
-    a token, and returns :class:`MoEOutput`. Parameters: ``router.weight`` (E, d_model), the
-    routed experts under ``experts.`` (the kind ``config.experts`` names in
+    a token, and returns :class:`MoEOutput`; it is :meth:`route` then :meth:`compute`, which
+    are public so that a runtime can act between them. Parameters: ``router.weight``
+    (E, d_model), the routed experts under ``experts.`` (the kind ``config.experts`` names in
     :data:`xmoe.registry.EXPERT_KINDS`; by default :class:`~xmoe.experts.FFNExperts`) and, when
     ``num_shared_experts`` > 0, the always-on FFN experts under ``shared_experts.`` (else None).
 
@@ -54,7 +72,8 @@ class MoELayer(nn.Module):
     processes and installs an all-to-all one. Routing and combine stay on the token's process.
     """
 
-    dispatcher: Dispatcher = LOCAL_DISPATCHER
+    dispatcher: Dispatcher = LocalDispatcher(decode=decode_path)
+    """Shared by every layer until replaced (stateless, never mutated)."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -101,79 +120,65 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         self._check_input(x)
-        config = self.config
-        x_SD = x.reshape(-1, config.d_model)
-        num_tokens = x_SD.shape[0]
-
-        routed = self.router(x_SD)
-        selection = routed.selection
-        capacity = config.capacity(num_tokens) if self.training or self.capacity_at_eval else None
-        tokens_SD = x_SD.to(self._compute_dtype(x))
-        if self.dispatcher is LOCAL_DISPATCHER and use_decode_path(self.experts, x_SD, capacity):
-            y_SD, stats = self._decode(tokens_SD, selection)
-        else:
-            y_SD, stats = self._dispatch_and_compute(tokens_SD, selection, capacity)
-        if self.shared_experts is not None:
-            y_SD = y_SD + run_shared(self.shared_experts, tokens_SD)
-        if not torch.is_autocast_enabled(x.device.type):
-            y_SD = y_SD.to(x.dtype)
-
+        x_SD = x.reshape(-1, self.config.d_model)
+        routed = self._route(x_SD)
+        y_SD = self.compute(x_SD, routed)
         if routed.losses:
             aux_loss = torch.stack(list(routed.losses.values())).sum()
         elif torch.is_grad_enabled():  # eval mode: the losses only steer training
             aux_loss = routed.probs_SE.sum() * 0.0  # zero, on the autograd graph
         else:  # inference: one small op instead of a reduction
             aux_loss = routed.probs_SE.new_zeros(())
-        output = y_SD.reshape(*x.shape[:-1], config.d_model)
-        return MoEOutput(output, aux_loss, stats, routed.losses)
+        output = y_SD.reshape(*x.shape[:-1], self.config.d_model)
+        return MoEOutput(output, aux_loss, routed.stats, routed.losses)
 
-    def _decode(
-        self, x_SD: torch.Tensor, selection: Selection
-    ) -> tuple[torch.Tensor, RoutingStats]:
-        """A handful of tokens at inference: every wanted pair, experts used in place."""
-        config = self.config
-        y_SD, counts_E = decode_ffn(
-            x_SD,
-            selection.expert_idx_SK,
-            selection.probs_SK,
-            selection.wanted_SK,
-            self.experts,
-            config.renormalize,
-        )
-        wanted_SK = selection.wanted_SK  # dropless: every wanted pair is kept
-        top1_expert_S = selection.expert_idx_SK[:, 0]
-        flops_E = self.experts.flops_per_pair_E()
-        stats = RoutingStats(
-            wanted_SK, wanted_SK, counts_E, top1_expert_S, flops_E, config.dense_flops
-        )
-        return y_SD, stats
+    def route(self, x_SD: torch.Tensor) -> Routed:
+        """Route (S, d_model) tokens: the router's selection, capacity (in training mode, or
+        with ``capacity_at_eval``), and the kept pairs' plan; nothing is computed by the
+        experts yet (:meth:`compute` does, possibly more than once)."""
+        self._check_input(x_SD)
+        if x_SD.dim() != 2:
+            raise ValueError(f"x_SD.shape={tuple(x_SD.shape)} is invalid: route takes (S, d_model)")
+        return self._route(x_SD)
 
-    def _dispatch_and_compute(
-        self, x_SD: torch.Tensor, selection: Selection, capacity: int | None
-    ) -> tuple[torch.Tensor, RoutingStats]:
-        """Kept pairs -> plan -> dispatcher (experts, combine): (S, D) output and statistics."""
+    def _route(self, x_SD: torch.Tensor) -> Routed:
         config = self.config
+        routed = self.router(x_SD)
+        capacity = (
+            config.capacity(x_SD.shape[0]) if self.training or self.capacity_at_eval else None
+        )
         # decode-sized calls skip the sort by expert: the batched engine gathers per pair
         unsorted = (
             batched_max_pairs(config.d_model, config.d_expert)
             if config.backend in ("auto", "batched")
             else 0
         )
-        pairs = route_pairs(selection, config.num_experts, capacity, config.renormalize, unsorted)
-        plan = DispatchPlan(
-            pairs.token_idx_N,
-            pairs.expert_idx_N,
-            pairs.counts_E,
-            x_SD.shape[0],
-            pairs.sorted_by_expert,
+        pairs = route_pairs(
+            routed.selection, config.num_experts, capacity, config.renormalize, unsorted
         )
-        # dispatch -> expert compute -> combine (local by default; all-to-all when sharded)
-        y_SD = self.dispatcher(self.experts, x_SD, plan, pairs.weight_N)
         flops_E = self.experts.flops_per_pair_E()
-        stats = RoutingStats.from_pairs(
-            pairs, selection.expert_idx_SK[:, 0], flops_E, config.dense_flops
-        )
-        return y_SD, stats
+        stats = RoutingStats.from_pairs(pairs, flops_E, config.dense_flops)
+        return Routed(pairs, routed.probs_SE, routed.losses, stats)
+
+    def compute(self, x_SD: torch.Tensor, routed: Routed) -> torch.Tensor:
+        """The (S, d_model) output of the routed pairs: dispatch -> experts -> combine, through
+        :attr:`dispatcher`, in the compute dtype, plus the shared experts' output when there
+        are any; returned in ``x_SD``'s dtype outside autocast.
+
+        ``routed`` comes from :meth:`route` on the same S tokens (it may be reused)."""
+        num_tokens = routed.pairs.plan.num_tokens
+        if tuple(x_SD.shape) != (num_tokens, self.config.d_model):
+            raise ValueError(
+                f"x_SD.shape={tuple(x_SD.shape)} is invalid: the routed pairs are of "
+                f"{num_tokens} tokens, so x_SD must be ({num_tokens}, {self.config.d_model})"
+            )
+        tokens_SD = x_SD.to(self._compute_dtype(x_SD))
+        y_SD = self.dispatcher(self.experts, tokens_SD, routed.pairs)
+        if self.shared_experts is not None:
+            y_SD = y_SD + run_shared(self.shared_experts, tokens_SD)
+        if not torch.is_autocast_enabled(x_SD.device.type):
+            y_SD = y_SD.to(x_SD.dtype)
+        return y_SD
 
     def extra_repr(self) -> str:
         c = self.config  # the router's own repr shows its tunables

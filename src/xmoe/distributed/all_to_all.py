@@ -119,7 +119,8 @@ class AllToAllDispatcher(Dispatcher):
         first = self.group_rank * self.num_local_experts
         return range(first, first + self.num_local_experts)
 
-    def __call__(self, experts, x_SD, plan, weight_N):
+    def __call__(self, experts, x_SD, pairs):
+        plan, weight_N = pairs.plan, pairs.weight_N
         P, L, D = self.group_size, self.num_local_experts, x_SD.shape[1]
         if plan.num_experts != self.num_experts:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Inference for a handful of tokens: expert weights used in place, no dispatch plan.
+"""Inference for a handful of tokens: expert weights used in place, the dispatch plan unread.
 
 At decode sizes a layer call is a few dozen tiny kernels, and their count, not their FLOPs, sets
 the time. Where reading tensors on the host costs nothing (:mod:`xmoe.device`), the
@@ -24,6 +24,25 @@ DECODE_MAX_TOKENS = 1
 op count grows with the distinct experts selected, the plan path's does not, and from two
 tokens on the plan path measured as fast or faster (``python -m benchmarks.tuning``,
 docs/benchmarks/tuning_cpu.md)."""
+
+
+def decode_path(experts: ExpertKind, x_SD: torch.Tensor, pairs) -> torch.Tensor | None:
+    """The local dispatcher's decode path (:class:`~xmoe.dispatch.LocalDispatcher`): the
+    (S, D) output of :func:`decode_ffn` over the routed pairs' selection when
+    :func:`use_decode_path` holds, else None (the plan path runs).
+
+    ``pairs``: the call's :class:`~xmoe.routing.RoutedPairs` (its plan is not read)."""
+    if not use_decode_path(experts, x_SD, pairs.capacity):
+        return None
+    selection = pairs.selection
+    return decode_ffn(
+        x_SD,
+        selection.expert_idx_SK,
+        selection.probs_SK,
+        selection.wanted_SK,
+        experts,
+        pairs.renormalize,
+    )
 
 
 def use_decode_path(experts: ExpertKind, x_SD: torch.Tensor, capacity: int | None) -> bool:
@@ -61,7 +80,7 @@ def decode_ffn(
     wanted_SK: torch.Tensor,
     experts: FFNExperts,
     renormalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Weighted expert outputs summed per token, one expert at a time.
 
     Args:
@@ -72,7 +91,7 @@ def decode_ffn(
         renormalize: divide each token's wanted weights by their sum, as ``route_pairs`` does.
 
     Returns:
-        ((S, D) output in ``x_SD``'s dtype, (E,) int64 pairs per expert).
+        (S, D) output in ``x_SD``'s dtype.
     """
     dtype = x_SD.dtype
     ffn = experts.weights().to(dtype)
@@ -100,10 +119,7 @@ def decode_ffn(
         if ffn.b2 is not None:
             y_ND.addmm_(weight_N1, ffn.b2[expert : expert + 1])
         out_SD.index_add_(0, tokens, y_ND)
-    counts = [0] * experts.num_experts
-    for expert, pairs in groups.items():
-        counts[expert] = len(pairs)
-    return out_SD, torch.tensor(counts, device=x_SD.device)
+    return out_SD
 
 
 def _add_single_rows(x_SD, singles, weights, ffn: ExpertWeights, out_SD) -> None:

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig
-from xmoe.dispatch.dispatcher import LOCAL_DISPATCHER
 from xmoe.dispatch.plan import DispatchPlan
 
 
@@ -73,4 +72,6 @@ def run_shared(experts: ExpertKind, x_SD: torch.Tensor) -> torch.Tensor:
         torch.full((num_experts,), num_tokens, device=device),
         num_tokens,
     )
-    return LOCAL_DISPATCHER(experts, x_SD, plan, x_SD.new_ones(plan.num_pairs))
+    if num_tokens == 0:
+        return x_SD.new_zeros(0, x_SD.shape[1])
+    return experts(x_SD, plan, x_SD.new_ones(plan.num_pairs))

@@ -211,14 +211,13 @@ def xmoe_experts_forward(
     Returns:
         (S, D) in the dtype of ``hidden_states``; sets ``self.xmoe_kept_per_token`` (S,).
     """
-    num_tokens = hidden_states.shape[0]
     wanted_SK = threshold_mask(top_k_index, top_k_weights, getattr(self, THRESHOLD_ATTR, 1.0))
     if self._is_expert_parallel:
         wanted_SK &= top_k_index < self.num_experts
     setattr(self, KEPT_ATTR, wanted_SK.sum(dim=1))
     # dropless, so route_pairs needs no rank order of the K columns
     pairs = route_pairs(Selection(top_k_index, top_k_weights, wanted_SK), self.num_experts)
-    plan = DispatchPlan(pairs.token_idx_N, pairs.expert_idx_N, pairs.counts_E, num_tokens)
+    plan = pairs.plan
     operands = _fused_operands(self)
     if isinstance(operands, str):
         warnings.warn(

@@ -9,32 +9,37 @@ from dataclasses import dataclass
 
 import torch
 
+from xmoe.dispatch.plan import DispatchPlan
 from xmoe.routing.selection import Selection
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class RoutedPairs:
-    """The (token, expert) pairs to compute, grouped by expert.
+    """The (token, expert) pairs to compute: what the router wanted and the plan of what it kept.
 
     Attributes:
-        token_idx_N: (N,) int64 token of each pair; pairs are sorted by expert, and within an
-            expert by token (dropless) or by capacity priority.
-        expert_idx_N: (N,) int64 expert of each pair (non-decreasing).
-        weight_N: (N,) combine weights (differentiable router probabilities).
-        counts_E: (E,) int64 pairs per expert.
-        wanted_SK: (S, K) bool, pairs the rule selected (before capacity).
+        selection: the ranked experts per token the pairs come from (its ``wanted_SK`` is
+            before capacity).
+        plan: the kept pairs grouped by expert (:class:`~xmoe.dispatch.DispatchPlan`); within
+            an expert by token (dropless) or by capacity priority, or token-major when not
+            ``plan.sorted_by_expert`` (see ``route_pairs``'s ``max_unsorted_pairs``).
+        weight_N: (N,) combine weights of the plan's rows (differentiable router probabilities).
         kept_SK: (S, K) bool, pairs that survived capacity.
-        sorted_by_expert: False when the pairs were left in token-major order (see
-            ``route_pairs``'s ``max_unsorted_pairs``).
+        capacity: the per-expert capacity C applied, or None (dropless).
+        renormalize: whether ``weight_N`` are each token's kept weights divided by their sum.
     """
 
-    token_idx_N: torch.Tensor
-    expert_idx_N: torch.Tensor
+    selection: Selection
+    plan: DispatchPlan
     weight_N: torch.Tensor
-    counts_E: torch.Tensor
-    wanted_SK: torch.Tensor
     kept_SK: torch.Tensor
-    sorted_by_expert: bool = True
+    capacity: int | None
+    renormalize: bool
+
+    @property
+    def wanted_SK(self) -> torch.Tensor:
+        """(S, K) bool, pairs the rule selected (before capacity)."""
+        return self.selection.wanted_SK
 
 
 def expert_counts(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -51,7 +56,7 @@ def route_pairs(
     renormalize: bool = False,
     max_unsorted_pairs: int = 0,
 ) -> RoutedPairs:
-    """Flatten a selection into expert-sorted pairs, dropping over-capacity pairs.
+    """Flatten a selection into expert-sorted pairs and their plan, dropping over-capacity pairs.
 
     Over-subscribed experts keep their top-``capacity`` pairs by priority: lower rank first
     (every first choice beats every second choice), then higher probability, then lower token
@@ -109,4 +114,5 @@ def route_pairs(
         kept_SK = torch.zeros_like(wanted_SK)
         kept_SK.view(-1)[flat_N] = True
     counts_E = expert_counts(expert_N, num_experts)
-    return RoutedPairs(token_N, expert_N, weight_N, counts_E, wanted_SK, kept_SK, not unsorted)
+    plan = DispatchPlan(token_N, expert_N, counts_E, wanted_SK.shape[0], not unsorted)
+    return RoutedPairs(selection, plan, weight_N, kept_SK, capacity, renormalize)

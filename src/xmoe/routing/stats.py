@@ -61,17 +61,15 @@ class RoutingStats:
 
     @classmethod
     def from_pairs(
-        cls,
-        pairs: RoutedPairs,
-        top1_expert_S: torch.Tensor,
-        expert_flops: int | torch.Tensor,
-        dense_flops: int,
+        cls, pairs: RoutedPairs, expert_flops: int | torch.Tensor, dense_flops: int
     ) -> RoutingStats:
+        """The statistics of one call's routed pairs (top-1: each token's first ranked expert);
+        ``expert_flops``: per pair, or (E,) per expert of the layer's kind."""
         return cls(
             pairs.wanted_SK,
             pairs.kept_SK,
-            pairs.counts_E,
-            top1_expert_S,
+            pairs.plan.counts_E,
+            pairs.selection.expert_idx_SK[:, 0],
             expert_flops,
             dense_flops,
         )
