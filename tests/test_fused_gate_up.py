@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from xmoe import MoEConfig, MoELayer
 from xmoe.dispatch.engines import LoopEngine
-from xmoe.experts import expert_ffn
+from xmoe.experts import ExpertWeights, expert_ffn, ffn_over_plan
 from xmoe.experts.activations import ACTIVATION_FNS
 from xmoe.experts.ffn import upgrade_separate_up_
 from xmoe.routing import route_pairs
@@ -59,7 +59,7 @@ def test_gated_first_layer_is_one_matmul_forward_and_backward():
     plan = pairs.plan
     e = layer.experts
     _CountingEngine.calls = []
-    out = expert_ffn(x, pairs.weight_N, e.w1, e.b1, e.w2, e.b2, plan, "swiglu", _CountingEngine)
+    out = ffn_over_plan(x, e.weights(), plan, pairs.weight_N, _CountingEngine)
     assert _CountingEngine.calls == ["mm8x8", "mm4x8"]  # [gate | up] is 2·d_expert wide
     _CountingEngine.calls = []
     out.sum().backward()
@@ -141,4 +141,6 @@ def test_expert_ffn_refuses_a_first_layer_of_the_wrong_width():
     plan = pairs.plan
     e = layer.experts
     with pytest.raises(ValueError, match="must be 12 wide"):
-        expert_ffn(x, pairs.weight_N, e.w1[..., :6], None, e.w2, None, plan, "swiglu", LoopEngine)
+        expert_ffn(
+            x, ExpertWeights(e.w1[..., :6], None, e.w2, None, "swiglu"), plan, pairs.weight_N
+        )

@@ -8,7 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from xmoe import flops
-from xmoe.registry import ENGINES, EXPERT_KINDS, ROUTERS
+from xmoe.registry import ENGINES, EXPERT_FFN, EXPERT_KINDS, ROUTERS
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 """Expert activations. ``gelu`` is the exact (erf) GELU; ``swiglu`` is the gated expert
@@ -209,6 +209,9 @@ class MoEConfig(DictConfig):
         init: one of :data:`INITS`.
         init_std: standard deviation of the normal init of router and expert weights (> 0).
         backend: one of :data:`BACKENDS`.
+        expert_ffn: the fused expert FFN that computes FFN experts over the kept pairs, a name
+            in :data:`xmoe.registry.EXPERT_FFN` (``"xmoe"``: xmoe's autograd function over the
+            ``backend`` engine).
         check_finite: raise on NaN/inf in the layer's input (costs a reduction per call).
         experts: the kind of the routed experts, a name in :data:`xmoe.registry.EXPERT_KINDS`
             (``"ffn"``: the FFN experts above).
@@ -234,6 +237,7 @@ class MoEConfig(DictConfig):
     init: str = "independent"
     init_std: float = 0.02
     backend: str = "auto"
+    expert_ffn: str = "xmoe"
     check_finite: bool = False
     experts: str = "ffn"
     num_shared_experts: int = 0
@@ -285,6 +289,7 @@ class MoEConfig(DictConfig):
             "a finite number > 0",
         )
         _require_choice("backend", self.backend, BACKENDS)
+        _require_choice("expert_ffn", self.expert_ffn, EXPERT_FFN)
         _require_bool("check_finite", self.check_finite)
         _require_choice("experts", self.experts, EXPERT_KINDS)
         _require(

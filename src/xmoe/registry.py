@@ -74,3 +74,7 @@ ENGINES: Registry = Registry(
 EXPERT_KINDS: Registry = Registry("expert kind", {"ffn": "xmoe.experts.ffn"})
 """Expert kinds by the name a config's ``experts`` field gives
 (``xmoe.experts.kind.ExpertKind`` subclasses)."""
+
+EXPERT_FFN: Registry = Registry("expert FFN", {"xmoe": "xmoe.experts.ffn_function"})
+"""Fused expert FFN implementations by the name a config's ``expert_ffn`` field gives
+(``xmoe.experts.fused.ExpertFFN`` subclasses), as transformers' ``ExpertsInterface``."""

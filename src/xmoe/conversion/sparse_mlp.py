@@ -12,8 +12,7 @@ from torch import nn
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
 from xmoe.conversion.selection import select_experts
-from xmoe.dispatch import choose_engine
-from xmoe.experts import expert_ffn
+from xmoe.experts import ExpertWeights, expert_ffn
 from xmoe.experts.ffn import fuse_gate_up_
 from xmoe.routing import route_pairs, switch_balance_loss
 
@@ -116,9 +115,6 @@ class SparseMLP(nn.Module):
             self.aux_loss = switch_balance_loss(scores_SE, selection.expert_idx_SK[:, 0])
         plan = pairs.plan
         weight_N = self.combine_weights(pairs.weight_N).to(x_SD.dtype)
-        d_model, d_expert = x_SD.shape[1], self.expert_size
-        engine = choose_engine("auto", x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
-        out_SD = expert_ffn(
-            x_SD, weight_N, self.w_gate_up, None, self.w_down, None, plan, "swiglu", engine
-        )
+        weights = ExpertWeights(self.w_gate_up, None, self.w_down, None, "swiglu")
+        out_SD = expert_ffn(x_SD, weights, plan, weight_N)
         return out_SD.to(hidden_states.dtype).view(shape)

@@ -10,7 +10,7 @@ dispatcher (``MoELayer.compute``), which returns the combined ``(S, D)`` output 
 
 - :class:`LocalDispatcher` (every layer's default): the experts are here; the fused expert FFN
   gathers each token row once, computes, and scatter-adds the weighted rows (one autograd
-  function, :func:`xmoe.experts.ffn_function.expert_ffn`), unless its ``decode`` path takes the
+  function, :func:`xmoe.experts.fused.expert_ffn`), unless its ``decode`` path takes the
   call (a handful of tokens at inference, :func:`xmoe.experts.decode.decode_path`).
 - :class:`~xmoe.distributed.all_to_all.AllToAllDispatcher`: the experts are sharded over processes;
   rows travel to their expert's process and back (expert parallelism).

@@ -46,11 +46,13 @@ def decode_path(experts: ExpertKind, x_SD: torch.Tensor, pairs) -> torch.Tensor 
 
 
 def use_decode_path(experts: ExpertKind, x_SD: torch.Tensor, capacity: int | None) -> bool:
-    """Whether this call runs :func:`decode_ffn`: FFN experts, ``auto`` back-end, few tokens,
-    dropless, no gradient wanted, and host reads that cost no sync."""
+    """Whether this call runs :func:`decode_ffn`: FFN experts, ``auto`` back-end, the ``xmoe``
+    expert FFN (a named one runs every call), few tokens, dropless, no gradient wanted, and host
+    reads that cost no sync."""
     return (
         isinstance(experts, FFNExperts)
         and experts.config.backend == "auto"
+        and experts.config.expert_ffn == "xmoe"
         and 0 < x_SD.shape[0] <= DECODE_MAX_TOKENS
         and capacity is None
         and not (torch.is_grad_enabled() and _needs_grad(x_SD, experts))

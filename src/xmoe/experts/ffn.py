@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from xmoe.config import MoEConfig
-from xmoe.dispatch import DispatchPlan, choose_engine
-from xmoe.experts.ffn_function import ffn_over_plan
+from xmoe.dispatch import DispatchPlan
+from xmoe.experts.fused import expert_ffn
 from xmoe.experts.kind import ExpertKind
 from xmoe.experts.weights import ExpertWeights
 from xmoe.registry import EXPERT_KINDS
@@ -112,16 +112,10 @@ class FFNExperts(ExpertKind):
         Returns:
             (S, d_model) in the dtype of ``x_SD``.
         """
-        dtype = x_SD.dtype
-        engine = choose_engine(
-            self.config.backend,
-            dtype,
-            x_SD.device,
-            plan.num_pairs,
-            self.config.d_model,
-            self.config.d_expert,
+        c = self.config
+        return expert_ffn(
+            x_SD, self.weights().to(x_SD.dtype), plan, weight_N, c.expert_ffn, c.backend
         )
-        return ffn_over_plan(x_SD, self.weights().to(dtype), plan, weight_N, engine)
 
     def extra_repr(self) -> str:
         c = self.config

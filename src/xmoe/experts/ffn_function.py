@@ -28,9 +28,12 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from xmoe.dispatch.engines import choose_engine
 from xmoe.dispatch.plan import DispatchPlan
 from xmoe.experts.activations import ACTIVATION_FNS
+from xmoe.experts.fused import ExpertFFN
 from xmoe.experts.weights import ExpertWeights
+from xmoe.registry import EXPERT_FFN
 
 CHUNK_ELEMENTS = 1 << 20
 """Grouped rows x d_model per chunk (4 MiB in fp32): larger plans run expert range by expert
@@ -212,18 +215,19 @@ def ffn_over_plan(
     return _ffn_forward(x_SD, weights, plan, weight_N, engine)[0]  # inference: no autograd
 
 
-def expert_ffn(
-    x_SD: torch.Tensor,
-    weight_N: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
-    plan: DispatchPlan,
-    activation: str,
-    engine,
-) -> torch.Tensor:
-    """:func:`ffn_over_plan` for callers that hold the weights as separate tensors (transformers'
-    experts modules, sparsified MLPs): ``w1`` (E, D, F), ``b1`` (E, F) or None, ``w2`` (E, H, D),
-    ``b2`` (E, D) or None, as :class:`ExpertWeights` names them."""
-    return ffn_over_plan(x_SD, ExpertWeights(w1, b1, w2, b2, activation), plan, weight_N, engine)
+@EXPERT_FFN.register("xmoe")
+class XmoeFFN(ExpertFFN):
+    """:func:`ffn_over_plan` over the engine ``backend`` names (``"auto"``: the one
+    :func:`~xmoe.dispatch.engines.choose_engine` picks for this call). Any dtype, any size."""
+
+    @staticmethod
+    def forward(
+        x_SD: torch.Tensor,
+        weights: ExpertWeights,
+        plan: DispatchPlan,
+        weight_N: torch.Tensor,
+        backend: str,
+    ) -> torch.Tensor:
+        d_expert, d_model = weights.w2.shape[1], weights.w2.shape[2]
+        engine = choose_engine(backend, x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
+        return ffn_over_plan(x_SD, weights, plan, weight_N, engine)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +34,8 @@ from torch import nn
 from transformers.activations import GELUActivation, SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 
-from xmoe.dispatch import DispatchPlan, choose_engine
-from xmoe.experts import expert_ffn
+from xmoe.dispatch import DispatchPlan
+from xmoe.experts import ExpertWeights, expert_ffn
 from xmoe.experts.activations import ELEMENTWISE_ACTIVATIONS
 from xmoe.models.usage import KeptPairsCounter
 from xmoe.routing import Selection, route_pairs
@@ -91,21 +90,6 @@ def threshold_mask(
     return torch.zeros_like(keep_ranked_SK).scatter_(1, rank_SK, keep_ranked_SK)
 
 
-@dataclass(frozen=True)
-class _FusedOperands:
-    """An experts module's weights in :func:`expert_ffn`'s layout (views, no copies).
-
-    w1: (E, D, F), b1: (E, F) or None, w2: (E, H, D), b2: (E, D) or None, activation: a key of
-    ``ACTIVATION_FNS``; gated (``swiglu``): F = 2H, ``w1`` is ``[gate | up]``.
-    """
-
-    w1: torch.Tensor
-    b1: torch.Tensor | None
-    w2: torch.Tensor
-    b2: torch.Tensor | None
-    activation: str
-
-
 def _activation_name(act_fn: nn.Module) -> str | None:
     """The ``ACTIVATION_FNS`` key computing exactly ``act_fn``, or None. Exact types only: a
     subclass may compute something else (as transformers' clipped and approximate GELUs do)."""
@@ -121,7 +105,7 @@ def _activation_name(act_fn: nn.Module) -> str | None:
     return None
 
 
-def _fused_operands(module: nn.Module) -> _FusedOperands | str:
+def _fused_operands(module: nn.Module) -> ExpertWeights | str:
     """``module``'s weights as :func:`expert_ffn` operands, or why it cannot run them.
 
     transformers stores a projection as (E, out, in), or (E, in, out) when ``is_transposed``;
@@ -140,12 +124,12 @@ def _fused_operands(module: nn.Module) -> _FusedOperands | str:
             return f"activation {name} is not one of xmoe's {list(ELEMENTWISE_ACTIVATIONS)}"
         up = module.up_proj if module.is_transposed else module.up_proj.transpose(1, 2)
         b1 = module.up_proj_bias if module.has_bias else None
-        return _FusedOperands(up, b1, down, b2, activation)
+        return ExpertWeights(up, b1, down, b2, activation)
     if activation != "silu":
         return f"gated experts with activation {name}: xmoe's gated experts are SiLU (SwiGLU)"
     gate_up = module.gate_up_proj if module.is_transposed else module.gate_up_proj.transpose(1, 2)
     b1 = module.gate_up_proj_bias if module.has_bias else None
-    return _FusedOperands(gate_up, b1, down, b2, "swiglu")
+    return ExpertWeights(gate_up, b1, down, b2, "swiglu")
 
 
 def _projection(
@@ -229,19 +213,7 @@ def xmoe_experts_forward(
         return _generic_experts(self, x_SD, plan, pairs.weight_N).to(hidden_states.dtype)
     # computed in the weights' dtype, as transformers' grouped_mm does (autocast leaves them apart)
     x_SD = hidden_states.to(operands.w1.dtype)
-    d_model, d_expert = operands.w2.shape[2], operands.w2.shape[1]
-    engine = choose_engine("auto", x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
-    out_SD = expert_ffn(
-        x_SD,
-        pairs.weight_N,
-        operands.w1,
-        operands.b1,
-        operands.w2,
-        operands.b2,
-        plan,
-        operands.activation,
-        engine,
-    )
+    out_SD = expert_ffn(x_SD, operands, plan, pairs.weight_N)
     return out_SD.to(hidden_states.dtype)
 
 
