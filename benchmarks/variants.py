@@ -255,8 +255,9 @@ class XMoEExpertsOnRouting(nn.Module):
     def forward(self, x_SD):
         config = self.layer.config
         wanted = torch.ones_like(self.top_k_index, dtype=torch.bool)
+        weights = self.top_k_weights
         pairs = route_pairs(
-            Selection(self.top_k_index, self.top_k_weights, wanted), config.num_experts
+            Selection(self.top_k_index, weights, wanted, weights), config.num_experts
         )
         return self.layer.experts(x_SD, pairs.plan, pairs.weight_N)
 

@@ -24,15 +24,17 @@ def select_experts(
             Sums are in float64.
 
     Returns:
-        a :class:`~xmoe.routing.Selection` with K = k (top-k) or E (threshold).
+        a :class:`~xmoe.routing.Selection` with K = k (top-k) or E (threshold), weighted by
+        the scores (a caller that combines otherwise replaces ``weight_SK``).
     """
     if (top_k is None) == (threshold is None):
         raise ValueError("select_experts needs exactly one of top_k and threshold")
     if top_k is not None:
         probs_SK, expert_idx_SK = ranked_topk(scores_SE, top_k)
-        return Selection(expert_idx_SK, probs_SK, torch.ones_like(expert_idx_SK, dtype=torch.bool))
+        wanted_SK = torch.ones_like(expert_idx_SK, dtype=torch.bool)
+        return Selection(expert_idx_SK, probs_SK, wanted_SK, probs_SK)
     probs_SE, expert_idx_SE = ranked_topk(scores_SE, scores_SE.shape[1])
     mass_SE = probs_SE.detach().to(torch.float64).cumsum(dim=1)
     wanted_SE = torch.ones_like(expert_idx_SE, dtype=torch.bool)
     wanted_SE[:, 1:] = mass_SE[:, :-1] < threshold
-    return Selection(expert_idx_SE, probs_SE, wanted_SE)
+    return Selection(expert_idx_SE, probs_SE, wanted_SE, probs_SE)

@@ -6,6 +6,8 @@ token, N computed (token, expert) pairs.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -85,8 +87,9 @@ class SparseMLP(nn.Module):
             return norm_shares(norms_SE.to(dtype))
         return torch.softmax(self.router(x_SD).to(dtype), dim=-1)
 
-    def combine_weights(self, prob_N: torch.Tensor) -> torch.Tensor:
-        """(N,) the factor each computed pair's expert output is multiplied by.
+    def combine_weights(self, prob_SK: torch.Tensor) -> torch.Tensor:
+        """(S, K) the factor each ranked pair's expert output is multiplied by (the selection's
+        ``weight_SK``; elementwise in the scores ``prob_SK``).
 
         ``unweighted``: exactly 1 in value, so each selected expert adds its slice of the dense
         FFN. While autograd records (recovery fine-tuning of a learned router) it is
@@ -95,10 +98,10 @@ class SparseMLP(nn.Module):
         ``weighted``: ``E · p`` (XMoE route: a uniform router is the dense FFN at t=1).
         """
         if self.settings.combine == "weighted":
-            return prob_N * self.num_experts
-        if self.settings.router == "learned" and torch.is_grad_enabled() and prob_N.requires_grad:
-            return prob_N / prob_N.detach().clamp_min(torch.finfo(prob_N.dtype).tiny)
-        return torch.ones_like(prob_N, requires_grad=False).detach()
+            return prob_SK * self.num_experts
+        if self.settings.router == "learned" and torch.is_grad_enabled() and prob_SK.requires_grad:
+            return prob_SK / prob_SK.detach().clamp_min(torch.finfo(prob_SK.dtype).tiny)
+        return torch.ones_like(prob_SK, requires_grad=False).detach()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -107,14 +110,15 @@ class SparseMLP(nn.Module):
         selection = select_experts(
             scores_SE, self.settings.top_k(self.num_experts), self.settings.threshold
         )
+        selection = replace(selection, weight_SK=self.combine_weights(selection.probs_SK))
         pairs = route_pairs(selection, self.num_experts)
         self.experts_per_token = selection.wanted_SK.sum(dim=1)
         if self.settings.router == "oracle":
             self.aux_loss = scores_SE.new_zeros(())
         else:
-            self.aux_loss = switch_balance_loss(scores_SE, selection.expert_idx_SK[:, 0])
+            self.aux_loss = switch_balance_loss(scores_SE, selection.top1_expert_S)
         plan = pairs.plan
-        weight_N = self.combine_weights(pairs.weight_N).to(x_SD.dtype)
+        weight_N = pairs.weight_N.to(x_SD.dtype)  # the selection's combine weights
         weights = ExpertWeights(self.w_gate_up, None, self.w_down, None, "swiglu")
         out_SD = expert_ffn(x_SD, weights, plan, weight_N)
         return out_SD.to(hidden_states.dtype).view(shape)

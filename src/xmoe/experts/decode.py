@@ -38,7 +38,7 @@ def decode_path(experts: ExpertKind, x_SD: torch.Tensor, pairs) -> torch.Tensor 
     return decode_ffn(
         x_SD,
         selection.expert_idx_SK,
-        selection.probs_SK,
+        selection.weight_SK,
         selection.wanted_SK,
         experts,
         pairs.renormalize,

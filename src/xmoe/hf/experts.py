@@ -200,7 +200,8 @@ def xmoe_experts_forward(
         wanted_SK &= top_k_index < self.num_experts
     setattr(self, KEPT_ATTR, wanted_SK.sum(dim=1))
     # dropless, so route_pairs needs no rank order of the K columns
-    pairs = route_pairs(Selection(top_k_index, top_k_weights, wanted_SK), self.num_experts)
+    selection = Selection(top_k_index, top_k_weights, wanted_SK, top_k_weights)
+    pairs = route_pairs(selection, self.num_experts)
     plan = pairs.plan
     operands = _fused_operands(self)
     if isinstance(operands, str):

@@ -100,9 +100,9 @@ class Router(nn.Module):
 
     def losses(self, probs_SE: torch.Tensor, selection: Selection) -> dict[str, torch.Tensor]:
         """Named auxiliary losses of a training call, scaled by their coefficients."""
-        top1_expert_S = selection.expert_idx_SK[:, 0]
         losses = {
-            "balance": self.config.aux_loss_coef * switch_balance_loss(probs_SE, top1_expert_S)
+            "balance": self.config.aux_loss_coef
+            * switch_balance_loss(probs_SE, selection.top1_expert_S)
         }
         if self.options.entropy_coef > 0:
             losses["entropy"] = self.options.entropy_coef * entropy_loss(probs_SE)

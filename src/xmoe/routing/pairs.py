@@ -23,7 +23,7 @@ class RoutedPairs:
         plan: the kept pairs grouped by expert (:class:`~xmoe.dispatch.DispatchPlan`); within
             an expert by token (dropless) or by capacity priority, or token-major when not
             ``plan.sorted_by_expert`` (see ``route_pairs``'s ``max_unsorted_pairs``).
-        weight_N: (N,) combine weights of the plan's rows (differentiable router probabilities).
+        weight_N: (N,) combine weights of the plan's rows (the selection's ``weight_SK``).
         kept_SK: (S, K) bool, pairs that survived capacity.
         capacity: the per-expert capacity C applied, or None (dropless).
         renormalize: whether ``weight_N`` are each token's kept weights divided by their sum.
@@ -60,7 +60,8 @@ def route_pairs(
 
     Over-subscribed experts keep their top-``capacity`` pairs by priority: lower rank first
     (every first choice beats every second choice), then higher probability, then lower token
-    index. Drops are per pair: a token keeps the other experts it won.
+    index. Drops are per pair: a token keeps the other experts it won. Pairs are weighted by
+    the selection's ``weight_SK``.
 
     Args:
         selection: the ranked experts per token.
@@ -99,7 +100,7 @@ def route_pairs(
         flat_N = flat_N.index_select(0, order_N)
         expert_N = expert_N.index_select(0, order_N)
     token_N = torch.div(flat_N, num_ranks, rounding_mode="floor")
-    weight_N = selection.probs_SK.reshape(-1).index_select(0, flat_N)
+    weight_N = selection.weight_SK.reshape(-1).index_select(0, flat_N)
     if renormalize:
         total_S = torch.zeros(
             wanted_SK.shape[0], dtype=weight_N.dtype, device=weight_N.device

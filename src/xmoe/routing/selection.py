@@ -23,13 +23,31 @@ class Selection:
     Attributes:
         expert_idx_SK: (S, K) int64 expert ids sorted by descending probability; equal
             probabilities are ordered by ascending expert id.
-        probs_SK: (S, K) their router probabilities (differentiable).
+        probs_SK: (S, K) their router probabilities (differentiable): what capacity priority
+            and the losses read.
         wanted_SK: (S, K) bool, a prefix per row: the experts the rule selects.
+        weight_SK: (S, K) the factors the experts' outputs are combined with (differentiable
+            where they depend on the router). Kept apart from ``probs_SK`` because rules
+            combine differently (1/k, sigmoid gates, renormalised over real experts,
+            unweighted); the built-in routers combine with their probabilities.
     """
 
     expert_idx_SK: torch.Tensor
     probs_SK: torch.Tensor
     wanted_SK: torch.Tensor
+    weight_SK: torch.Tensor
+
+    def top1_of(self, values_SK: torch.Tensor) -> torch.Tensor:
+        """(S,) each token's entry of ``values_SK`` at its top-1 choice of a real expert, the
+        one statistics and the balance loss count. The ranking is best first, so this is
+        column 0; a rule whose first column can be something else (a null expert) overrides
+        it."""
+        return values_SK[:, 0]
+
+    @property
+    def top1_expert_S(self) -> torch.Tensor:
+        """(S,) int64 each token's top-1 expert (see :meth:`top1_of`)."""
+        return self.top1_of(self.expert_idx_SK)
 
 
 def ranked_topk(probs_SE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

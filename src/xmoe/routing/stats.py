@@ -51,10 +51,13 @@ class RoutingStats:
         top1_expert_S: torch.Tensor,
         expert_flops: int | torch.Tensor,
         dense_flops: int,
+        top1_kept_S: torch.Tensor | None = None,
     ) -> None:
         self._wanted_SK = wanted_SK.detach()
         self._kept_SK = kept_SK.detach()
         self._top1_expert_S = top1_expert_S.detach()
+        # whether each token's top-1 pair survived capacity; None: its rank-0 pair
+        self._top1_kept_S = None if top1_kept_S is None else top1_kept_S.detach()
         self.expert_load = expert_load_E.detach()
         self._expert_flops = expert_flops
         self._dense_flops = dense_flops
@@ -63,15 +66,18 @@ class RoutingStats:
     def from_pairs(
         cls, pairs: RoutedPairs, expert_flops: int | torch.Tensor, dense_flops: int
     ) -> RoutingStats:
-        """The statistics of one call's routed pairs (top-1: each token's first ranked expert);
-        ``expert_flops``: per pair, or (E,) per expert of the layer's kind."""
+        """The statistics of one call's routed pairs (top-1: the selection's
+        :meth:`~xmoe.routing.Selection.top1_of`); ``expert_flops``: per pair, or (E,) per expert
+        of the layer's kind."""
+        selection = pairs.selection
         return cls(
             pairs.wanted_SK,
             pairs.kept_SK,
             pairs.plan.counts_E,
-            pairs.selection.expert_idx_SK[:, 0],
+            selection.top1_expert_S,
             expert_flops,
             dense_flops,
+            selection.top1_of(pairs.kept_SK),
         )
 
     @cached_property
@@ -96,7 +102,8 @@ class RoutingStats:
 
     @cached_property
     def top1_drop_fraction(self) -> torch.Tensor:
-        return (~self._kept_SK[:, 0]).sum() / self._num_tokens
+        top1_kept_S = self._kept_SK[:, 0] if self._top1_kept_S is None else self._top1_kept_S
+        return (~top1_kept_S).sum() / self._num_tokens
 
     @cached_property
     def tokens_with_drop_fraction(self) -> torch.Tensor:

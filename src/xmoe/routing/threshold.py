@@ -190,7 +190,7 @@ class ThresholdRouter(Router):
         if self.training and self.options.target_experts is not None:
             self._wanted_sum += wanted_SK.sum()
             self._token_count += wanted_SK.shape[0]
-        return Selection(expert_idx_SK, probs_SK, wanted_SK)
+        return Selection(expert_idx_SK, probs_SK, wanted_SK, probs_SK)
 
     def _wanted(self, probs_SK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, K) the rule's choice among the K ranked experts, and (S,) whether it would also

@@ -48,7 +48,7 @@ class TopKRouter(Router):
     def select(self, probs_SE: torch.Tensor) -> Selection:
         probs_SK, expert_idx_SK = ranked_topk(probs_SE, self.top_k)
         wanted_SK = torch.ones_like(expert_idx_SK, dtype=torch.bool)
-        return Selection(expert_idx_SK, probs_SK, wanted_SK)
+        return Selection(expert_idx_SK, probs_SK, wanted_SK, probs_SK)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", top_k={self.top_k}"
