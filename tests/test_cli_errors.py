@@ -9,8 +9,8 @@ from safetensors import SafetensorError
 
 from test_runs import _text_run, tiny_config
 from xmoe.cli.main import main
+from xmoe.hf.generation import scale_logits
 from xmoe.models import TransformerLM
-from xmoe.models.generation import scale_logits
 from xmoe.training.config import apply_overrides
 from xmoe.training.memory import run_memory_bytes
 from xmoe.training.presets import preset

@@ -23,6 +23,7 @@ from xmoe.training.config import apply_overrides
 from xmoe.training.evaluate import evaluate
 from xmoe.training.presets import PRESETS, preset
 from xmoe.training.rundir import LOG_NAME
+from xmoe.training.step import DivergenceError, StepLoss, train_step
 from xmoe.training.trainer import learning_rate, load_model, train
 
 
@@ -169,3 +170,37 @@ def test_bf16_autocast_training_learns_like_fp32(tmp_path):
     assert bf16 != fp32
     assert bf16[-1] < 0.7 * bf16[0]
     assert bf16 == pytest.approx(fp32, rel=0.02)
+
+
+def _linear_step(micro_batches, accumulation, loss_of=None):
+    """A (weight, stats) after one SGD train_step of a seeded 3->1 linear map."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_of = loss_of or (lambda xy: StepLoss(((model(xy[0]) - xy[1]) ** 2).mean()))
+    stats = train_step(model, optimizer, micro_batches, loss_of, accumulation=accumulation)
+    return model.weight.detach().clone(), stats
+
+
+def test_train_step_accumulates_micro_batches_as_one_batch():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=gen), torch.randn(8, 1, generator=gen)
+    whole, whole_stats = _linear_step([(x, y)], 1)
+    halves, half_stats = _linear_step([(x[:4], y[:4]), (x[4:], y[4:])], 2)
+    torch.testing.assert_close(halves, whole)
+    assert half_stats.loss == pytest.approx(whole_stats.loss)
+    assert (
+        half_stats.grad_norm == pytest.approx(whole_stats.grad_norm) and whole_stats.grad_norm > 0
+    )
+
+
+def test_train_step_refuses_a_nonfinite_loss_before_the_update():
+    before, _ = _linear_step([], 1)  # no micro-batch: the weights as initialised
+    x = torch.ones(2, 3)
+    with pytest.raises(DivergenceError, match="recovery step 3: loss nan"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        nan_loss = lambda batch: StepLoss(model(batch).sum() * float("nan"))  # noqa: E731
+        train_step(model, optimizer, [x], nan_loss, what="recovery step 3")
+    assert torch.equal(model.weight.detach(), before)

@@ -159,10 +159,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from xmoe.demos.text import generate_text
+    from xmoe.hf.generation import generate_text
+    from xmoe.training.text import load_text_model
 
     text, stats = generate_text(
-        args.checkpoint,
+        *load_text_model(args.checkpoint),
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from xmoe.config import DictConfig, _is_int, _is_number, _require, _require_seed
 from xmoe.conversion.sparsify import sparse_mlps
+from xmoe.training.step import StepLoss, train_step
 
 CHECKPOINT_KIND = "xmoe-sparsify-recovery"
 
@@ -136,6 +138,18 @@ def recovery_loss(
     return loss
 
 
+def _step_loss(
+    model: nn.Module, teacher: nn.Module | None, distill: float, ids_BT: torch.Tensor
+) -> StepLoss:
+    """The recovery loss of one batch, the teacher's logits taken without gradients."""
+    teacher_logits = None
+    if distill > 0:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids_BT, use_cache=False).logits
+    logits = model(input_ids=ids_BT, use_cache=False).logits
+    return StepLoss(recovery_loss(logits, ids_BT, teacher_logits, distill))
+
+
 def window_order(num_windows: int, seed: int) -> torch.Tensor:
     """(num_windows,) the fixed order the run reads the training windows in."""
     return torch.randperm(num_windows, generator=torch.Generator().manual_seed(seed))
@@ -213,11 +227,10 @@ def recover(
             budget; a later call resumes (for time-sliced runs).
 
     Raises:
-        DivergenceError: a non-finite loss (before the update that would spread it).
+        DivergenceError: a non-finite loss or gradient norm (before the update that would
+            spread it).
         CheckpointError: the checkpoint is damaged beyond its fallback or from another config.
     """
-    from xmoe.training.trainer import DivergenceError
-
     if windows_BT.dim() != 2 or windows_BT.shape[1] < config.seq_len:
         raise ValueError(
             f"recovery windows must be (B, T>={config.seq_len}), got {tuple(windows_BT.shape)}"
@@ -249,18 +262,11 @@ def recover(
         for step in bar:
             ids_BT = _batch(windows_BT, order, step, config.batch_size)[:, : config.seq_len]
             ids_BT = ids_BT.to(device)
-            teacher_logits = None
-            if config.distill > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=ids_BT, use_cache=False).logits
-            logits = model(input_ids=ids_BT, use_cache=False).logits
-            loss = recovery_loss(logits, ids_BT, teacher_logits, config.distill)
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"recovery step {step}: loss is {float(loss)}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            stats = train_step(
+                model, optimizer, [ids_BT], partial(_step_loss, model, teacher, config.distill),
+                what=f"recovery step {step}",
+            )  # fmt: skip
+            losses.append(stats.loss)
             result.steps = step + 1
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done = step + 1 == config.steps or step + 1 == stop_after

@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 from xmoe.data import eval_batches
-from xmoe.demos.text import TextCodec, expert_count_lines, generate_text
 from xmoe.experiments.reproduce import HEADLINE_THRESHOLD
 from xmoe.registry import ROUTERS
 from xmoe.training.config import apply_overrides
 from xmoe.training.evaluate import evaluate
 from xmoe.training.presets import preset
-from xmoe.training.rundir import RunDir
+from xmoe.training.text import expert_count_lines, load_text_model
 from xmoe.training.trainer import load_model, load_token_data, train
 
 BASELINE, XMOE = "top2", "xmoe-32"
@@ -195,10 +194,11 @@ def run_lm_demo(settings: LMDemoSettings) -> dict:
     print("  This demo over 3 seeds: docs/results/demo.md (`python -m xmoe.demos.seeds`).")
 
     if not settings.quiet:
-        xmoe_dir = settings.out / XMOE
-        text, stats = generate_text(xmoe_dir, "ROMEO:", max_new_tokens=60, seed=settings.seed)
+        from xmoe.hf.generation import generate_text  # imports transformers: only to sample
+
+        lm, codec = load_text_model(settings.out / XMOE)
+        text, stats = generate_text(lm, codec, "ROMEO:", max_new_tokens=60, seed=settings.seed)
         print(f"\nSample from {XMOE} ({stats['tokens_per_second']:.0f} tokens/s):\n{text}\n")
-        codec = TextCodec(RunDir(xmoe_dir), model.config.vocab_size)
         for threshold in (trained, chosen):
             model.set_threshold(threshold)
             print(f"Experts used per token by {XMOE} at t={threshold} (mean of its MoE layers):")

@@ -22,10 +22,7 @@ from xmoe.training.config import TrainConfig
 from xmoe.training.evaluate import EvalResult, autocast_context, evaluate
 from xmoe.training.memory import check_run_memory
 from xmoe.training.rundir import RunDir, tokenizer_file_sha256
-
-
-class DivergenceError(RuntimeError):
-    """The loss or the gradient norm became NaN or inf; nothing was saved from that step on."""
+from xmoe.training.step import DivergenceError, SingleProcess, StepLoss, train_step
 
 
 @dataclass
@@ -79,53 +76,6 @@ def _comparable(config_dict: dict) -> dict:
 
 def _routing_summary(routing: list[RoutingStats]) -> dict[str, float]:
     return RoutingStats.mean(routing).summary() if routing else {}
-
-
-class SingleProcess:
-    """The trainer's parallel hooks for one process: every hook is the plain single-process
-    operation. :class:`xmoe.distributed.training.ExpertParallelTraining` is the N-rank version."""
-
-    is_main = True
-    world_size = 1
-
-    def agree(self, step, what: str = "setup"):
-        return step()
-
-    def check_config(self, config: TrainConfig) -> None:
-        pass
-
-    def prepare(self, model: TransformerLM) -> None:
-        pass
-
-    def owns_micro_batch(self, index: int, total: int) -> bool:
-        return True
-
-    def load_model_state(self, model, state) -> None:
-        model.load_state_dict(state)
-
-    def load_optimizer_state(self, optimizer, model, state) -> None:
-        optimizer.load_state_dict(state)
-
-    def reduce_gradients(self, model) -> None:
-        pass
-
-    def clip_grad_norm(self, model, max_norm: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-
-    def sum_values(self, values: list[float]) -> list[float]:
-        return values
-
-    def from_last_micro_batch(self, value, total: int):
-        return value
-
-    def nonfinite_parameters(self, model) -> list[str]:
-        return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-
-    def full_state(self, model, optimizer):
-        return model.state_dict(), optimizer.state_dict()
-
-    def end_training_step(self, model) -> None:
-        model.end_training_step()
 
 
 def train(
@@ -336,6 +286,17 @@ def _train_locked(
             config.precision,
         )  # fmt: skip
 
+    def micro_batches():
+        for index in range(config.grad_accum_steps):
+            x_BT, y_BT = random_batch(data.train, config.batch_size, config.seq_len, data_rng)
+            if par.owns_micro_batch(index, config.grad_accum_steps):  # every rank draws all,
+                yield x_BT.to(device), y_BT.to(device)  # so the generators agree
+
+    def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> StepLoss:
+        with autocast_context(config.precision, device):
+            out = model(*batch)
+        return StepLoss(out.loss, out.aux_loss, out.aux_losses, out.routing)
+
     last_step = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
     model.train()
     log = run.open_log() if par.is_main else _NoLog()
@@ -349,40 +310,12 @@ def _train_locked(
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = aux_sum = 0.0
-            named_aux: dict[str, float] = {}
-            for index in range(config.grad_accum_steps):
-                x_BT, y_BT = random_batch(data.train, config.batch_size, config.seq_len, data_rng)
-                if not par.owns_micro_batch(index, config.grad_accum_steps):
-                    continue  # another rank's (every rank draws all, so the generator agrees)
-                x_BT, y_BT = x_BT.to(device), y_BT.to(device)
-                with autocast_context(config.precision, device):
-                    out = model(x_BT, y_BT)
-                    loss = (out.loss + out.aux_loss) / config.grad_accum_steps
-                loss.backward()
-                loss_sum += out.loss.item() / config.grad_accum_steps
-                aux_sum += out.aux_loss.item() / config.grad_accum_steps
-                for name, value in out.aux_losses.items():
-                    share = value.item() / config.grad_accum_steps
-                    named_aux[name] = named_aux.get(name, 0.0) + share
-            if par.world_size > 1:  # step totals over the ranks (in a fixed key order)
-                names = sorted(named_aux)
-                loss_sum, aux_sum, *named = par.sum_values(
-                    [loss_sum, aux_sum, *(named_aux[n] for n in names)]
-                )
-                named_aux = dict(zip(names, named, strict=True))
-                par.reduce_gradients(model)
-            grad_norm = par.clip_grad_norm(
-                model, config.grad_clip if config.grad_clip > 0 else float("inf")
-            )
-            if not all(map(math.isfinite, (loss_sum, aux_sum, grad_norm))):
-                raise DivergenceError(
-                    f"step {step + 1}: loss {loss_sum}, aux loss {aux_sum}, gradient norm "
-                    f"{grad_norm}; stopped before the update, nothing saved past the last "
-                    "checkpoint (lower lr, or check the data and init)"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats = train_step(
+                model, optimizer, micro_batches(), loss_of, accumulation=config.grad_accum_steps,
+                max_norm=config.grad_clip if config.grad_clip > 0 else float("inf"),
+                parallel=par, what=f"step {step + 1}",
+            )  # fmt: skip
+            loss_sum, aux_sum, grad_norm = stats.loss, stats.aux_loss, stats.grad_norm
             par.end_training_step(model)
             step += 1
             elapsed = time.perf_counter() - started
@@ -397,9 +330,9 @@ def _train_locked(
                     "grad_norm": grad_norm,
                     "tokens_per_second": train_tokens / train_seconds,
                 }
-                record |= {f"aux_{name}": value for name, value in named_aux.items()}
+                record |= {f"aux_{name}": value for name, value in stats.aux_losses.items()}
                 record |= par.from_last_micro_batch(
-                    _routing_summary(out.routing), config.grad_accum_steps
+                    _routing_summary(stats.routing), config.grad_accum_steps
                 )
                 scales = [float(m.router.logit_scale) for m in model.moe_layers
                           if hasattr(m.router, "logit_scale")]  # fmt: skip
