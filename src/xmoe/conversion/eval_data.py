@@ -1,0 +1,77 @@
+"""The token windows of ``xmoe sparsify --eval``: evenly spaced windows over the project's corpus
+split (calibration, recovery fine-tune and held-out evaluation per domain), cached in a verified
+safetensors file.
+
+Shape legend: T tokens per window.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from xmoe.conversion.eval_settings import EvalSettings
+from xmoe.storage import read_verified, save_verified
+
+DOMAINS = ("shakespeare", "kjv")
+"""The held-out domains every model is measured on (the LM corpus's fixed held-out works and
+books)."""
+
+
+def spaced_windows(ids: list[int], tokens: int, seq_len: int) -> torch.Tensor:
+    """(tokens // seq_len, seq_len) int64 windows evenly spaced over ``ids`` (the first at the
+    start, the last at the end), so a few thousand tokens sample a whole held-out split."""
+    count = max(1, tokens // seq_len)
+    if len(ids) < seq_len:
+        raise ValueError(f"{len(ids)} tokens are fewer than one window of {seq_len}")
+    starts = torch.linspace(0, len(ids) - seq_len, count).round().long().tolist()
+    flat = torch.tensor(ids, dtype=torch.int64)
+    return torch.stack([flat[s : s + seq_len] for s in starts])
+
+
+def corpus_data(tokenizer, settings: EvalSettings) -> dict[str, torch.Tensor]:
+    """Token windows, from the project's corpus and its fixed split (:mod:`xmoe.data.corpus`):
+    ``calibration`` (Shakespeare training works), ``recovery`` (both training splits, windows
+    alternating between the domains), and ``eval_<domain>`` (the held-out works / books)."""
+    from xmoe.data.corpus import load_documents, split_documents
+
+    train, val = split_documents(load_documents(settings.cache_dir))
+
+    def ids(docs, domain: str) -> list[int]:
+        text = "\n\n".join(doc.text for doc in docs if doc.domain == domain)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    data = {}
+    for domain in DOMAINS:
+        held_out = ids(val, domain)
+        data[f"eval_{domain}"] = spaced_windows(held_out, settings.eval_tokens, settings.seq_len)
+    train_ids = {domain: ids(train, domain) for domain in DOMAINS}
+    data["calibration"] = spaced_windows(
+        train_ids["shakespeare"], settings.calibration_tokens, settings.seq_len
+    )
+    rec = settings.recovery
+    per_domain = math.ceil(rec.tokens / len(DOMAINS))
+    parts = [spaced_windows(train_ids[d], per_domain, rec.seq_len) for d in DOMAINS]
+    count = min(p.shape[0] for p in parts)
+    data["recovery"] = torch.stack([p[:count] for p in parts], dim=1).reshape(-1, rec.seq_len)
+    return data
+
+
+def load_or_build_data(tokenizer, settings: EvalSettings, path: Path) -> dict[str, torch.Tensor]:
+    """:func:`corpus_data`, cached in ``path`` (verified safetensors) for its settings."""
+    key = json.dumps(
+        settings.measurement_key() | {"recovery": settings.recovery.to_dict()}, sort_keys=True
+    )
+    if path.is_file():
+        tensors, meta, _ = read_verified(path)
+        if meta.get("key") == key:
+            return tensors
+    data = corpus_data(tokenizer, settings)
+    save_verified(path, data, {"key": key})
+    return data
+
+
+__all__ = ["DOMAINS", "corpus_data", "load_or_build_data", "spaced_windows"]

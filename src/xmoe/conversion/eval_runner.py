@@ -1,0 +1,171 @@
+"""The cache of ``xmoe sparsify --eval``: :class:`Runner` measures one cell at a time and keeps
+every result under the run directory: cells as JSON, converted models as verified safetensors,
+recovery fine-tunes as checkpoints, so a rerun skips what is done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmoe.conversion.eval_data import load_or_build_data
+from xmoe.conversion.eval_metrics import layer_mlps, measure_quality, time_side_by_side
+from xmoe.conversion.eval_settings import EvalSettings
+from xmoe.conversion.recovery import recover
+from xmoe.conversion.sparsify import (
+    _reconfigure,
+    set_active_fraction,
+    set_combine,
+    set_threshold,
+    sparse_mlps,
+    sparsify,
+)
+from xmoe.storage import atomic_write_text, read_verified, save_verified
+
+
+def _mlp_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".mlp." in k}
+
+
+class Runner:
+    """Runs the grid cell by cell; every result is cached under ``settings.out``."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        from xmoe.conversion.real_model import load_real_model
+
+        self.settings = settings
+        self.out = Path(settings.out)
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        (self.out / "models").mkdir(parents=True, exist_ok=True)
+        self.dense, self.tokenizer, self.model_dir = load_real_model(settings.cache_dir)
+        self.data = load_or_build_data(self.tokenizer, settings, self.out / "data.safetensors")
+        self._mlp_inputs: list[torch.Tensor] | None = None
+        self.key = settings.measurement_key()
+        self.after_cell: Callable[[], Any] | None = None
+        """Called after every stored cell (``run_eval`` rewrites the report there)."""
+
+    # -- cells ---------------------------------------------------------------------------------
+    def cell_path(self, name: str) -> Path:
+        return self.out / "cells" / f"{name}.json"
+
+    def cached(self, name: str) -> dict[str, Any] | None:
+        path = self.cell_path(name)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        return record if record.get("key") == self.key else None
+
+    def store(self, name: str, record: dict[str, Any]) -> None:
+        record = record | {"key": self.key, "name": name}
+        atomic_write_text(self.cell_path(name), json.dumps(record, indent=1, sort_keys=True))
+        if self.after_cell is not None:
+            self.after_cell()
+
+    def all_cells(self) -> list[dict[str, Any]]:
+        cells = []
+        for path in sorted((self.out / "cells").glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue
+            if record.get("key") == self.key:
+                cells.append(record)
+        return cells
+
+    # -- models --------------------------------------------------------------------------------
+    def mlp_inputs(self) -> list[torch.Tensor]:
+        if self._mlp_inputs is None:
+            from xmoe.conversion.calibration import collect_mlp_inputs
+
+            self._mlp_inputs = collect_mlp_inputs(
+                self.dense,
+                layer_mlps(self.dense),
+                self.data["calibration"],
+                batch_size=self.settings.eval_batch,
+                progress=self.settings.progress,
+            )
+        return self._mlp_inputs
+
+    def converted(self, size: int, partition: str) -> nn.Module:
+        """The dense model converted with this expert size and partition, learned router
+        trained (cached in ``models/<partition>-H<size>.safetensors``)."""
+        path = self.out / "models" / f"{partition}-H{size}.safetensors"
+        tag = json.dumps(self.key, sort_keys=True)
+        if path.is_file():
+            tensors, meta, _ = read_verified(path)
+            if meta.get("key") == tag:
+                model = sparsify(self.dense, size, "contiguous", router="oracle")
+                model.load_state_dict(tensors, strict=False)
+                _reconfigure(model, partition=partition, router="learned")
+                return model
+        model = sparsify(
+            self.dense,
+            size,
+            partition,
+            router="learned",
+            mlp_inputs=self.mlp_inputs(),
+            router_steps=self.settings.router_steps,
+            cluster_tokens=self.settings.calibration_tokens,
+            progress=self.settings.progress,
+        )
+        save_verified(path, _mlp_state(model), {"key": tag})
+        return model
+
+    def recovered(self, size: int, partition: str, fraction: float) -> nn.Module:
+        model = self.converted(size, partition)
+        set_active_fraction(model, fraction)
+        checkpoint = self.out / "models" / f"recovered-{partition}-H{size}-f{fraction}.ckpt"
+        recover(
+            model,
+            self.data["recovery"],
+            self.settings.recovery,
+            teacher=self.dense,
+            checkpoint=checkpoint,
+            progress=self.settings.progress,
+            desc=f"recovery {partition} H={size} f={fraction}",
+        )
+        return model
+
+    def xmoe_model(self, size: int) -> nn.Module:
+        model = self.converted(size, "clustered")
+        with torch.no_grad():
+            for module in sparse_mlps(model):
+                module.router.weight.mul_(self.settings.xmoe_router_scale)
+        set_combine(model, "weighted")
+        set_threshold(model, 1.0)
+        recover(
+            model,
+            self.data["recovery"],
+            self.settings.recovery,
+            teacher=self.dense,
+            checkpoint=self.out / "models" / f"xmoe-H{size}.ckpt",
+            progress=self.settings.progress,
+            desc=f"recovery xmoe H={size} t=1",
+        )
+        return model
+
+    # -- one cell ------------------------------------------------------------------------------
+    def measure(self, name: str, model: nn.Module, meta: dict[str, Any], timed: bool) -> None:
+        record = dict(meta)
+        record |= measure_quality(model, self.data, self.settings, desc=name)
+        if timed:
+            ids = self.data["eval_shakespeare"]
+            windows = max(1, self.settings.timing_tokens // self.settings.seq_len)
+            ids = ids[:windows] if ids.shape[0] >= windows else ids
+            record["timing"] = time_side_by_side(
+                self.dense, model, ids, self.settings.timing_repeats
+            )
+        else:
+            record["timing"] = None
+        self.store(name, record)
+
+
+__all__ = ["Runner"]

@@ -1,0 +1,130 @@
+"""The settings of ``xmoe sparsify --eval``: :class:`EvalSettings` (the grid, the budgets, where
+it writes), validated on construction, and the router kinds the report lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmoe.conversion.recovery import RecoveryConfig
+
+ROUTER_ROWS = ("oracle", "trained", "recovered")
+"""Router kinds of the report: the oracle (true output norms; computes every expert), the
+trained linear router, and the trained router after a recovery fine-tune."""
+
+
+def _positive_ints(name: str, values: tuple[int, ...]) -> None:
+    if not values or not all(isinstance(v, int) and v >= 1 for v in values):
+        raise ValueError(f"{name}={values!r} is invalid: give one or more ints >= 1")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What ``xmoe sparsify --eval`` measures, and where it writes.
+
+    Args:
+        out: run directory (cells, converted models, recovery checkpoints).
+        docs: folder of the report ``sparsify.md`` and plot ``sparsify.png``.
+        expert_sizes: neurons per expert, each dividing the FFN width (1536 for SmolLM2).
+        fractions: top-k active fractions in (0, 1].
+        partitions: ``clustered`` and/or ``contiguous``; the first one's groups run first.
+        routers: ``oracle`` and/or ``trained``.
+        recover: ``(expert_size, partition, fraction)`` configs to recovery-fine-tune at that
+            fraction (then evaluated at every fraction).
+        xmoe_route: expert size of the XMoE-route row (clustered partition), 0 for none.
+        xmoe_thresholds: the thresholds t the XMoE route is evaluated at.
+        xmoe_router_scale: the trained router's logits are scaled by this to start the XMoE
+            route near the dense model (E·p ≈ 1).
+        eval_tokens: held-out tokens per domain (windows of ``seq_len``, evenly spaced).
+        seq_len: evaluation and calibration window length.
+        calibration_tokens: Shakespeare training tokens the partition and routers learn from.
+        router_steps: full-batch Adam steps per layer router.
+        recovery: the recovery fine-tune settings (token budget, lr, ...).
+        timing_tokens: tokens per timed forward (windows of ``seq_len``).
+        timing_repeats: timed forwards per model (the median counts).
+        eval_batch: windows per evaluation forward.
+        cache_dir: corpus/model cache (None: ``$XMOE_CACHE_DIR`` or ``~/.cache/xmoe``).
+        command: the command line recorded in the report.
+        progress: tqdm bars.
+    """
+
+    out: Path = Path("runs/sparsify-eval")
+    docs: Path = Path("docs/results")
+    expert_sizes: tuple[int, ...] = (16, 64, 4)
+    fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    partitions: tuple[str, ...] = ("clustered", "contiguous")
+    routers: tuple[str, ...] = ("trained", "oracle")
+    recover: tuple[tuple[int, str, float], ...] = ((16, "clustered", 0.5),)
+    xmoe_route: int = 16
+    xmoe_thresholds: tuple[float, ...] = (0.9, 0.75, 0.5, 0.25)
+    xmoe_router_scale: float = 0.1
+    eval_tokens: int = 2048
+    seq_len: int = 256
+    calibration_tokens: int = 4096
+    router_steps: int = 100
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    timing_tokens: int = 512
+    timing_repeats: int = 3
+    eval_batch: int = 4
+    cache_dir: Path | None = None
+    command: str = "xmoe sparsify --eval"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from xmoe.conversion.config import PARTITIONS
+
+        _positive_ints("expert_sizes", self.expert_sizes)
+        if not self.fractions or not all(
+            isinstance(f, (int, float)) and 0 < f <= 1 for f in self.fractions
+        ):
+            raise ValueError(f"fractions={self.fractions!r} is invalid: give numbers in (0, 1]")
+        if not self.partitions or not set(self.partitions) <= set(PARTITIONS):
+            raise ValueError(f"partitions={self.partitions!r} is invalid: choose from {PARTITIONS}")
+        if not self.routers or not set(self.routers) <= {"oracle", "trained"}:
+            raise ValueError(
+                f"routers={self.routers!r} is invalid: choose from ('oracle', 'trained')"
+            )
+        for size, partition, fraction in self.recover:
+            if not (isinstance(size, int) and size >= 1 and partition in PARTITIONS):
+                raise ValueError(f"recover entry {(size, partition, fraction)} is invalid")
+            if not 0 < fraction <= 1:
+                raise ValueError(f"recover fraction {fraction} is invalid: must be in (0, 1]")
+        if not (isinstance(self.xmoe_route, int) and self.xmoe_route >= 0):
+            raise ValueError(f"xmoe_route={self.xmoe_route!r} is invalid: an int >= 0")
+        if not self.xmoe_thresholds or not all(0 < t <= 1 for t in self.xmoe_thresholds):
+            raise ValueError(f"xmoe_thresholds={self.xmoe_thresholds!r}: give numbers in (0, 1]")
+        if not self.xmoe_router_scale > 0:
+            raise ValueError(f"xmoe_router_scale={self.xmoe_router_scale} must be > 0")
+        for name in (
+            "eval_tokens",
+            "seq_len",
+            "calibration_tokens",
+            "router_steps",
+            "timing_tokens",
+            "timing_repeats",
+            "eval_batch",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+        for name in ("eval_tokens", "calibration_tokens", "timing_tokens"):
+            if getattr(self, name) < self.seq_len:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is invalid: at least one window of "
+                    f"seq_len={self.seq_len} tokens"
+                )
+
+    def measurement_key(self) -> dict[str, Any]:
+        """The settings a cached cell depends on (a cell measured under others is redone)."""
+        return {
+            "eval_tokens": self.eval_tokens,
+            "seq_len": self.seq_len,
+            "calibration_tokens": self.calibration_tokens,
+            "router_steps": self.router_steps,
+            "timing_tokens": self.timing_tokens,
+        }
+
+
+__all__ = ["ROUTER_ROWS", "EvalSettings"]
