@@ -10,7 +10,6 @@ from typing import Any
 
 from xmoe.conversion.recovery import RecoveryConfig
 
-ROUTER_ROWS = ("oracle", "trained", "recovered")
 """Router kinds of the report: the oracle (true output norms; computes every expert), the
 trained linear router, and the trained router after a recovery fine-tune."""
 
@@ -127,4 +126,4 @@ class EvalSettings:
         }
 
 
-__all__ = ["ROUTER_ROWS", "EvalSettings"]
+__all__ = ["EvalSettings"]
