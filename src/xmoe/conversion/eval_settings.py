@@ -10,9 +10,6 @@ from typing import Any
 
 from xmoe.conversion.recovery import RecoveryConfig
 
-"""Router kinds of the report: the oracle (true output norms; computes every expert), the
-trained linear router, and the trained router after a recovery fine-tune."""
-
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> None:
     if not values or not all(isinstance(v, int) and v >= 1 for v in values):
