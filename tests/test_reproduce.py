@@ -1,4 +1,4 @@
-"""`xmoe reproduce`'s report (experiments/reproduce.py) from synthetic run records: the summary
+"""`xmoe reproduce`'s report (experiments/report.py) from synthetic run records: the summary
 over seeds, the target verdicts and the markdown tables, with no training."""
 
 from __future__ import annotations
