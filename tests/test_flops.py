@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from xmoe import MoEConfig, flops
 from xmoe.models import ModelConfig
-from xmoe.models.transformer import DenseFFN
+from xmoe.models.blocks import DenseFFN
 
 from helpers import make_layer
 

@@ -30,7 +30,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from xmoe.experts.ffn import has_separate_up, upgrade_separate_up_
 from xmoe.hf.configuration import XMoEConfig
 from xmoe.hf.verified import VerifiedWeightsMixin, opted_out, weight_files
-from xmoe.models.transformer import TransformerLM, check_padding_mask
+from xmoe.models.attention import check_padding_mask
+from xmoe.models.transformer import TransformerLM
 from xmoe.storage import read_verified
 
 

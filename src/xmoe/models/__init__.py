@@ -1,6 +1,7 @@
 """Language models built from xmoe layers."""
 
+from xmoe.models.attention import KeyValueCache
 from xmoe.models.config import ModelConfig
-from xmoe.models.transformer import KeyValueCache, LMOutput, TransformerLM
+from xmoe.models.transformer import LMOutput, TransformerLM
 
 __all__ = ["KeyValueCache", "LMOutput", "ModelConfig", "TransformerLM"]
