@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from xmoe import flops
@@ -298,6 +298,35 @@ class MoEConfig(DictConfig):
             self.num_shared_experts,
             "an integer >= 0",
         )
+
+    def tunable(self, name: str) -> Any:
+        """The recipe's value of the tunable ``name`` (a router's or the layer's, as in
+        ``Router.tunable_names``): this config's field of that name, else its router's
+        Options field (a router may keep a knob of its own there)."""
+        return getattr(self if self._owns(name) else self.router_options, name)
+
+    def with_tunables(self, held: Mapping[str, Any]) -> MoEConfig:
+        """This recipe with the tunable values a built layer holds (``MoELayer.tunables``)
+        recorded where :meth:`tunable` reads them: in this config's own fields or in
+        ``router_options``; both check the values again."""
+        own = {name: value for name, value in held.items() if self._owns(name)}
+        options = {name: value for name, value in held.items() if not self._owns(name)}
+        if options:
+            own["router_options"] = replace(self.router_options, **options)
+        return replace(self, **own)
+
+    def _owns(self, name: str) -> bool:
+        """Whether the tunable ``name`` is a field of this config rather than of its router's
+        Options (a name in neither is a :class:`ConfigError`)."""
+        if name != "router_options" and name in {f.name for f in fields(self)}:
+            return True
+        _require(
+            name in {f.name for f in fields(self.router_options)},
+            "tunable",
+            name,
+            f"a field of MoEConfig or of {type(self.router_options).__name__}",
+        )
+        return False
 
     @property
     def gated(self) -> bool:

@@ -90,7 +90,8 @@ class MoELayer(nn.Module):
         self.capacity_at_eval = enabled
 
     def tunables(self) -> dict[str, Any]:
-        """The :class:`MoEConfig` fields this layer and its router hold now."""
+        """The tunables this layer and its router hold now, by name (:class:`MoEConfig`
+        fields, or fields of the router's Options: :meth:`MoEConfig.with_tunables`)."""
         return {"capacity_at_eval": self.capacity_at_eval, **self.router.tunables()}
 
     def reset_parameters(self) -> None:

@@ -136,7 +136,7 @@ def run_lm_demo(settings: LMDemoSettings) -> dict:
     for name, config in configs.items():
         moe = config.model.moe
         rule = ", ".join(
-            f"{knob}={getattr(moe, knob)}" for knob in ROUTERS[moe.router].tunable_names
+            f"{knob}={moe.tunable(knob)}" for knob in ROUTERS[moe.router].tunable_names
         )
         print(f"Training {name}: {moe.num_experts} experts x {moe.d_expert}, {rule}")
         shutil.rmtree(settings.out / name, ignore_errors=True)

@@ -183,7 +183,7 @@ class TransformerLM(nn.Module):
                 f"the MoE layers hold different {differing}: one config records a single value "
                 "(set them model-wide, e.g. with set_threshold, before saving)"
             )
-        moe = dataclasses.replace(self.config.moe, **held[0])
+        moe = self.config.moe.with_tunables(held[0])
         return dataclasses.replace(self.config, moe=moe)
 
     def check_input_ids(self, input_ids: torch.Tensor) -> None:

@@ -54,15 +54,17 @@ class Router(nn.Module):
     loss (``aux_loss_coef``) and the optional entropy loss (``router_options.entropy_coef``).
 
     The config is the recipe the router was built from; a tunable it reads (``threshold``,
-    ``top_k``) is copied into the router at construction, changed through the router's own
-    ``set_*`` method and reported by :meth:`tunables`, so nothing rewrites the config.
+    ``top_k``, or a field of its own ``Options``) is copied into the router at construction,
+    changed through the router's own ``set_*`` method and reported by :meth:`tunables`, so
+    nothing rewrites the config (:meth:`xmoe.config.MoEConfig.with_tunables` records them).
     """
 
     Options: ClassVar[type[RouterOptions]] = RouterOptions
     uses_threshold: ClassVar[bool] = False
     """Whether this router has a mass threshold (``set_threshold`` applies)."""
     tunable_names: ClassVar[tuple[str, ...]] = ()
-    """The :class:`~xmoe.config.MoEConfig` fields this router reads, as attributes of its own."""
+    """The :class:`~xmoe.config.MoEConfig` fields, or fields of its ``Options``, this router
+    reads, as attributes of its own (:meth:`~xmoe.config.MoEConfig.tunable` reads a recipe's)."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
