@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from xmoe.routing import Selection, ranked_topk
+from xmoe.routing.threshold import mass_prefix_mask
 
 
 def select_experts(
@@ -19,9 +20,8 @@ def select_experts(
         scores_SE: (S, E) non-negative scores summing to 1 per token (router softmax, or the
             oracle's normalised output norms).
         top_k: keep the k best experts (ties toward the lower id), or
-        threshold: keep the smallest prefix of the ranking whose mass reaches t: rank j is kept
-            iff the mass of the better ranks is below t (the best expert is always kept).
-            Sums are in float64.
+        threshold: keep the smallest prefix of the ranking whose mass reaches t: the
+            threshold router's rule (:func:`~xmoe.routing.threshold.mass_prefix_mask`).
 
     Returns:
         a :class:`~xmoe.routing.Selection` with K = k (top-k) or E (threshold), weighted by
@@ -34,7 +34,5 @@ def select_experts(
         wanted_SK = torch.ones_like(expert_idx_SK, dtype=torch.bool)
         return Selection(expert_idx_SK, probs_SK, wanted_SK, probs_SK)
     probs_SE, expert_idx_SE = ranked_topk(scores_SE, scores_SE.shape[1])
-    mass_SE = probs_SE.detach().to(torch.float64).cumsum(dim=1)
-    wanted_SE = torch.ones_like(expert_idx_SE, dtype=torch.bool)
-    wanted_SE[:, 1:] = mass_SE[:, :-1] < threshold
+    wanted_SE = mass_prefix_mask(probs_SE, threshold)
     return Selection(expert_idx_SE, probs_SE, wanted_SE, probs_SE)

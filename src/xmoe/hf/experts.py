@@ -39,6 +39,7 @@ from xmoe.experts import ExpertWeights, expert_ffn
 from xmoe.experts.activations import ELEMENTWISE_ACTIVATIONS
 from xmoe.models.usage import KeptPairsCounter
 from xmoe.routing import Selection, route_pairs
+from xmoe.routing.threshold import mass_prefix_mask
 
 IMPLEMENTATION = "xmoe"
 """The ``experts_implementation`` name xmoe registers under."""
@@ -63,9 +64,10 @@ def threshold_mask(
 
     The K weights of a token are ranked by descending weight (equal weights by ascending expert
     id) and normalised to sum 1; the token keeps ranks 1..j for the smallest j whose cumulative
-    normalised mass reaches t, i.e. rank j is kept iff the mass of the better ranks is below t
-    (so the first is always kept). Sums are taken in float64. t >= 1 keeps all K. Weights are
-    assumed non-negative; a token whose weights sum to 0 keeps all K.
+    normalised mass reaches t: the threshold router's rule
+    (:func:`~xmoe.routing.threshold.mass_prefix_mask`: float64 sums, the first always kept).
+    t >= 1 keeps all K. Weights are assumed non-negative; a token whose weights sum to 0 keeps
+    all K.
 
     Args:
         top_k_index: (S, K) int64 expert ids.
@@ -84,9 +86,7 @@ def threshold_mask(
     rank_SK = by_id_SK.gather(1, by_weight_SK)  # column of each rank
     ranked_SK = weights_SK.gather(1, rank_SK)
     total_S1 = ranked_SK.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    mass_SK = (ranked_SK / total_S1).cumsum(dim=1)
-    keep_ranked_SK = torch.ones_like(rank_SK, dtype=torch.bool)
-    keep_ranked_SK[:, 1:] = mass_SK[:, :-1] < threshold
+    keep_ranked_SK = mass_prefix_mask(ranked_SK / total_S1, threshold)
     return torch.zeros_like(keep_ranked_SK).scatter_(1, rank_SK, keep_ranked_SK)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,37 @@ def decayed_target(options: ThresholdOptions, step: int) -> float:
     return options.target_start + (options.target_experts - options.target_start) * fraction
 
 
+def mass_prefix_rule(
+    ranked_probs_SK: torch.Tensor, threshold: float, at_most: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cumulative-mass rule over K probabilities ranked best first: rank j is kept iff the
+    mass of the strictly better ranks is below ``threshold`` (at most it, with ``at_most``:
+    top-p), so the first rank is always kept. Sums are float64 prefix sums: the decision must
+    not hinge on fp32 rounding. For t >= 1 (strict rule) a rank is kept iff it has mass.
+
+    Returns:
+        (S, K) bool, a prefix per row: the ranks kept; and (S,) whether the rule would also
+        keep a (K+1)-th rank (a ranking over fewer than all experts must then widen).
+    """
+    if threshold >= 1.0 and not at_most:
+        # mass before j is below 1 exactly when some probability remains at j
+        return ranked_probs_SK > 0, ranked_probs_SK[:, -1] > 0
+    inclusive_SK = ranked_probs_SK.detach().to(torch.float64).cumsum(dim=-1)
+    # the mass of the strictly better ranks; -inf before the first, which the rule keeps (a
+    # pad: indexed assignments are costly per-call ops at decode sizes)
+    before_SK = F.pad(inclusive_SK[:, :-1], (1, 0), value=-math.inf)
+    keeps = torch.le if at_most else torch.lt
+    return keeps(before_SK, threshold), keeps(inclusive_SK[:, -1], threshold)
+
+
+def mass_prefix_mask(
+    ranked_probs_SK: torch.Tensor, threshold: float, at_most: bool = False
+) -> torch.Tensor:
+    """(S, K) bool: the ranks :func:`mass_prefix_rule` keeps (the one threshold rule, for
+    callers that rank their own probabilities)."""
+    return mass_prefix_rule(ranked_probs_SK, threshold, at_most)[0]
+
+
 @ROUTERS.register("threshold")
 class ThresholdRouter(Router):
     """Keeps sorted position j iff the mass of the strictly better experts is below t.
@@ -139,6 +170,8 @@ class ThresholdRouter(Router):
     Options = ThresholdOptions
     uses_threshold = True
     tunable_names = ("threshold",)
+    at_most: ClassVar[bool] = False
+    """Keep a rank whose better ranks hold exactly t too (:func:`mass_prefix_rule`)."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -166,10 +199,6 @@ class ThresholdRouter(Router):
             return logits_SE
         return normalized_logits(logits_SE, self.logit_scale)
 
-    def keeps(self, mass_before: torch.Tensor) -> torch.Tensor:
-        """Whether an expert with this much strictly better mass is kept (float64 sums)."""
-        return mass_before < self.threshold
-
     def select(self, probs_SE: torch.Tensor) -> Selection:
         threshold = self.threshold
         num_experts = probs_SE.shape[-1]
@@ -183,7 +212,7 @@ class ThresholdRouter(Router):
         width = num_experts if full else min(num_experts, _FIRST_GUESS)
         while True:
             probs_SK, expert_idx_SK = ranked_topk(probs_SE, width)
-            wanted_SK, next_wanted_S = self._wanted(probs_SK.detach())
+            wanted_SK, next_wanted_S = mass_prefix_rule(probs_SK, threshold, self.at_most)
             if width == num_experts or not bool(next_wanted_S.any()):
                 break
             width = min(num_experts, width * 4)
@@ -191,19 +220,6 @@ class ThresholdRouter(Router):
             self._wanted_sum += wanted_SK.sum()
             self._token_count += wanted_SK.shape[0]
         return Selection(expert_idx_SK, probs_SK, wanted_SK, probs_SK)
-
-    def _wanted(self, probs_SK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S, K) the rule's choice among the K ranked experts, and (S,) whether it would also
-        keep the next expert (the ranking must widen)."""
-        if self.threshold >= 1.0 and type(self).keeps is ThresholdRouter.keeps:
-            # mass before j is below 1 exactly when some probability remains at j
-            return probs_SK > 0, probs_SK[:, -1] > 0
-        # float64 prefix sums: the decision must not hinge on fp32 rounding of the sum
-        inclusive_SK = probs_SK.to(torch.float64).cumsum(dim=-1)
-        # the mass of the strictly better experts; -inf before the first, which every rule
-        # keeps (a pad: indexed assignments are costly per-call ops at decode sizes)
-        before_SK = F.pad(inclusive_SK[:, :-1], (1, 0), value=-math.inf)
-        return self.keeps(before_SK), self.keeps(inclusive_SK[:, -1])
 
     @torch.no_grad()
     def end_step(self) -> None:

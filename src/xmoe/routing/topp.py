@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from xmoe.registry import ROUTERS
 from xmoe.routing.threshold import ThresholdOptions, ThresholdRouter
 
@@ -31,6 +29,4 @@ class TopPRouter(ThresholdRouter):
     (``threshold``: ``MoEConfig.threshold`` at construction, then ``set_threshold``)."""
 
     Options = TopPOptions
-
-    def keeps(self, mass_before: torch.Tensor) -> torch.Tensor:
-        return mass_before <= self.threshold
+    at_most = True
