@@ -223,3 +223,51 @@ def test_no_import_cycles():
             units.setdefault(unit(module), set()).add(unit(target))
     assert cycles(graph) == [], "module import cycles"
     assert cycles(units) == [], "unit import cycles"
+
+
+MAX_POSITIONAL_TENSORS = 6
+"""The most tensors a function may take positionally; more go into a named object (as
+``ExpertWeights``), so that no caller can pass them in the wrong order."""
+
+_TENSOR_TYPES = {"torch.Tensor", "Tensor", "torch.LongTensor", "torch.FloatTensor"}
+
+
+def is_tensor_annotation(annotation: ast.expr | None) -> bool:
+    """Whether a parameter's annotation is a tensor: ``torch.Tensor`` or ``Tensor`` (or one of
+    torch's typed tensor aliases), alone or ``| None`` / ``Optional[...]``, quoted or not."""
+    if annotation is None:
+        return False
+    text = ast.unparse(annotation).replace(" ", "").strip("'\"")
+    if text.startswith("Optional[") and text.endswith("]"):
+        text = text[len("Optional[") : -1]
+    types = set(text.split("|")) - {"None"}
+    return bool(types) and types <= _TENSOR_TYPES
+
+
+def positional_tensor_counts(source: str) -> Iterator[tuple[str, int, int]]:
+    """``(function, line, count)`` for every function in ``source``: how many of its
+    positional parameters are annotated as tensors."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            positional = [*node.args.posonlyargs, *node.args.args]
+            count = sum(is_tensor_annotation(arg.annotation) for arg in positional)
+            yield node.name, node.lineno, count
+
+
+def test_the_tensor_counter_reads_annotations():
+    """A positive control: each tensor annotation form counts; keyword-only ones do not."""
+    source = (
+        "def f(self, a: torch.Tensor, b: Tensor | None, c: 'torch.Tensor', d: Optional[Tensor],\n"
+        "      e: torch.LongTensor, n: int, t: tuple[torch.Tensor], *, k: torch.Tensor): ...\n"
+    )
+    assert list(positional_tensor_counts(source)) == [("f", 1, 5)]
+
+
+def test_no_function_takes_more_than_six_positional_tensors():
+    wrong = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} {name} takes {count} positional tensors"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name, line, count in positional_tensor_counts(path.read_text())
+        if count > MAX_POSITIONAL_TENSORS
+    ]
+    assert not wrong, f"more than {MAX_POSITIONAL_TENSORS} positional tensors:\n" + "\n".join(wrong)
