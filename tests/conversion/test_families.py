@@ -28,6 +28,7 @@ from xmoe.conversion import (
     sparse_mlps,
     sparsify,
 )
+from xmoe.conversion.architecture import layer_mlps
 from xmoe.registry import FAMILIES
 
 from helpers import register_for_test
@@ -101,6 +102,9 @@ def test_a_registered_family_sparsifies_saves_and_loads(monkeypatch, tmp_path):
     dense = tiny_toy()
     sparse = sparsify(dense, 8, "clustered", ids(1), active_fraction=1.0, router_steps=5)
     assert type(sparse).__name__ == "SparseToyForCausalLM" and len(sparse_mlps(sparse)) == 2
+    # the eval code reaches both models' MLPs through the entry
+    assert layer_mlps(sparse) == sparse_mlps(sparse)
+    assert [type(mlp) for mlp in layer_mlps(dense)] == [FusedMLP, FusedMLP]
     # every expert selected is the dense model: the accessor's weights, permuted, are exact
     torch.testing.assert_close(logits(sparse, ids(2)), logits(dense, ids(2)), rtol=0, atol=1e-12)
 
