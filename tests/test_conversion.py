@@ -1,9 +1,11 @@
-"""Dense -> sparse conversion (xmoe.conversion) on tiny random Llama / Qwen2 models."""
+"""Dense -> sparse conversion (xmoe.conversion) on tiny random models of every registered family
+(``xmoe.registry.FAMILIES``: Llama, Mistral, Qwen2)."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from xmoe.cli.main import main
 from xmoe.config import ConfigError
@@ -27,12 +29,14 @@ from xmoe.conversion import (
     set_active_fraction,
     set_router,
     set_threshold,
+    sparse_classes,
     sparse_mlps,
     sparsify,
 )
 from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
 from xmoe.conversion.partition import balanced_kmeans, captured_mass, neuron_activations
 from xmoe.conversion.router_training import router_loss, train_router
+from xmoe.registry import FAMILIES
 
 VOCAB, HIDDEN, FFN = 64, 32, 64
 
@@ -52,6 +56,13 @@ def tiny_llama(dtype: torch.dtype = torch.float64, **changes) -> LlamaForCausalL
     return LlamaForCausalLM(LlamaConfig(**(TINY | changes))).to(dtype).eval()
 
 
+def tiny_model(family: str, dtype: torch.dtype = torch.float64, **changes):
+    """A tiny random dense model of a registered family (its classes from the entry)."""
+    entry = FAMILIES[family]
+    torch.manual_seed(0)
+    return entry.model_cls(entry.config_cls(**(TINY | changes))).to(dtype).eval()
+
+
 def token_ids(batch: int = 4, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -61,28 +72,22 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize(
     ("partition", "router"),
     [("contiguous", "learned"), ("clustered", "learned"), ("clustered", "oracle")],
 )
-def test_all_experts_selected_equals_dense(partition, router):
-    dense = tiny_llama()
+def test_all_experts_selected_equals_dense(family, partition, router):
+    dense = tiny_model(family)
     ids = token_ids()
     sparse = sparsify(
         dense, 8, partition, token_ids(seed=2), router, active_fraction=1.0, router_steps=5
     )
+    assert type(sparse) is sparse_classes(family)[1]
+    assert type(sparse).__name__ == f"Sparse{type(dense).__name__}"  # SparseQwen2ForCausalLM
     torch.testing.assert_close(logits(sparse, ids), logits(dense, ids), rtol=0, atol=1e-12)
     assert experts_per_token(sparse) == 8.0
     set_threshold(sparse, 1.0)  # the mass rule at t=1 keeps every expert with mass
-    torch.testing.assert_close(logits(sparse, ids), logits(dense, ids), rtol=0, atol=1e-12)
-
-
-def test_qwen2_all_experts_selected_equals_dense():
-    torch.manual_seed(0)
-    dense = Qwen2ForCausalLM(Qwen2Config(**TINY)).double().eval()
-    ids = token_ids()
-    sparse = sparsify(dense, 16, calibration=ids, active_fraction=1.0, router_steps=5)
-    assert type(sparse).__name__ == "SparseQwen2ForCausalLM"
     torch.testing.assert_close(logits(sparse, ids), logits(dense, ids), rtol=0, atol=1e-12)
 
 
@@ -239,8 +244,9 @@ def test_older_separate_gate_up_state_dict_loads_equal():
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
-def test_save_load_round_trip_and_generate(tmp_path):
-    dense = tiny_llama(torch.float32, tie_word_embeddings=True)  # tied, as SmolLM2
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_load_round_trip_and_generate(tmp_path, family):
+    dense = tiny_model(family, torch.float32, tie_word_embeddings=True)  # tied, as SmolLM2
     ids = token_ids()
     sparse = sparsify(dense, 16, "clustered", ids, threshold=0.8, router_steps=20)
     assert sparse.lm_head.weight.data_ptr() == sparse.model.embed_tokens.weight.data_ptr()
@@ -312,8 +318,11 @@ def test_bad_arguments_raise_named_errors():
         sparsify(tiny_llama(hidden_act="gelu"), 8, router="oracle")
     with pytest.raises(UnsupportedModelError, match="biases"):
         sparsify(tiny_llama(mlp_bias=True), 8, router="oracle")
-    with pytest.raises(UnsupportedModelError, match="not supported"):
+    families = re.escape(str(list(FAMILIES)))
+    with pytest.raises(UnsupportedModelError, match=rf"^Linear .*not supported.*{families}$"):
         sparsify(torch.nn.Linear(4, 4), 8, router="oracle")
+    with pytest.raises(UnsupportedModelError, match="sparsified already"):
+        sparsify(sparse, 8, router="oracle")
 
 
 def test_cli_error_path(tmp_path, capsys):

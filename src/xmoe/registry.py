@@ -78,3 +78,10 @@ EXPERT_KINDS: Registry = Registry("expert kind", {"ffn": "xmoe.experts.ffn"})
 EXPERT_FFN: Registry = Registry("expert FFN", {"xmoe": "xmoe.experts.ffn_function"})
 """Fused expert FFN implementations by the name a config's ``expert_ffn`` field gives
 (``xmoe.experts.fused.ExpertFFN`` subclasses), as transformers' ``ExpertsInterface``."""
+
+FAMILIES: Registry = Registry(
+    "model family",
+    {name: "xmoe.conversion.families" for name in ("llama", "mistral", "qwen2")},
+)
+"""transformers causal-LM families that ``xmoe.conversion.sparsify`` converts, by the dense
+model's ``config.model_type`` (``xmoe.conversion.families.Family`` instances)."""

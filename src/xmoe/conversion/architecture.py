@@ -1,50 +1,62 @@
-"""Which transformers models can be sparsified, and how to reach their MLPs."""
+"""Which transformers models can be sparsified, and how to reach their MLPs: the families
+registered in ``xmoe.registry.FAMILIES`` (:mod:`xmoe.conversion.families`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-"""``config.model_type`` of the causal LMs whose decoder layers hold a bias-free SwiGLU
-``mlp`` (gate_proj, up_proj, down_proj, SiLU)."""
+from xmoe.registry import FAMILIES
+
+SPARSE_PREFIX = "xmoe_sparse_"
+"""A sparsified model's ``model_type`` is this prefix plus its family's (``xmoe_sparse_llama``):
+a fresh type keeps transformers from loading it as the dense model with missing MLP weights."""
 
 
 class UnsupportedModelError(ValueError):
     """The model is not a causal LM with the MLP layout ``sparsify`` converts."""
 
 
+def family_name(model: nn.Module) -> str:
+    """The ``FAMILIES`` key of ``model``: its ``config.model_type``, or for a sparsified model
+    the one it was converted from.
+
+    Raises:
+        UnsupportedModelError: naming the model and the registered families.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    name = model_type.removeprefix(SPARSE_PREFIX) if isinstance(model_type, str) else None
+    if name not in FAMILIES or not isinstance(model, FAMILIES[name].model_cls):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={model_type!r}) is not supported: sparsify "
+            f"converts the causal LMs of the registered families {list(FAMILIES)}"
+        )
+    return name
+
+
+def layer_mlps(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's MLP module of a supported model, dense or sparsified, in order."""
+    return FAMILIES[family_name(model)].mlps(model)
+
+
 def supported_mlps(model: nn.Module) -> tuple[str, list[nn.Module]]:
-    """``(model_type, [layer.mlp for each decoder layer])`` of a supported causal LM.
+    """``(family name, [MLP of each decoder layer])`` of a dense model ``sparsify`` converts.
 
     Raises:
         UnsupportedModelError: naming the model class and what is missing.
     """
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or not name.endswith("ForCausalLM"):
+    name = family_name(model)
+    cls = type(model).__name__
+    if model.config.model_type != name:
+        raise UnsupportedModelError(f"{cls} is sparsified already: sparsify a dense model")
+    hidden_act = getattr(model.config, "hidden_act", None)
+    if hidden_act != "silu":
         raise UnsupportedModelError(
-            f"{name} (model_type={model_type!r}) is not supported: sparsify converts "
-            f"*ForCausalLM models of model_type {list(SUPPORTED_MODEL_TYPES)}"
+            f"{cls}: hidden_act={hidden_act!r}, sparsify needs 'silu' (SwiGLU)"
         )
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(f"{name} has no model.layers to convert")
-    mlps = []
-    for index, layer in enumerate(layers):
-        mlp = getattr(layer, "mlp", None)
-        projections = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(p, nn.Linear) for p in projections):
-            raise UnsupportedModelError(
-                f"{name} layer {index}: mlp {type(mlp).__name__} lacks nn.Linear "
-                "gate_proj/up_proj/down_proj (a SwiGLU MLP)"
-            )
-        if any(p.bias is not None for p in projections):
-            raise UnsupportedModelError(f"{name} layer {index}: MLP biases are not supported")
-        if getattr(config, "hidden_act", None) != "silu":
-            raise UnsupportedModelError(
-                f"{name}: hidden_act={getattr(config, 'hidden_act', None)!r}, sparsify needs "
-                "'silu' (SwiGLU)"
-            )
-        mlps.append(mlp)
-    return model_type, mlps
+    mlps = layer_mlps(model)
+    for index, mlp in enumerate(mlps):
+        try:
+            FAMILIES[name].dense_weights(mlp)
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"{cls} layer {index}: {error}") from None
+    return name, mlps

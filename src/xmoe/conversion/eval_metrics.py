@@ -18,15 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xmoe import flops
+from xmoe.conversion.architecture import layer_mlps
 from xmoe.conversion.eval_data import DOMAINS
 from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.sparsify import sparse_mlps
 from xmoe.routing.stats import layer_mean
-
-
-def layer_mlps(model: nn.Module) -> list[nn.Module]:
-    """Each decoder layer's MLP module (dense or sparse), in layer order."""
-    return [layer.mlp for layer in model.model.layers]
 
 
 @torch.no_grad()
@@ -148,4 +144,4 @@ def time_side_by_side(dense: nn.Module, sparse: nn.Module, ids_BT: torch.Tensor,
     }
 
 
-__all__ = ["layer_mlps", "measure_quality", "time_side_by_side"]
+__all__ = ["measure_quality", "time_side_by_side"]

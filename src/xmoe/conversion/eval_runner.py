@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmoe.conversion.architecture import layer_mlps
 from xmoe.conversion.eval_data import load_or_build_data
-from xmoe.conversion.eval_metrics import layer_mlps, measure_quality, time_side_by_side
+from xmoe.conversion.eval_metrics import measure_quality, time_side_by_side
 from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.recovery import recover
 from xmoe.conversion.sparsify import (

@@ -1,26 +1,31 @@
 """Transformers classes of sparsified models: save_pretrained / from_pretrained round trips.
 
-A sparsified Llama is its own ``model_type`` (``xmoe_sparse_llama``; Qwen2:
-``xmoe_sparse_qwen2``): the config is the base config plus ``xmoe_sparsify`` (the
-:class:`~xmoe.conversion.SparsifyConfig` fields), and the model class is the base class whose
-decoder layers' MLPs are :class:`~xmoe.conversion.SparseMLP`. A fresh ``model_type`` keeps
-``AutoModelForCausalLM`` from silently loading the directory as a dense Llama with missing
-MLP weights.
+A sparsified model of each family in ``xmoe.registry.FAMILIES`` is its own ``model_type``
+(``xmoe_sparse_llama``, ``xmoe_sparse_qwen2``, ...): the config is the base config plus
+``xmoe_sparsify`` (the :class:`~xmoe.conversion.SparsifyConfig` fields), and the model class is
+the base class whose MLPs are :class:`~xmoe.conversion.SparseMLP`; :func:`sparse_classes` makes
+both from the family's entry. A fresh ``model_type`` keeps ``AutoModelForCausalLM`` from silently
+loading the directory as a dense model with missing MLP weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from torch import nn
 
 from xmoe.config import ConfigError
+from xmoe.conversion.architecture import SPARSE_PREFIX
 from xmoe.conversion.config import SparsifyConfig
+from xmoe.conversion.families import Family
 from xmoe.conversion.sparse_mlp import SparseMLP
 from xmoe.hf.verified import VerifiedWeightsMixin
+from xmoe.registry import FAMILIES
 
 SETTINGS_KEY = "xmoe_sparsify"
 """Config attribute holding the conversion settings (a dict of SparsifyConfig fields)."""
@@ -33,15 +38,6 @@ WEIGHT_CONFIG_FIELDS = frozenset(
 )
 """config.json fields that decide how a sparsified model's weights are read (a change refuses
 the load; the selection rule, router and combine may change with a warning)."""
-
-
-def install_sparse_mlps(model: Any, config: Any) -> None:
-    """Replace every decoder layer's MLP of ``model`` by an (uninitialised) SparseMLP built
-    from ``config.xmoe_sparsify``."""
-    settings = SparsifyConfig.from_dict(getattr(config, SETTINGS_KEY))
-    num_experts = settings.num_experts(config.intermediate_size)
-    for layer in model.model.layers:
-        layer.mlp = SparseMLP(config.hidden_size, settings, num_experts)
 
 
 class SavesModuleSettingsMixin:
@@ -59,55 +55,63 @@ class SavesModuleSettingsMixin:
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-class SparseLlamaConfig(LlamaConfig):
-    """A :class:`~transformers.LlamaConfig` with ``xmoe_sparsify`` (the conversion settings)."""
-
-    model_type = "xmoe_sparse_llama"
-
-
-class SparseLlamaForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, LlamaForCausalLM):
-    """``LlamaForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`; its weights and
-    config are verified on load (:class:`~xmoe.hf.verified.VerifiedWeightsMixin`) and its
-    settings saved from the modules (:class:`SavesModuleSettingsMixin`)."""
-
-    config_class = SparseLlamaConfig
-    weight_config_fields = WEIGHT_CONFIG_FIELDS
-
-    def __init__(self, config: SparseLlamaConfig) -> None:
-        super().__init__(config)
-        install_sparse_mlps(self, config)
+def _replace_mlps(model: Any, family: Family, make: Callable[[], nn.Module]) -> None:
+    """Put ``make()`` wherever ``family.mlps(model)`` finds an MLP (found by identity, so the
+    family says where its MLPs are and nothing here assumes an attribute name)."""
+    targets = {id(mlp) for mlp in family.mlps(model)}
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if id(child) in targets:
+                setattr(parent, child_name, make())
 
 
-class SparseQwen2Config(Qwen2Config):
-    """A :class:`~transformers.Qwen2Config` with ``xmoe_sparsify``."""
+@cache
+def _sparse_classes(name: str, family: Family) -> tuple[type, type]:
+    """Made once per entry (keyed by the entry too, so a re-registered name gets new classes):
+    transformers' registration and ``isinstance`` need the same classes every time."""
 
-    model_type = "xmoe_sparse_qwen2"
+    class SparseConfig(family.config_cls):
+        model_type = f"{SPARSE_PREFIX}{name}"
+
+    class SparseForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, family.model_cls):
+        config_class = SparseConfig
+        weight_config_fields = WEIGHT_CONFIG_FIELDS
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            settings = SparsifyConfig.from_dict(getattr(config, SETTINGS_KEY))
+            num_experts = settings.num_experts(config.intermediate_size)
+            width = config.hidden_size
+            _replace_mlps(self, family, lambda: SparseMLP(width, settings, num_experts))
+
+    for cls, base in ((SparseConfig, family.config_cls), (SparseForCausalLM, family.model_cls)):
+        cls.__name__ = cls.__qualname__ = f"Sparse{base.__name__}"  # as save_pretrained records
+        cls.__doc__ = f"``{base.__name__}`` whose MLPs are SparseMLPs (``{SETTINGS_KEY}``)."
+    return SparseConfig, SparseForCausalLM
 
 
-class SparseQwen2ForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, Qwen2ForCausalLM):
-    """``Qwen2ForCausalLM`` whose MLPs are :class:`~xmoe.conversion.SparseMLP`, verified on load."""
+def sparse_classes(name: str) -> tuple[type, type]:
+    """(sparse config class, sparse model class) of the family ``name`` (``"llama"`` gives
+    ``SparseLlamaConfig``, ``SparseLlamaForCausalLM``): subclasses of the family's classes with
+    ``model_type`` ``xmoe_sparse_<name>`` and ``xmoe_sparsify`` in the config, whose MLPs are
+    :class:`~xmoe.conversion.SparseMLP`; weights and config are verified on load
+    (:class:`~xmoe.hf.verified.VerifiedWeightsMixin`) and settings saved from the modules
+    (:class:`SavesModuleSettingsMixin`).
 
-    config_class = SparseQwen2Config
-    weight_config_fields = WEIGHT_CONFIG_FIELDS
-
-    def __init__(self, config: SparseQwen2Config) -> None:
-        super().__init__(config)
-        install_sparse_mlps(self, config)
-
-
-SPARSE_CLASSES: dict[str, tuple[type, type]] = {
-    "llama": (SparseLlamaConfig, SparseLlamaForCausalLM),
-    "qwen2": (SparseQwen2Config, SparseQwen2ForCausalLM),
-}
-"""Base ``model_type`` -> (sparse config class, sparse model class)."""
+    Raises:
+        KeyError: ``name`` is not in ``FAMILIES``, listing those that are.
+    """
+    return _sparse_classes(name, FAMILIES[name])
 
 
 def register() -> None:
-    """Register the sparse model types with ``AutoConfig`` / ``AutoModelForCausalLM``
-    (idempotent), so ``AutoModelForCausalLM.from_pretrained`` loads a sparsified directory."""
+    """Register the sparse model types of every family with ``AutoConfig`` /
+    ``AutoModelForCausalLM`` (idempotent), so ``AutoModelForCausalLM.from_pretrained`` loads a
+    sparsified directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for config_cls, model_cls in SPARSE_CLASSES.values():
+    for name in FAMILIES:
+        config_cls, model_cls = sparse_classes(name)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
@@ -126,10 +130,10 @@ def load_sparsified(directory: str | os.PathLike[str], **kwargs: Any):
     if not path.is_file():
         raise ValueError(f"{directory} holds no config.json: not a saved model directory")
     model_type = json.loads(path.read_text()).get("model_type")
-    by_type = {cfg.model_type: model_cls for cfg, model_cls in SPARSE_CLASSES.values()}
-    if model_type not in by_type:
+    name = model_type.removeprefix(SPARSE_PREFIX) if isinstance(model_type, str) else None
+    if model_type == name or name not in FAMILIES:
         raise ValueError(
             f"{directory} holds model_type={model_type!r}, not a sparsified model "
-            f"({sorted(by_type)})"
+            f"({[SPARSE_PREFIX + known for known in FAMILIES]})"
         )
-    return by_type[model_type].from_pretrained(directory, **kwargs)
+    return sparse_classes(name)[1].from_pretrained(directory, **kwargs)

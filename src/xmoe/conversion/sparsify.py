@@ -1,4 +1,5 @@
-"""sparsify: a dense Llama/Qwen2 causal LM -> the same model with neuron-group MoE MLPs.
+"""sparsify: a dense causal LM of a registered family (``xmoe.registry.FAMILIES``: Llama,
+Mistral, Qwen2, ...) -> the same model with neuron-group MoE MLPs.
 
 Shape legend: I FFN width, D hidden size, E experts, H = expert_size, S calibration tokens.
 """
@@ -17,20 +18,21 @@ from xmoe.conversion.architecture import supported_mlps
 from xmoe.conversion.calibration import collect_mlp_inputs
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
-from xmoe.conversion.modeling import SETTINGS_KEY, SPARSE_CLASSES
+from xmoe.conversion.families import DenseWeights
+from xmoe.conversion.modeling import SETTINGS_KEY, sparse_classes
 from xmoe.conversion.partition import clustered_partition, contiguous_partition
 from xmoe.conversion.router_training import train_router
 from xmoe.conversion.sparse_mlp import SparseMLP
+from xmoe.registry import FAMILIES
 from xmoe.routing.stats import layer_mean
 
 
 def _expert_weights(
-    mlp: nn.Module, perm_I: torch.Tensor, expert_size: int
+    dense: DenseWeights, perm_I: torch.Tensor, expert_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dense MLP's weights, neurons permuted, as (E, D, H) gate and up, (E, H, D) down."""
-    gate_ID = mlp.gate_proj.weight.detach()[perm_I]
-    up_ID = mlp.up_proj.weight.detach()[perm_I]
-    down_DI = mlp.down_proj.weight.detach()[:, perm_I]
+    gate_ID, up_ID, down_DI = dense
+    gate_ID, up_ID, down_DI = gate_ID[perm_I], up_ID[perm_I], down_DI[:, perm_I]
     d_model = gate_ID.shape[1]
     w_gate = gate_ID.view(-1, expert_size, d_model).transpose(1, 2).contiguous()
     w_up = up_ID.view(-1, expert_size, d_model).transpose(1, 2).contiguous()
@@ -58,7 +60,7 @@ def sparsify(
     mlp_inputs: list[torch.Tensor] | None = None,
     **options: Any,
 ) -> nn.Module:
-    """Convert a dense Llama/Qwen2 causal LM into one whose MLPs are unweighted neuron-group
+    """Convert a dense causal LM into one whose MLPs are unweighted neuron-group
     MoEs (MoEfication / XMoE-on-dense). The input model is left unchanged.
 
     Per decoder layer: partition the I neurons into E = I / H experts of H neurons
@@ -67,7 +69,8 @@ def sparsify(
     output norm on the calibration MLP inputs (:mod:`xmoe.conversion.router_training`).
 
     Args:
-        model: a transformers ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` with SwiGLU MLPs.
+        model: a causal LM of a family in ``xmoe.registry.FAMILIES`` (transformers'
+            ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``) with SwiGLU MLPs.
         expert_size: H, neurons per expert; must divide ``intermediate_size``.
         partition: ``"contiguous"`` or ``"clustered"``.
         calibration: (B, T) int64 token ids; needed by the clustered partition and the learned
@@ -84,9 +87,10 @@ def sparsify(
             ``cluster_iters``, ``cluster_tokens``, ``seed``).
 
     Returns:
-        a ``SparseLlamaForCausalLM`` / ``SparseQwen2ForCausalLM`` in ``eval`` mode, on the
-        input's device and dtype; ``model.config.xmoe_sparsify`` records the settings it was
-        built with (``save_pretrained`` writes the ones its SparseMLPs hold then).
+        the family's sparse class (``SparseLlamaForCausalLM`` for a Llama, see
+        :func:`~xmoe.conversion.modeling.sparse_classes`) in ``eval`` mode, on the input's device
+        and dtype; ``model.config.xmoe_sparsify`` records the settings it was built with
+        (``save_pretrained`` writes the ones its SparseMLPs hold then).
 
     Raises:
         UnsupportedModelError: the model is not a supported architecture.
@@ -103,7 +107,8 @@ def sparsify(
         threshold=threshold,
         **options,
     )
-    model_type, mlps = supported_mlps(model)
+    name, mlps = supported_mlps(model)
+    family = FAMILIES[name]
     settings.num_experts(model.config.intermediate_size)  # fail before calibrating
     needs_data = settings.partition == "clustered" or settings.router == "learned"
     if needs_data and calibration is None and mlp_inputs is None:
@@ -117,34 +122,36 @@ def sparsify(
     if needs_data and inputs is None:
         inputs = collect_mlp_inputs(model, mlps, calibration, batch_size, progress)
 
-    config_cls, model_cls = SPARSE_CLASSES[model_type]
+    config_cls, model_cls = sparse_classes(name)
     values = model.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", SETTINGS_KEY):
         values.pop(key, None)
     config = config_cls(**values, **{SETTINGS_KEY: settings.to_dict()})
     parameter = next(model.parameters())
     sparse = model_cls(config).to(device=parameter.device, dtype=parameter.dtype)
-    state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
+    # every weight but the MLPs' (found where the family puts them), which are converted below
+    names = {id(module): prefix for prefix, module in model.named_modules()}
+    mlp_prefixes = tuple(f"{names[id(mlp)]}." for mlp in mlps)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(mlp_prefixes)}
     missing, unexpected = sparse.load_state_dict(state, strict=False)
-    if unexpected or any(".mlp." not in key for key in missing):
+    if unexpected or not all(key.startswith(mlp_prefixes) for key in missing):
         raise RuntimeError(f"state mismatch: missing {missing}, unexpected {unexpected}")
     sparse.generation_config = copy.deepcopy(model.generation_config)
 
     layers = tqdm(mlps, desc="layers", disable=not progress)
-    for index, (dense_mlp, layer) in enumerate(zip(layers, sparse.model.layers, strict=True)):
-        sparse_mlp: SparseMLP = layer.mlp
+    for index, (dense_mlp, sparse_mlp) in enumerate(zip(layers, family.mlps(sparse), strict=True)):
+        dense = family.dense_weights(dense_mlp)  # (gate_ID, up_ID, down_DI)
         if settings.partition == "clustered":
             perm_I = clustered_partition(
                 _spaced(inputs[index], settings.cluster_tokens),
-                dense_mlp.gate_proj.weight.detach(),
-                dense_mlp.up_proj.weight.detach(),
+                *dense[:2],
                 settings.expert_size,
                 settings.cluster_iters,
                 settings.seed,
             ).to(parameter.device)
         else:
             perm_I = contiguous_partition(model.config.intermediate_size).to(parameter.device)
-        w_gate, w_up, w_down = _expert_weights(dense_mlp, perm_I, settings.expert_size)
+        w_gate, w_up, w_down = _expert_weights(dense, perm_I, settings.expert_size)
         with torch.no_grad():
             sparse_mlp.w_gate.copy_(w_gate)
             sparse_mlp.w_up.copy_(w_up)
