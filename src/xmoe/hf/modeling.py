@@ -94,18 +94,20 @@ class XMoEPreTrainedModel(VerifiedWeightsMixin, PreTrainedModel):
     # dropout, ...: settings of how the model runs) load with a warning naming them
     weight_config_fields: ClassVar[frozenset[str]] = frozenset(
         {"model_type", "vocab_size", "d_model", "num_layers", "num_heads", "d_ff"}
-        | {"dense_activation", "moe_every", "rope_theta", "norm_eps", "tie_embeddings"}
-        | {"tie_word_embeddings", "moe.d_model", "moe.num_experts", "moe.d_expert"}
+        | {"dense_activation", "moe_every", "rope_theta", "norm_eps", "tie_word_embeddings"}
+        | {"moe.d_model", "moe.num_experts", "moe.d_expert"}
         | {"moe.router", "moe.router_options", "moe.activation", "moe.bias"}
     )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save with ``config.moe`` taken from what the MoE layers hold now (a threshold set
         since loading is saved and reloads as it runs), not from the config they were built
-        from."""
+        from; likewise ``tie_word_embeddings`` from whether the model has its own output
+        projection."""
         lm = next(m for m in self.modules() if isinstance(m, TransformerLM))
         moe = lm.live_config().moe  # raises ConfigError if the layers disagree
         self.config.moe = None if moe is None else moe.to_dict()
+        self.config.tie_word_embeddings = lm.lm_head is None
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
