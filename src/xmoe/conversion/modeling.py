@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from xmoe.config import ConfigError
 from xmoe.conversion.config import SparsifyConfig
-from xmoe.conversion.sparse_mlp import SparseMLP
+from xmoe.conversion.sparse_mlp import SEPARATE_UP_KEY, SparseMLP
 from xmoe.hf.verified import VerifiedWeightsMixin
 
 SETTINGS_KEY = "xmoe_sparsify"
@@ -72,6 +72,7 @@ class SparseLlamaForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, Lla
 
     config_class = SparseLlamaConfig
     weight_config_fields = WEIGHT_CONFIG_FIELDS
+    separate_up_key = SEPARATE_UP_KEY
 
     def __init__(self, config: SparseLlamaConfig) -> None:
         super().__init__(config)
@@ -89,6 +90,7 @@ class SparseQwen2ForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, Qwe
 
     config_class = SparseQwen2Config
     weight_config_fields = WEIGHT_CONFIG_FIELDS
+    separate_up_key = SEPARATE_UP_KEY
 
     def __init__(self, config: SparseQwen2Config) -> None:
         super().__init__(config)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,12 +26,11 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel, TrainerCallback
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from xmoe.experts.ffn import has_separate_up, upgrade_separate_up_
+from xmoe.experts.ffn import SEPARATE_UP_KEY
 from xmoe.hf.configuration import XMoEConfig
-from xmoe.hf.verified import VerifiedWeightsMixin, opted_out, weight_files
+from xmoe.hf.verified import VerifiedWeightsMixin
 from xmoe.models.attention import check_padding_mask
 from xmoe.models.transformer import TransformerLM
-from xmoe.storage import read_verified
 
 
 @dataclass
@@ -98,6 +96,7 @@ class XMoEPreTrainedModel(VerifiedWeightsMixin, PreTrainedModel):
         | {"moe.d_model", "moe.num_experts", "moe.d_expert"}
         | {"moe.router", "moe.router_options", "moe.activation", "moe.bias"}
     )
+    separate_up_key = SEPARATE_UP_KEY
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save with ``config.moe`` taken from what the MoE layers hold now (a threshold set
@@ -124,25 +123,6 @@ class XMoEPreTrainedModel(VerifiedWeightsMixin, PreTrainedModel):
                 '"sdpa" or "eager"'
             )
         return name
-
-    @classmethod
-    def prepare_local_load(
-        cls, directory: Path, args: tuple, kwargs: dict[str, Any]
-    ) -> tuple[tuple, dict[str, Any]]:
-        """Verify the directory; one saved before gated experts stored their gate and up
-        projections as one ``w1`` (a separate ``experts.w3``) loads into the fused layout,
-        equal in value."""
-        names = cls.verify_directory(directory, strict=not opted_out(kwargs))
-        if has_separate_up(names) and "state_dict" not in kwargs:
-            weights = {}
-            for path in weight_files(directory):
-                weights |= read_verified(path, require_digests=False)[0]
-            upgrade_separate_up_(weights)
-            kwargs.pop("pretrained_model_name_or_path", None)
-            kwargs.setdefault("config", cls.config_class.from_pretrained(directory))
-            args = (None, *args[1:])
-            kwargs["state_dict"] = weights
-        return args, kwargs
 
 
 def _positions_from_mask(
