@@ -22,8 +22,9 @@ class XMoEConfig(PretrainedConfig):
 
     ``tie_word_embeddings`` owns the tie setting (what transformers reads and
     ``save_pretrained`` writes); ``tie_embeddings`` is another name for the same attribute, so a
-    value set later under either name (transformers' ``from_pretrained(...,
-    tie_word_embeddings=False)``) wins. Given both at construction, they must agree.
+    value set later under either name (``XMoEConfig.from_pretrained(directory,
+    tie_word_embeddings=False)``, or the attribute set) wins. Given both at construction, they
+    must agree.
     ``use_cache`` (default True): forward returns the key/value cache.
     ``output_router_logits`` (default False): forward returns each MoE layer's router logits.
     """
