@@ -244,6 +244,24 @@ def test_damaged_optimizer_state_stops_resume_saying_how_to_continue(
     assert state.meta["step"] == 9 and state.optimizer_state is not None
 
 
+def test_a_run_of_the_pre_fusion_expert_layout_is_refused_in_one_line(
+    run_with_export, tmp_path, capsys
+):
+    """Gated experts saved before 0.1.0 held their up projection apart (``experts.w3``)."""
+    run = _copy_run(run_with_export, tmp_path / "run")
+    checkpoint = load_checkpoint(run)
+    w1 = next(k for k in checkpoint.model_state if k.endswith("experts.w1"))
+    checkpoint.model_state[w1[: -len("w1")] + "w3"] = checkpoint.model_state[w1].clone()
+    for _ in range(2):  # the latest and, through the save's link, the previous checkpoint
+        save_checkpoint(run / CHECKPOINT_NAME, checkpoint)
+    with pytest.raises(CheckpointError, match=r"pre-0\.1\.0 layout \(separate up tensor"):
+        load_checkpoint(run / PREVIOUS_NAME, fallback=False)
+    assert main(["eval", str(run), "--no-progress", "--batches", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"xmoe: error: {run / CHECKPOINT_NAME}: expert weights in the pre-0.1.0")
+    assert err.count("\n") == 1 and "re-train or re-export with this version" in err
+
+
 # --- item 7: silent states ----------------------------------------------------------------------
 
 

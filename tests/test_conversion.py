@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from xmoe.cli.main import main
@@ -229,19 +230,28 @@ def test_sparse_module_matches_per_token_loop(rule):
         assert sizes.min() < sizes.max()  # the mass rule is adaptive per token
 
 
-def test_older_separate_gate_up_state_dict_loads_equal():
-    settings = SparsifyConfig(expert_size=4, active_fraction=0.5)
-    source = SparseMLP(12, settings, num_experts=8).double()
-    with torch.no_grad():
-        for p in source.parameters():
-            p.normal_()
-    old = {k: v.clone() for k, v in source.state_dict().items() if k != "w_gate_up"}
-    old |= {"w_gate": source.w_gate.detach().clone(), "w_up": source.w_up.detach().clone()}
-    target = SparseMLP(12, settings, num_experts=8).double()
-    target.load_state_dict(old)
-    x = torch.randn(5, 12, dtype=torch.float64)
-    assert torch.equal(target.w_gate_up, source.w_gate_up)
-    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+def test_older_separate_gate_up_layout_is_refused(tmp_path):
+    """Saved before 0.1.0, when gate and up were separate ``w_gate`` / ``w_up`` tensors."""
+    sparse = sparsify(tiny_llama(), 8, router="oracle", threshold=0.7, active_fraction=None)
+    sparse.save_pretrained(tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    old = {}
+    for key, value in load_file(path).items():
+        if key.endswith("mlp.w_gate_up"):
+            prefix = key[: -len("w_gate_up")]
+            old[prefix + "w_gate"], old[prefix + "w_up"] = (
+                t.contiguous() for t in value.chunk(2, dim=-1)
+            )
+        else:
+            old[key] = value
+    save_file(old, path, metadata={"format": "pt"})
+    refused = pytest.raises(ValueError, match=r"pre-0\.1\.0 layout \(separate up tensor 'model")
+    with pytest.warns(UserWarning, match="loaded unverified"), refused:
+        load_sparsified(tmp_path)
+    prefix = "model.layers.0.mlp."
+    mlp_state = {k.removeprefix(prefix): v for k, v in old.items() if k.startswith(prefix)}
+    with pytest.raises(RuntimeError, match="w_up"):
+        sparse_mlps(sparse)[0].load_state_dict(mlp_state)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

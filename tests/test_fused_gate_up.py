@@ -1,6 +1,6 @@
 """Gated experts store gate and up side by side in ``w1`` and run them as one matmul: the
-activation's explicit backward, the matmul count, and checkpoints of the older layout (a
-separate ``w3``) loading unchanged in value."""
+activation's explicit backward, the matmul count, and state dicts of the pre-0.1.0 layout (a
+separate ``w3``) refused, never loaded wrong."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from xmoe import MoEConfig, MoELayer
 from xmoe.dispatch.engines import LoopEngine
 from xmoe.experts import ExpertWeights, expert_ffn, ffn_over_plan
 from xmoe.experts.activations import ACTIVATION_FNS
-from xmoe.experts.ffn import upgrade_separate_up_
+from xmoe.experts.ffn import separate_up_error
 from xmoe.routing import route_pairs
 
 from helpers import make_layer
@@ -105,33 +105,18 @@ def _old_layout(state: dict, d_expert: int) -> dict:
     return old
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_older_layout_state_dict_loads_equal(bias):
-    config = MoEConfig(d_model=8, num_experts=4, d_expert=6, activation="swiglu", bias=bias)
-    source = make_layer(config, seed=1)
-    if bias:
-        with torch.no_grad():
-            source.experts.b1[..., 6:] = 0  # the older layout had no up-branch bias
-            source.experts.b1[..., :6].normal_()
-    old = _old_layout(source.state_dict(), 6)
-    assert "experts.w3" in old and old["experts.w1"].shape == (4, 8, 6)
-    target = make_layer(config, seed=2)
-    target.load_state_dict(old)
-    for key, value in source.state_dict().items():
-        assert torch.equal(target.state_dict()[key], value), key
-    x = torch.randn(5, 8, dtype=torch.float64)
-    torch.testing.assert_close(target(x).hidden_states, source(x).hidden_states, rtol=0, atol=0)
-
-
-def test_upgrade_whole_model_state_dict():
+def test_older_layout_state_dict_is_refused():
     config = MoEConfig(d_model=8, num_experts=4, d_expert=6, activation="swiglu")
     model = torch.nn.ModuleDict({"a": MoELayer(config), "b": MoELayer(config)})
     new = model.state_dict()
     old = _old_layout(new, 6)
-    assert upgrade_separate_up_(old)
-    assert old.keys() == new.keys()
-    assert all(torch.equal(old[k], new[k]) for k in new)
-    assert not upgrade_separate_up_(old)  # already fused: unchanged
+    assert separate_up_error(new, "model.safetensors") is None
+    assert separate_up_error(old, "model.safetensors") == (
+        "model.safetensors: expert weights in the pre-0.1.0 layout (separate up tensor "
+        "'a.experts.w3'; gate and up are now one tensor); re-train or re-export with this version"
+    )
+    with pytest.raises(RuntimeError, match=r"experts\.w3"):
+        model.load_state_dict(old)
 
 
 def test_expert_ffn_refuses_a_first_layer_of_the_wrong_width():

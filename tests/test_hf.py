@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -241,15 +242,11 @@ def test_trained_run_exports_to_auto_classes(tmp_path):
     assert tokenizer.eos_token == "<|endoftext|>"
 
 
-def test_directory_of_the_older_gated_layout_loads_equal(tmp_path):
-    """Saved before gate and up became one ``w1`` (a separate ``experts.w3``, gate-only bias)."""
+def test_directory_of_the_older_gated_layout_is_refused(tmp_path):
+    """Saved before 0.1.0, when gate and up were not yet one ``w1`` (a separate ``experts.w3``,
+    gate-only bias)."""
     moe = {"d_model": 32, "num_experts": 8, "d_expert": 16, "activation": "swiglu"}
-    model = _model(moe=moe)
-    for layer in model.model.lm.moe_layers:
-        with torch.no_grad():
-            layer.experts.b1[..., 16:] = 0
-            layer.experts.b1[..., :16].normal_()
-    model.save_pretrained(tmp_path)
+    _model(moe=moe).save_pretrained(tmp_path)
     (path,) = tmp_path.glob("*.safetensors")
     old = {}
     for key, value in load_file(path).items():
@@ -260,7 +257,8 @@ def test_directory_of_the_older_gated_layout_loads_equal(tmp_path):
         else:
             old[key] = value
     save_file(old, path, metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match="loaded unverified"):
-        loaded = XMoEForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, 60, (2, 9))
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    expected = f"{tmp_path}: expert weights in the pre-0.1.0 layout (separate up tensor "
+    expected += "'model.lm.blocks.1.ffn.experts.w3'"
+    refused = pytest.raises(ValueError, match=re.escape(expected))
+    with pytest.warns(UserWarning, match="loaded unverified"), refused:
+        XMoEForCausalLM.from_pretrained(tmp_path)

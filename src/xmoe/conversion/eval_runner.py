@@ -18,6 +18,7 @@ from xmoe.conversion.eval_data import load_or_build_data
 from xmoe.conversion.eval_metrics import measure_quality, time_side_by_side
 from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.recovery import recover
+from xmoe.conversion.sparse_mlp import SEPARATE_UP_KEY
 from xmoe.conversion.sparsify import (
     _reconfigure,
     set_active_fraction,
@@ -26,6 +27,7 @@ from xmoe.conversion.sparsify import (
     sparse_mlps,
     sparsify,
 )
+from xmoe.experts.ffn import separate_up_error
 from xmoe.storage import atomic_write_text, read_verified, save_verified
 
 
@@ -102,7 +104,10 @@ class Runner:
         tag = json.dumps(self.key, sort_keys=True)
         if path.is_file():
             tensors, meta, _ = read_verified(path)
-            if meta.get("key") == tag:
+            # a cache of the pre-0.1.0 layout is rebuilt: loaded, its up projections would be
+            # skipped (strict=False) and the model silently wrong
+            stale = separate_up_error(tensors, path, SEPARATE_UP_KEY) is not None
+            if meta.get("key") == tag and not stale:
                 model = sparsify(self.dense, size, "contiguous", router="oracle")
                 model.load_state_dict(tensors, strict=False)
                 _reconfigure(model, partition=partition, router="learned")

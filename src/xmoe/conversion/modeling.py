@@ -23,7 +23,7 @@ from xmoe.config import ConfigError
 from xmoe.conversion.architecture import SPARSE_PREFIX
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.families import Family
-from xmoe.conversion.sparse_mlp import SparseMLP
+from xmoe.conversion.sparse_mlp import SEPARATE_UP_KEY, SparseMLP
 from xmoe.hf.verified import VerifiedWeightsMixin
 from xmoe.registry import FAMILIES
 
@@ -76,6 +76,7 @@ def _sparse_classes(name: str, family: Family) -> tuple[type, type]:
     class SparseForCausalLM(SavesModuleSettingsMixin, VerifiedWeightsMixin, family.model_cls):
         config_class = SparseConfig
         weight_config_fields = WEIGHT_CONFIG_FIELDS
+        separate_up_key = SEPARATE_UP_KEY
 
         def __init__(self, config: Any) -> None:
             super().__init__(config)

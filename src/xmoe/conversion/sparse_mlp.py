@@ -15,12 +15,12 @@ from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
 from xmoe.conversion.selection import select_experts
 from xmoe.experts import ExpertWeights, expert_ffn
-from xmoe.experts.ffn import fuse_gate_up_
 from xmoe.routing import route_pairs, switch_balance_loss
 
-
-def _load_separate_gate_up(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    fuse_gate_up_(state_dict, prefix + "w_gate", prefix + "w_up", prefix + "w_gate_up")
+SEPARATE_UP_KEY = "mlp.w_up"
+"""How a sparsified MLP's up projection was named before 0.1.0, when it was stored apart from
+the gate (today both are ``w_gate_up``): weights of that layout are refused
+(:func:`~xmoe.experts.ffn.separate_up_error`)."""
 
 
 class SparseMLP(nn.Module):
@@ -42,7 +42,7 @@ class SparseMLP(nn.Module):
 
     Parameters: ``w_gate_up`` (E, D, 2H) (the gate and up projections side by side, one
     matmul; :attr:`w_gate` and :attr:`w_up` are its halves), ``w_down`` (E, H, D), ``router``
-    (E, D). State dicts with separate ``w_gate``/``w_up`` (the older layout) load unchanged.
+    (E, D).
     """
 
     def __init__(self, hidden_size: int, settings: SparsifyConfig, num_experts: int) -> None:
@@ -57,7 +57,6 @@ class SparseMLP(nn.Module):
         nn.init.zeros_(self.router.weight)
         self.experts_per_token: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
-        self.register_load_state_dict_pre_hook(_load_separate_gate_up)
 
     @property
     def w_gate(self) -> torch.Tensor:

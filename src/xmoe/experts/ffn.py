@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -12,44 +14,25 @@ from xmoe.experts.kind import ExpertKind
 from xmoe.experts.weights import ExpertWeights
 from xmoe.registry import EXPERT_KINDS
 
-_SEPARATE_UP = "experts.w3"  # the up projection's key in the older gated layout
+SEPARATE_UP_KEY = "experts.w3"
+"""How a state-dict name of gated experts ended when it held their up projection apart from the
+gate: the layout before 0.1.0 (today ``w1`` holds ``[gate | up]``), which is not loaded."""
 
 
-def fuse_gate_up_(state_dict: dict, gate_key: str, up_key: str, fused_key: str) -> None:
-    """In place: replace a state dict's separate (E, D, H) gate and up matrices by the one
-    (E, D, 2H) ``[gate | up]`` matrix that gated experts now store (a checkpoint written before
-    the two projections became one matmul). Does nothing when ``up_key`` is absent."""
-    if up_key not in state_dict or gate_key not in state_dict:
-        return
-    up = state_dict.pop(up_key)
-    state_dict[fused_key] = torch.cat([state_dict.pop(gate_key), up], dim=-1)
-
-
-def _fuse_experts_(state_dict: dict, prefix: str) -> None:
-    bias_key = prefix + "b1"
-    if prefix + "w3" in state_dict and bias_key in state_dict:
-        gate_bias = state_dict[bias_key]  # the older layout had no bias on the up branch
-        state_dict[bias_key] = torch.cat([gate_bias, torch.zeros_like(gate_bias)], dim=-1)
-    fuse_gate_up_(state_dict, prefix + "w1", prefix + "w3", prefix + "w1")
-
-
-def has_separate_up(state_dict: dict) -> bool:
-    """Whether a whole model's state dict holds gated experts of the older layout."""
-    return any(key.endswith(_SEPARATE_UP) for key in state_dict)
-
-
-def upgrade_separate_up_(state_dict: dict) -> bool:
-    """In place: every gated :class:`FFNExperts` of the older layout in a whole model's state
-    dict (keys ``...w1``, ``...w3``, ``...b1``) in today's fused layout, equal in value (the
-    up branch gets a zero bias). Returns whether any key changed."""
-    prefixes = [key[: -len("w3")] for key in state_dict if key.endswith(_SEPARATE_UP)]
-    for prefix in prefixes:
-        _fuse_experts_(state_dict, prefix)
-    return bool(prefixes)
-
-
-def _load_separate_up(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    _fuse_experts_(state_dict, prefix)
+def separate_up_error(
+    names: Iterable[str], source: object, up_key: str = SEPARATE_UP_KEY
+) -> str | None:
+    """The one-line error for weights read from ``source`` (a file or directory) whose tensor
+    ``names`` hold an up projection apart from its gate (a name ending with ``up_key``), or None
+    when none does. That layout lived three days before 0.1.0: such weights are refused rather
+    than upgraded, and never loaded wrong."""
+    key = next((name for name in sorted(names) if name.endswith(up_key)), None)
+    if key is None:
+        return None
+    return (
+        f"{source}: expert weights in the pre-0.1.0 layout (separate up tensor {key!r}; gate "
+        "and up are now one tensor); re-train or re-export with this version"
+    )
 
 
 @EXPERT_KINDS.register("ffn")
@@ -60,8 +43,7 @@ class FFNExperts(ExpertKind):
     ``b2`` (E, d_model) when ``bias``. F is ``d_expert`` for plain experts; for the gated
     ``swiglu`` expert ``(silu(x·gate) * (x·up))·w2`` it is ``2·d_expert``: ``w1[..., :d_expert]``
     is the gate, ``w1[..., d_expert:]`` the up projection, so both are one matmul (the layout of
-    transformers' ``gate_up_proj``, transposed). State dicts of the older layout (a separate
-    ``w3`` for the up projection, ``b1`` on the gate only) load unchanged in value.
+    transformers' ``gate_up_proj``, transposed).
 
     E is ``config.num_experts`` unless ``num_experts`` is given (a layer's shared experts).
     """
@@ -80,8 +62,6 @@ class FFNExperts(ExpertKind):
             (num_experts,), config.expert_flops, dtype=torch.int64, device="cpu"
         )
         self.reset_parameters()
-        if config.gated:
-            self.register_load_state_dict_pre_hook(_load_separate_up)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

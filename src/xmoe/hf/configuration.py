@@ -20,8 +20,12 @@ class XMoEConfig(PretrainedConfig):
     :class:`~xmoe.MoEConfig` fields, or None for a dense model) and validates them with the same
     rules at construction: a bad value raises :class:`xmoe.ConfigError` naming the field.
 
-    transformers' ``tie_word_embeddings`` is ``tie_embeddings`` (either name sets both; given
-    both, they must agree). ``use_cache`` (default True): forward returns the key/value cache.
+    ``tie_word_embeddings`` owns the tie setting (what transformers reads and
+    ``save_pretrained`` writes); ``tie_embeddings`` is another name for the same attribute, so a
+    value set later under either name (``XMoEConfig.from_pretrained(directory,
+    tie_word_embeddings=False)``, or the attribute set) wins. Given both at construction, they
+    must agree.
+    ``use_cache`` (default True): forward returns the key/value cache.
     ``output_router_logits`` (default False): forward returns each MoE layer's router logits.
     """
 
@@ -39,6 +43,7 @@ class XMoEConfig(PretrainedConfig):
         "num_attention_heads": "num_heads",
         "max_position_embeddings": "max_seq_len",
         "intermediate_size": "d_ff",
+        "tie_embeddings": "tie_word_embeddings",  # one owner under ModelConfig's name too
     }
 
     def __init__(
@@ -67,10 +72,9 @@ class XMoEConfig(PretrainedConfig):
             moe=MoEConfig.from_dict(moe) if moe is not None else None,
             **model_values,
         )
-        for field in _MODEL_FIELDS:
+        for field in _MODEL_FIELDS:  # tie_embeddings lands in tie_word_embeddings
             setattr(self, field.name, getattr(checked, field.name))
         self.moe = checked.moe.to_dict() if checked.moe is not None else None
-        kwargs["tie_word_embeddings"] = checked.tie_embeddings
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
         self.use_cache = use_cache
         self.output_router_logits = output_router_logits

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,12 +26,11 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel, TrainerCallback
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from xmoe.experts.ffn import has_separate_up, upgrade_separate_up_
+from xmoe.experts.ffn import SEPARATE_UP_KEY
 from xmoe.hf.configuration import XMoEConfig
-from xmoe.hf.verified import VerifiedWeightsMixin, opted_out, weight_files
+from xmoe.hf.verified import VerifiedWeightsMixin
 from xmoe.models.attention import check_padding_mask
 from xmoe.models.transformer import TransformerLM
-from xmoe.storage import read_verified
 
 
 @dataclass
@@ -94,18 +92,21 @@ class XMoEPreTrainedModel(VerifiedWeightsMixin, PreTrainedModel):
     # dropout, ...: settings of how the model runs) load with a warning naming them
     weight_config_fields: ClassVar[frozenset[str]] = frozenset(
         {"model_type", "vocab_size", "d_model", "num_layers", "num_heads", "d_ff"}
-        | {"dense_activation", "moe_every", "rope_theta", "norm_eps", "tie_embeddings"}
-        | {"tie_word_embeddings", "moe.d_model", "moe.num_experts", "moe.d_expert"}
+        | {"dense_activation", "moe_every", "rope_theta", "norm_eps", "tie_word_embeddings"}
+        | {"moe.d_model", "moe.num_experts", "moe.d_expert"}
         | {"moe.router", "moe.router_options", "moe.activation", "moe.bias"}
     )
+    separate_up_key = SEPARATE_UP_KEY
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save with ``config.moe`` taken from what the MoE layers hold now (a threshold set
         since loading is saved and reloads as it runs), not from the config they were built
-        from."""
+        from; likewise ``tie_word_embeddings`` from whether the model has its own output
+        projection."""
         lm = next(m for m in self.modules() if isinstance(m, TransformerLM))
         moe = lm.live_config().moe  # raises ConfigError if the layers disagree
         self.config.moe = None if moe is None else moe.to_dict()
+        self.config.tie_word_embeddings = lm.lm_head is None
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -122,25 +123,6 @@ class XMoEPreTrainedModel(VerifiedWeightsMixin, PreTrainedModel):
                 '"sdpa" or "eager"'
             )
         return name
-
-    @classmethod
-    def prepare_local_load(
-        cls, directory: Path, args: tuple, kwargs: dict[str, Any]
-    ) -> tuple[tuple, dict[str, Any]]:
-        """Verify the directory; one saved before gated experts stored their gate and up
-        projections as one ``w1`` (a separate ``experts.w3``) loads into the fused layout,
-        equal in value."""
-        names = cls.verify_directory(directory, strict=not opted_out(kwargs))
-        if has_separate_up(names) and "state_dict" not in kwargs:
-            weights = {}
-            for path in weight_files(directory):
-                weights |= read_verified(path, require_digests=False)[0]
-            upgrade_separate_up_(weights)
-            kwargs.pop("pretrained_model_name_or_path", None)
-            kwargs.setdefault("config", cls.config_class.from_pretrained(directory))
-            args = (None, *args[1:])
-            kwargs["state_dict"] = weights
-        return args, kwargs
 
 
 def _positions_from_mask(

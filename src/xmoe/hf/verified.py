@@ -12,7 +12,8 @@ checks both before transformers reads the files:
   otherwise (settings a user may mean to change, such as the routing threshold); with
   transformers' opt-outs (``ignore_mismatched_sizes``, ``output_loading_info``) every
   difference only warns;
-* missing, unexpected or mis-shaped weights are refused rather than initialised at random.
+* missing, unexpected or mis-shaped weights are refused rather than initialised at random, and
+  experts saved in the pre-0.1.0 layout (a separate up tensor) with an error saying so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from xmoe.experts.ffn import separate_up_error
 from xmoe.storage import DamagedFileError, is_weight_file, read_verified, save_verified
 
 CONFIG_KEY = "xmoe.config"
@@ -116,6 +118,11 @@ class VerifiedWeightsMixin:
     """``config.json`` fields (dotted for nested ones; a prefix covers its children) whose
     change makes the saved weights mean something else: a difference refuses the load."""
 
+    separate_up_key: ClassVar[str | None] = None
+    """How the name of an up projection stored apart from its gate ends (the pre-0.1.0 layout of
+    gated experts; see :func:`~xmoe.experts.ffn.separate_up_error`): such a directory is
+    refused."""
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, then each weight file rewritten (atomically) with
         a CRC-32 of every tensor and the ``config.json`` text in its metadata."""
@@ -148,6 +155,10 @@ class VerifiedWeightsMixin:
                 fields = cls.weight_config_fields
                 check_config_record(path, metadata[CONFIG_KEY], config_path, fields, strict)
                 config_checked = True
+        if cls.separate_up_key is not None:
+            error = separate_up_error(names, directory, cls.separate_up_key)
+            if error is not None:
+                raise ValueError(error)
         return names
 
     @classmethod

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from xmoe.experts.ffn import separate_up_error
 from xmoe.storage import (
     DamagedFileError,
     atomic_write,
@@ -238,6 +239,9 @@ def _load_verified(path: Path, parts: Collection[str]) -> Checkpoint:
         warnings.warn(f"{path} predates checkpoint digests: loaded unverified", stacklevel=3)
     meta = json.loads(metadata["meta"])
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    layout_error = separate_up_error(model_state, path)
+    if layout_error is not None:
+        raise CheckpointError(layout_error)
     rng_state = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     optim_info = meta.pop("optimizer", None)
     optimizer_state = None
