@@ -64,7 +64,10 @@ _ALL = {**_FAMILY, **ABLATIONS}
 PRESETS = (*_FAMILY, *ABLATIONS, "tiny")
 
 
-def _moe(model: dict, spec: tuple | None) -> MoEConfig | None:
+def preset_moe(name: str, model: dict) -> MoEConfig | None:
+    """The MoE layer of preset ``name`` (a family or ablation row; None for dense) for
+    ``model``'s d_model and d_ff, so that another model size can take the same routers."""
+    spec = _ALL[name]
     if spec is None:
         return None
     router, experts, divisor, top_k, gamma, options = spec
@@ -150,7 +153,7 @@ def preset(name: str) -> TrainConfig:
         raise ConfigError(f"preset={name!r} is invalid: preset must be one of {PRESETS}")
     model = dict(CORPUS_MODEL)
     return TrainConfig(
-        model=ModelConfig(**model, moe=_moe(model, _ALL[name])),
+        model=ModelConfig(**model, moe=preset_moe(name, model)),
         data="corpus",
         preset=name,
         **CORPUS_TRAINING,
