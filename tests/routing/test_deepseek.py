@@ -3,18 +3,22 @@ device-level balance losses, and the segmentation helper that keeps parameters e
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from xmoe import MoEConfig, MoELayer, flops
 from xmoe.config import ConfigError
 from xmoe.models import TransformerLM
+from xmoe.registry import ENGINES
 from xmoe.routing.deepseek import device_balance_loss, expert_balance_loss, expert_fraction
 from xmoe.routing.selection import Selection
 from xmoe.training.config import apply_overrides
 from xmoe.training.presets import fine_grained_shared, preset
 
-from helpers import assert_close_grads, make_layer, run_both
+from helpers import assert_close_grads, make_layer, run_both, use_host_reads
+from reference import layer_params, reference_forward
 
 BASE = {"d_model": 8, "num_experts": 8, "d_expert": 6}
 
@@ -46,6 +50,32 @@ def test_matches_per_token_reference(router, num_tokens, extra):
     assert set(out.aux_losses) == (
         {"balance", "device_balance"} if "router_options" in extra else {"balance"}
     )
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["host", "sync_free"])
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+def test_every_engine_matches_reference_in_fp32(monkeypatch, backend, host_reads):
+    """Training (capacity, both losses, shared experts) on each engine, then inference on one
+    token (the decode path) and on a batch, against the reference."""
+    use_host_reads(monkeypatch, host_reads)
+    config = MoEConfig(
+        d_model=16, num_experts=12, d_expert=8, router="deepseek", top_k=3, backend=backend,
+        capacity_factor=1.5, min_capacity=1, num_shared_experts=1,
+        router_options={"device_groups": 3},
+    )  # fmt: skip
+    layer = make_layer(config, dtype=torch.float32, seed=7)
+    x = torch.randn(12, 16)
+    out, ref, grads, ref_grads = run_both(layer, x)
+    assert float(out.routing.drop_fraction) > 0  # capacity overflowed
+    torch.testing.assert_close(out.hidden_states.double(), ref.hidden_states, rtol=1e-4, atol=1e-5)
+    assert_close_grads(grads, ref_grads, rtol=1e-4, atol=1e-5)
+    layer.eval()  # dropless
+    params, dropless = layer_params(layer), dataclasses.replace(config, capacity_factor=None)
+    for tokens in (x[:1], x):
+        with torch.no_grad():
+            got = layer(tokens).hidden_states.double()
+        expected = reference_forward(dropless, params, tokens.double()).hidden_states
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-5)
 
 
 def _uniform_selection(num_tokens: int, num_experts: int, k: int) -> Selection:
@@ -166,3 +196,27 @@ def test_trains_in_a_model_with_shared_experts():
         optimizer.zero_grad()
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("router" in n for n in moved) and any("shared_experts" in n for n in moved)
+
+
+def test_hf_save_load_and_generate_round_trip(tmp_path):
+    """The HF classes save and load the router's options and the shared experts (identical
+    logits), and generate the same with and without the KV cache (decode path)."""
+    pytest.importorskip("transformers")
+    from xmoe.hf import XMoEConfig, XMoEForCausalLM
+
+    moe = {"d_model": 32, "num_experts": 8, "d_expert": 16, "router": "deepseek_threshold"}
+    moe |= {"num_shared_experts": 1, "router_options": {"device_groups": 2, "logit_scale": 3.0}}
+    config = XMoEConfig(
+        vocab_size=60, d_model=32, num_layers=2, num_heads=2, max_seq_len=64, d_ff=64, moe=moe
+    )
+    torch.manual_seed(0)
+    model = XMoEForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    loaded = XMoEForCausalLM.from_pretrained(tmp_path).eval()
+    layer = loaded.model.lm.moe_layers[0]
+    assert layer.router.options.device_groups == 2 and layer.shared_experts is not None
+    ids = torch.randint(1, 60, (2, 5))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    common = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    cached = loaded.generate(ids, use_cache=True, **common)
+    assert torch.equal(cached, loaded.generate(ids, use_cache=False, **common))
