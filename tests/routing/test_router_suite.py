@@ -38,6 +38,9 @@ def test_rows_are_registered_routers_at_equal_expert_weights():
         1,
         31,
     )
+    defaults = ReproduceSettings(suite="routers", base_preset="tiny")
+    assert (defaults.presets, defaults.ablations) == (tuple(names), ())
+    assert ReproduceSettings().ablations  # the lm suite keeps its ablation rows
     with pytest.raises(ValueError, match="presets \\['nope'\\] are invalid"):
         ReproduceSettings(suite="routers", presets=("nope",), ablations=())
     with pytest.raises(ValueError, match="suite='nope' is invalid"):
@@ -49,7 +52,7 @@ def test_cli_names_a_row_that_is_not_in_the_suite(tmp_path, capsys):
         main(["reproduce", "--suite", "routers", "--presets", "nope", "--out", str(tmp_path)]) == 1
     )
     err = capsys.readouterr().err
-    assert err.startswith("xmoe: error: presets ['nope'] are invalid: choose from ['top2', ")
+    assert err.startswith("xmoe: error: presets ['nope'] are invalid: choose from ('top2', ")
     assert len(err.splitlines()) == 1
 
 

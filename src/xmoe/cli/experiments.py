@@ -25,17 +25,15 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def reproduce_command(args: argparse.Namespace) -> int:
-    from xmoe.experiments.reproduce import FAMILY, QUICK, ReproduceSettings, reproduce
-    from xmoe.experiments.router_suite import available_rows
+    from xmoe.experiments.reproduce import QUICK, ReproduceSettings, reproduce
 
     routers = args.suite == "routers"
-    default_rows = available_rows()[0] if routers else FAMILY
     out = args.out or ("runs/reproduce-routers" if routers else "runs/reproduce")
     values = {
         "suite": args.suite,
-        "presets": tuple(args.presets or default_rows),
-        "ablations": () if routers else tuple(args.ablations),  # the lm suite's rows
-        "seeds": args.seeds or (2 if routers else 3),
+        "presets": args.presets and tuple(args.presets),  # None: the suite's rows
+        "ablations": None if args.ablations is None else tuple(args.ablations),
+        "seeds": (2 if routers else 3) if args.seeds is None else args.seeds,
         "tokens": args.tokens,
         "eval_batches": args.eval_batches,
         "jobs": args.jobs,
@@ -49,6 +47,6 @@ def reproduce_command(args: argparse.Namespace) -> int:
         values |= QUICK | {"out": Path(out + "-quick")}
         values["docs"] = values["out"] / "docs"
         if routers:
-            values["ablations"] = ()
+            values["ablations"] = None  # the lm suite's quick ablation is no routers row
     print(f"wrote {reproduce(ReproduceSettings(**values))}")
     return 0

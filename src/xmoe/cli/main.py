@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rows to run (lm: {', '.join(FAMILY)}; routers: the suite's registered rows)",
     )  # fmt: skip
     repro.add_argument(
-        "--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
-        help="one-change router rows (one seed each)",
+        "--ablations", nargs="*", default=None, choices=list(ABLATIONS),
+        help="lm suite: one-change router rows (one seed each; default all)",
     )  # fmt: skip
     repro.add_argument("--seeds", type=int, default=None, help="lm: 3, routers: 2")
     repro.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run")

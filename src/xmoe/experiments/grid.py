@@ -47,8 +47,10 @@ class ReproduceSettings:
     """What `xmoe reproduce` runs.
 
     Args:
-        presets: main rows, trained with ``seeds`` seeds each. ablations: one-change rows,
-            trained with ``ablation_seeds`` seeds. tokens: training tokens per run.
+        presets: main rows, trained with ``seeds`` seeds each (None: the suite's rows).
+            ablations: one-change rows, trained with ``ablation_seeds`` seeds (None: the lm
+            suite's :data:`~xmoe.training.presets.ABLATIONS`, none in the routers suite).
+            tokens: training tokens per run.
         eval_batches: validation batches per evaluation (spread over the whole split).
         jobs: runs trained at once (worker processes). device: ``auto``, ``cpu`` or ``cuda``.
         out: run directories. docs: where lm.md and the plots go.
@@ -60,8 +62,8 @@ class ReproduceSettings:
             whose model size and training every row takes (``tiny`` in tests).
     """
 
-    presets: tuple[str, ...] = FAMILY
-    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    presets: tuple[str, ...] | None = None
+    ablations: tuple[str, ...] | None = None
     seeds: int = 3
     ablation_seeds: int = 1
     tokens: int = 2_000_000
@@ -82,7 +84,13 @@ class ReproduceSettings:
                 raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
         if self.suite not in SUITES:
             raise ValueError(f"suite={self.suite!r} is invalid: choose from {SUITES}")
-        known = (*FAMILY, *ABLATIONS) if self.suite == "lm" else available_rows(self.base_preset)[0]
+        lm = self.suite == "lm"
+        rows = FAMILY if lm else tuple(available_rows(self.base_preset)[0])
+        if self.presets is None:
+            self.presets = rows
+        if self.ablations is None:
+            self.ablations = tuple(ABLATIONS) if lm else ()
+        known = (*rows, *ABLATIONS) if lm else rows
         unknown = [n for n in (*self.presets, *self.ablations) if n not in known]
         if unknown:
             raise ValueError(f"presets {unknown} are invalid: choose from {known}")
