@@ -141,7 +141,8 @@ def write_routers_report(
         "weights in every row (`xmoe/experiments/router_suite.py`); each router at its paper's "
         "default (`docs/routing.md`); top-2 and xmoe-32 are rerun here as the reference rows. "
         "Evaluation is dropless; 'MoE MFLOP' counts what was computed (kept pairs at their "
-        "experts' costs, shared experts, routers). Load: the busiest expert's share over the "
+        "experts' costs, shared experts, routers); experts/token counts routed experts (a row "
+        "with K_s shared experts computes K_s more). Load: the busiest expert's share over the "
         "mean (1 = balanced). Training tokens/s are rough (runs share the machine).",
         "",
         "## Findings and targets",
