@@ -7,7 +7,8 @@ being registered, and a row whose router (or option) is not there is skipped wit
 row but the threshold ones keeps top-2's shape (16 experts of d_ff/2; null experts, zero-FLOP
 experts and frozen or recurrent routers add no expert weights); the threshold rows keep
 xmoe-32's (32 of d_ff/4); DeepSeekMoE segments top-2 (``fine_grained_shared``). ``top2`` and
-``xmoe-32`` are the LM table's presets, rerun here as the reference rows.
+``xmoe-32`` are the LM table's presets, rerun here as the reference rows. A registered router
+that no row names gets a row of its own, by its name, at top-2's shape and its option defaults.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from xmoe.config import ConfigError, MoEConfig
+from xmoe.registry import ROUTERS
 from xmoe.training.config import TrainConfig
 from xmoe.training.presets import LOGIT_SCALE, fine_grained_shared, preset, preset_moe
 
@@ -69,27 +71,38 @@ COMBINATIONS = ("threshold+shared", "threshold+null")
 
 def row_config(name: str, base_preset: str = "top2") -> TrainConfig:
     """Row ``name``'s training config: ``base_preset``'s model, data and training with the
-    row's MoE layer.
+    row's MoE layer (a registered router's name with no row: top-2's shape, its defaults).
 
     Raises:
-        ConfigError: ``name`` is not a row, or its router or options are not registered.
+        ConfigError: ``name`` is neither a row nor a router, or its router or options are not
+            registered.
     """
-    if name not in ROWS:
+    if name not in ROWS and name not in ROUTERS:
         raise ConfigError(f"row={name!r} is invalid: row must be one of {tuple(ROWS)}")
+    build = ROWS.get(name) or _routed(_top2, name)
     base = preset(base_preset)
     model = {"d_model": base.model.d_model, "d_ff": base.model.d_ff}
-    moe = ROWS[name](model)
-    return replace(base, model=replace(base.model, moe=moe), preset=name)
+    return replace(base, model=replace(base.model, moe=build(model)), preset=name)
 
 
 def available_rows(base_preset: str = "top2") -> tuple[list[str], list[str]]:
-    """The rows whose routers are registered now, and a note for each skipped row."""
-    names, notes = [], []
+    """The rows whose routers are registered now (then a row for each registered router no
+    row uses), and a note for each skipped row."""
+    names, notes, used = [], [], set()
     for name in ROWS:
         try:
-            row_config(name, base_preset)
+            config = row_config(name, base_preset)
         except (ConfigError, KeyError) as error:  # a router or option not (yet) registered
             notes.append(f"{name}: skipped ({error})")
         else:
             names.append(name)
+            used.add(config.model.moe.router)
+    for router in ROUTERS:
+        if router not in used and router not in ROWS:
+            try:
+                row_config(router, base_preset)
+            except ConfigError as error:  # its defaults need a shape top-2's is not
+                notes.append(f"{router}: no row ({error})")
+            else:
+                names.append(router)
     return names, notes
