@@ -164,7 +164,9 @@ def test_findings_name_the_front_the_losers_and_the_moonshot():
     assert all("xmoe-32" not in line for line in front)  # threshold+shared beats it everywhere
     assert (
         "deepseek (deepseek): perplexity 104.50 (+4.5% vs top-2, **more than 3% worse**) at "
-        "1.00x top-2's MoE FLOPs; dominated by threshold+shared t=0.9 (97.10 at 0.70x)."
+        "1.00x top-2's MoE FLOPs; dominated by threshold+shared t=0.9 (97.10 at 0.70x); "
+        "train drop rate 0.100 (top-2 0.100), load max/mean 2.00 (top-2 2.00), experts/token "
+        "2.00 (top-2 2.00)."
     ) in lines
     assert lines[-1] == (
         "moonshot, threshold+shared t=0.5: 97.50 vs xmoe-32 at t=0.5 99.00 (+1.5%) at "

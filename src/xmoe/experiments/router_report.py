@@ -87,9 +87,24 @@ def finding_lines(records: list[dict], table: dict) -> list[str]:
         if beaters:
             best = min(beaters, key=lambda p: p[1])
             line += f"; dominated by {best[2]} ({best[1]:.2f} at {best[0] / top2_flops:.2f}x)"
+        if gap > TOLERANCE:  # the numbers a reason would come from, beside top-2's
+            line += "; " + _against_top2(row, table["top2"])
         lines.append(line + ".")
     lines += moonshot_lines(records, table, all_points)
     return lines
+
+
+def _against_top2(row: dict, top2: dict) -> str:
+    """A losing row's training drop rate, load imbalance and experts per token beside top-2's."""
+    parts = [
+        ("train drop rate", "train_drop_fraction", 3),
+        ("load max/mean", "load_imbalance", 2),
+        ("experts/token", "experts_per_token", 2),
+    ]
+    return ", ".join(
+        f"{label} {row[key][0]:.{digits}f} (top-2 {top2[key][0]:.{digits}f})"
+        for label, key, digits in parts
+    )
 
 
 def moonshot_lines(records: list[dict], table: dict, all_points: list) -> list[str]:
