@@ -34,18 +34,24 @@ def _activation(name: str, h: torch.Tensor) -> torch.Tensor:
     raise ValueError(name)
 
 
-def _expert(params: dict[str, torch.Tensor], config: MoEConfig, e: int, x: torch.Tensor):
-    h = x @ params["experts.w1"][e]
+def _expert(
+    params: dict[str, torch.Tensor],
+    config: MoEConfig,
+    e: int,
+    x: torch.Tensor,
+    pool: str = "experts",
+):
+    h = x @ params[f"{pool}.w1"][e]
     if config.bias:
-        h = h + params["experts.b1"][e]
+        h = h + params[f"{pool}.b1"][e]
     if config.gated:  # w1 = [gate | up], each d_expert wide
         gate, up = h[..., : config.d_expert], h[..., config.d_expert :]
         a = _activation("silu", gate) * up
     else:
         a = _activation(config.activation, h)
-    y = a @ params["experts.w2"][e]
+    y = a @ params[f"{pool}.w2"][e]
     if config.bias:
-        y = y + params["experts.b2"][e]
+        y = y + params[f"{pool}.b2"][e]
     return y
 
 
@@ -60,7 +66,7 @@ def reference_forward(
     for s in range(num_tokens):
         p = probs[s].tolist()
         order = sorted(range(num_experts), key=lambda e, p=p: (-p[e], e))
-        if config.router == "topk":
+        if config.router in ("topk", "deepseek"):
             chosen = order[: config.top_k]
         else:
             chosen = []
@@ -93,6 +99,8 @@ def reference_forward(
         y = x.new_zeros(x.shape[1])
         for e, w in zip(kept[s], weights, strict=True):
             y = y + w * _expert(params, config, e, x[s])
+        for j in range(config.num_shared_experts):  # always on, unweighted
+            y = y + _expert(params, config, j, x[s], "shared_experts")
         rows.append(y)
     hidden = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
 
@@ -101,13 +109,36 @@ def reference_forward(
         [top1.count(e) / num_tokens for e in range(num_experts)], dtype=probs.dtype
     )
     aux = config.aux_loss_coef * num_experts * (probs.mean(dim=0) * fraction).sum()
+    if config.router.startswith("deepseek"):
+        aux = _deepseek_aux(config, probs, wanted)
 
     matrices = 3 if config.gated else 2
-    kept_total = sum(len(k) for k in kept)
+    kept_total = sum(len(k) for k in kept) + config.num_shared_experts * num_tokens
     flops = (kept_total * 2 * matrices * config.d_model * config.d_expert) / num_tokens + (
         2 * config.d_model * num_experts
     )
     return ReferenceOutput(hidden, aux, wanted, kept, flops)
+
+
+def _deepseek_aux(config: MoEConfig, probs: torch.Tensor, wanted: list[list[int]]):
+    """DeepSeekMoE's losses as its paper writes them: ``α₁ Σ_i f_i P_i`` with
+    ``f_i = N'/(K'T) · #{t selects i}`` (K'T: all selected pairs) and ``P_i = mean_t s_{i,t}``,
+    plus ``α₂ Σ_d f'_d P'_d`` over D contiguous groups (f' the group's mean f, P' its sum P)."""
+    num_experts = config.num_experts
+    pairs = [e for chosen in wanted for e in chosen]
+    f = [num_experts * pairs.count(i) / len(pairs) for i in range(num_experts)]
+    mean_p = probs.mean(dim=0)
+    aux = config.aux_loss_coef * sum(f[i] * mean_p[i] for i in range(num_experts))
+    options = config.router_options
+    groups = options.device_groups
+    if groups > 1:
+        size = num_experts // groups
+        for d in range(groups):
+            members = range(d * size, (d + 1) * size)
+            group_f = sum(f[i] for i in members) / size
+            group_p = sum(mean_p[i] for i in members)
+            aux = aux + options.device_balance_coef * group_f * group_p
+    return aux
 
 
 def layer_params(layer: MoELayer, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:

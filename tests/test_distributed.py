@@ -35,6 +35,12 @@ CASES = {
         (9, 6, 4, 7),
     ),
     "topk-dropless-loop": ({"router": "topk", "backend": "loop"}, (6, 5), (6, 5, 2, 3)),
+    # DeepSeekMoE: a shared expert beside the sharded routed ones, the device-level loss
+    "deepseek-shared-device-loss": (
+        {"router": "deepseek", "num_shared_experts": 1, "router_options": {"device_groups": 2}},
+        (9, 6),
+        (9, 6, 4, 7),
+    ),
     "zero-tokens-on-a-rank": ({"capacity_factor": 1.5}, (0, 9), (7, 0, 5, 0)),
     # 8 experts and 1-2 tokens per rank: every rank sends nothing to most experts
     "few-tokens-many-experts": (

@@ -72,7 +72,8 @@ def test_shared_experts_match_per_token_reference(num_tokens, backend, activatio
     params = layer_params(layer)
     x = torch.randn(num_tokens, 12, dtype=torch.float64)
     x_ref = x.clone().requires_grad_(True)
-    ref = reference_forward(config, params, x_ref)
+    # the routed experts alone, plus the shared ones written out here
+    ref = reference_forward(dataclasses.replace(config, num_shared_experts=0), params, x_ref)
     shared = {
         name.replace("shared_experts.", "experts."): p
         for name, p in params.items()
@@ -82,6 +83,8 @@ def test_shared_experts_match_per_token_reference(num_tokens, backend, activatio
         [sum(_expert(shared, config, j, x_ref[s]) for j in range(2)) for s in range(num_tokens)]
     )
     expected = ref.hidden_states + shared_SD
+    full = reference_forward(config, params, x.clone())  # the reference counts them too
+    torch.testing.assert_close(full.hidden_states, expected.detach(), rtol=1e-12, atol=1e-12)
 
     x_layer = x.clone().requires_grad_(True)
     out = layer(x_layer)
@@ -99,6 +102,7 @@ def test_shared_experts_match_per_token_reference(num_tokens, backend, activatio
         torch.testing.assert_close(param.grad, ref_grad, rtol=1e-10, atol=1e-12)
     shared_flops = 2 * config.expert_flops
     assert float(out.routing.flops_per_token) == pytest.approx(ref.flops_per_token + shared_flops)
+    assert full.flops_per_token == pytest.approx(ref.flops_per_token + shared_flops)
 
 
 def test_shared_experts_stay_whole_under_expert_parallelism():

@@ -57,6 +57,8 @@ class Registry(Mapping[str, T], Generic[T]):
 ROUTERS: Registry = Registry(
     "router",
     {
+        "deepseek": "xmoe.routing.deepseek",
+        "deepseek_threshold": "xmoe.routing.deepseek",
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",

@@ -150,20 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify.set_defaults(func=sparsify_command)
 
     repro = commands.add_parser(
-        "reproduce", help="train the paper's family over seeds; write docs/results/lm.md"
+        "reproduce", help="train the paper's family (or every router) over seeds; write the table"
     )
-    repro.add_argument("--presets", nargs="+", default=list(FAMILY), choices=FAMILY)
     repro.add_argument(
-        "--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS),
-        help="one-change router rows (one seed each)",
+        "--suite", default="lm", choices=("lm", "routers"),
+        help="lm: the paper's family (lm.md); routers: every registered router (routers.md)",
     )  # fmt: skip
-    repro.add_argument("--seeds", type=int, default=3)
+    repro.add_argument(
+        "--presets", nargs="+", default=None,
+        help=f"rows to run (lm: {', '.join(FAMILY)}; routers: the suite's registered rows)",
+    )  # fmt: skip
+    repro.add_argument(
+        "--ablations", nargs="*", default=None, choices=list(ABLATIONS),
+        help="lm suite: one-change router rows (one seed each; default all)",
+    )  # fmt: skip
+    repro.add_argument("--seeds", type=int, default=None, help="lm: 3, routers: 2")
     repro.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per run")
     repro.add_argument("--eval-batches", type=int, default=16)
     repro.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     repro.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     repro.add_argument("--quick", action="store_true", help="a tiny budget to check the pipeline")
-    repro.add_argument("--out", default="runs/reproduce")
+    repro.add_argument("--out", default=None, help="runs/reproduce (-routers)")
     repro.add_argument("--docs", default="docs/results")
     repro.add_argument("--no-progress", action="store_true")
     repro.set_defaults(func=reproduce_command)

@@ -27,6 +27,7 @@ from xmoe.experiments.analysis import (
     experts_by_kind,
     measure_adaptivity,
 )
+from xmoe.experiments.router_suite import available_rows, row_config
 from xmoe.registry import ROUTERS
 from xmoe.storage import atomic_write_text
 from xmoe.training.config import TrainConfig, apply_overrides
@@ -35,6 +36,7 @@ from xmoe.training.presets import ABLATIONS, preset
 from xmoe.training.rundir import RunDir
 from xmoe.training.trainer import load_token_data, train
 
+SUITES = ("lm", "routers")
 FAMILY = ("dense", "switch", "top2", "xmoe-16", "xmoe-32", "xmoe-64")
 SWEEP_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """The thresholds every threshold model is evaluated at after training."""
@@ -45,16 +47,23 @@ class ReproduceSettings:
     """What `xmoe reproduce` runs.
 
     Args:
-        presets: main rows, trained with ``seeds`` seeds each. ablations: one-change rows,
-            trained with ``ablation_seeds`` seeds. tokens: training tokens per run.
+        presets: main rows, trained with ``seeds`` seeds each (None: the suite's rows).
+            ablations: one-change rows, trained with ``ablation_seeds`` seeds (None: the lm
+            suite's :data:`~xmoe.training.presets.ABLATIONS`, none in the routers suite).
+            tokens: training tokens per run.
         eval_batches: validation batches per evaluation (spread over the whole split).
         jobs: runs trained at once (worker processes). device: ``auto``, ``cpu`` or ``cuda``.
         out: run directories. docs: where lm.md and the plots go.
         command: the command line recorded in the report.
+        suite: ``lm`` (the paper's family and the router ablations, lm.md) or ``routers``
+            (every registered router at its paper's default, routers.md): what ``presets``
+            name (:data:`xmoe.experiments.router_suite.ROWS` for ``routers``).
+        base_preset: the preset whose data the runs train on and, in the ``routers`` suite,
+            whose model size and training every row takes (``tiny`` in tests).
     """
 
-    presets: tuple[str, ...] = FAMILY
-    ablations: tuple[str, ...] = tuple(ABLATIONS)
+    presets: tuple[str, ...] | None = None
+    ablations: tuple[str, ...] | None = None
     seeds: int = 3
     ablation_seeds: int = 1
     tokens: int = 2_000_000
@@ -65,13 +74,23 @@ class ReproduceSettings:
     docs: Path = Path("docs/results")
     progress: bool = True
     command: str = field(default="xmoe reproduce")
+    suite: str = "lm"
+    base_preset: str = "top2"
 
     def __post_init__(self) -> None:
         for name in ("seeds", "ablation_seeds", "tokens", "eval_batches", "jobs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
-        known = (*FAMILY, *ABLATIONS)
+        if self.suite not in SUITES:
+            raise ValueError(f"suite={self.suite!r} is invalid: choose from {SUITES}")
+        lm = self.suite == "lm"
+        rows = FAMILY if lm else tuple(available_rows(self.base_preset)[0])
+        if self.presets is None:
+            self.presets = rows
+        if self.ablations is None:
+            self.ablations = tuple(ABLATIONS) if lm else ()
+        known = (*rows, *ABLATIONS) if lm else rows
         unknown = [n for n in (*self.presets, *self.ablations) if n not in known]
         if unknown:
             raise ValueError(f"presets {unknown} are invalid: choose from {known}")
@@ -86,7 +105,7 @@ QUICK = {"tokens": 30_000, "seeds": 1, "eval_batches": 2, "ablations": ("xmoe-32
 
 
 def run_config(name: str, seed: int, settings: ReproduceSettings) -> TrainConfig:
-    base = preset(name)
+    base = preset(name) if settings.suite == "lm" else row_config(name, settings.base_preset)
     steps = math.ceil(settings.tokens / base.tokens_per_step)
     return apply_overrides(
         base,
@@ -181,10 +200,10 @@ def run_one(name: str, seed: int, settings: ReproduceSettings, data: TokenData) 
 _WORKER_DATA: TokenData | None = None
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, base_preset: str) -> None:
     global _WORKER_DATA
     torch.set_num_threads(threads)
-    _WORKER_DATA = load_token_data(preset("dense"), progress=False)
+    _WORKER_DATA = load_token_data(preset(base_preset), progress=False)
 
 
 def _worker_run(name: str, seed: int, settings: ReproduceSettings) -> dict:
@@ -205,7 +224,10 @@ def run_all(settings: ReproduceSettings, data: TokenData) -> list[dict]:
         threads = max(1, torch.get_num_threads() // settings.jobs)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            settings.jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)
+            settings.jobs,
+            mp_context=context,
+            initializer=_worker_init,
+            initargs=(threads, settings.base_preset),
         ) as pool:
             futures = {pool.submit(_worker_run, n, s, settings): (n, s) for n, s in runs}
             for future in as_completed(futures):

@@ -14,7 +14,9 @@ one thing from it or from xmoe-32 (docs/routing.md).
 
 from __future__ import annotations
 
-from xmoe.config import ConfigError, MoEConfig
+from dataclasses import replace
+
+from xmoe.config import ConfigError, MoEConfig, _is_int, _require
 from xmoe.models.config import ModelConfig
 from xmoe.training.config import TrainConfig
 
@@ -62,7 +64,10 @@ _ALL = {**_FAMILY, **ABLATIONS}
 PRESETS = (*_FAMILY, *ABLATIONS, "tiny")
 
 
-def _moe(model: dict, spec: tuple | None) -> MoEConfig | None:
+def preset_moe(name: str, model: dict) -> MoEConfig | None:
+    """The MoE layer of preset ``name`` (a family or ablation row; None for dense) for
+    ``model``'s d_model and d_ff, so that another model size can take the same routers."""
+    spec = _ALL[name]
     if spec is None:
         return None
     router, experts, divisor, top_k, gamma, options = spec
@@ -78,6 +83,49 @@ def _moe(model: dict, spec: tuple | None) -> MoEConfig | None:
         activation="gelu",
         bias=True,
         aux_loss_coef=0.01,
+    )
+
+
+def fine_grained_shared(
+    base: MoEConfig,
+    split: int,
+    shared: int,
+    router: str = "deepseek",
+    router_options: dict | None = None,
+) -> MoEConfig:
+    """DeepSeekMoE's segmentation of a top-k layer: each of ``base``'s E experts split into
+    ``split`` = m experts of ``d_expert / m``, ``shared`` = K_s of the mE always on and the
+    rest routed by ``router`` with top-k = mk - K_s. Total and active expert weights (the
+    matrices :func:`xmoe.flops.ffn_params` counts; biases and router rows differ) equal
+    ``base``'s exactly; the capacity factor grows by m, so the padded worst case stays equal.
+
+    Raises:
+        ConfigError: ``split`` does not divide ``base.d_expert``, or ``shared`` is not in
+            [0, m·k - 1] (at least one routed expert per token).
+    """
+    _require(
+        _is_int(split) and split >= 1 and base.d_expert % split == 0,
+        "split",
+        split,
+        f"a positive divisor of d_expert={base.d_expert}",
+    )
+    active = split * base.top_k
+    _require(
+        _is_int(shared) and 0 <= shared < active,
+        "shared",
+        shared,
+        f"an integer in [0, split * top_k - 1 = {active - 1}]",
+    )
+    gamma = base.capacity_factor
+    return replace(
+        base,
+        num_experts=split * base.num_experts - shared,
+        d_expert=base.d_expert // split,
+        top_k=active - shared,
+        num_shared_experts=shared,
+        router=router,
+        router_options=router_options or {},
+        capacity_factor=None if gamma is None else gamma * split,
     )
 
 
@@ -105,7 +153,7 @@ def preset(name: str) -> TrainConfig:
         raise ConfigError(f"preset={name!r} is invalid: preset must be one of {PRESETS}")
     model = dict(CORPUS_MODEL)
     return TrainConfig(
-        model=ModelConfig(**model, moe=_moe(model, _ALL[name])),
+        model=ModelConfig(**model, moe=preset_moe(name, model)),
         data="corpus",
         preset=name,
         **CORPUS_TRAINING,
