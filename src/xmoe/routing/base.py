@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.config import RouterOptions
-from xmoe.routing.losses import entropy_loss, switch_balance_loss
+from xmoe.routing.losses import entropy_loss, switch_balance_loss, z_loss
 from xmoe.routing.selection import Selection
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class Router(nn.Module):
     :class:`~xmoe.config.RouterOptions` subclass, validated with the config) and implements
     :meth:`select`; it may transform :meth:`logits`, add losses in :meth:`losses` and adapt
     itself between training steps in :meth:`end_step`. Every router has the Switch balance
-    loss (``aux_loss_coef``) and the optional entropy loss (``router_options.entropy_coef``).
+    loss (``aux_loss_coef``) and the optional entropy and z losses
+    (``router_options.entropy_coef``, ``z_loss_coef``).
 
     The config is the recipe the router was built from; a tunable it reads (``threshold``,
     ``top_k``) is copied into the router at construction, changed through the router's own
@@ -112,7 +113,12 @@ class Router(nn.Module):
         probs_SE = self.probabilities(x_SD)
         selection = self.select(probs_SE)
         train = self.training and x_SD.shape[0] > 0  # losses only steer training
-        return RouterOutput(probs_SE, selection, self.losses(probs_SE, selection) if train else {})
+        losses = self.losses(probs_SE, selection) if train else {}
+        if train and self.options.z_loss_coef > 0:
+            # the logits again (one router matmul, only with the z-loss on): a subclass may
+            # define its probabilities otherwise, so forward keeps asking probabilities()
+            losses["z"] = self.options.z_loss_coef * z_loss(self.logits(x_SD))
+        return RouterOutput(probs_SE, selection, losses)
 
     def tunables(self) -> dict[str, Any]:
         """``tunable_names`` with the values this router holds now (what a saved config must
