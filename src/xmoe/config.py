@@ -321,8 +321,9 @@ class MoEConfig(DictConfig):
 
     @property
     def router_flops(self) -> int:
-        """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`)."""
-        return flops.router_flops(self.d_model, self.num_experts)
+        """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`) over the
+        logits its rule ranks (``Router.num_logits``)."""
+        return flops.router_flops(self.d_model, ROUTERS[self.router].num_logits(self))
 
     @property
     def dense_flops(self) -> int:

@@ -47,8 +47,9 @@ class RouterOutput:
 class Router(nn.Module):
     """Base class of the routers in :data:`xmoe.registry.ROUTERS`.
 
-    Holds ``weight`` of shape (E, d_model) (no bias). A subclass sets ``Options`` (a
-    :class:`~xmoe.config.RouterOptions` subclass, validated with the config) and implements
+    Holds ``weight`` of shape (:meth:`num_logits`, d_model), by default (E, d_model), no
+    bias. A subclass sets ``Options`` (a :class:`~xmoe.config.RouterOptions` subclass,
+    validated with the config) and implements
     :meth:`select`; it may transform :meth:`logits`, add losses in :meth:`losses` and adapt
     itself between training steps in :meth:`end_step`. Every router has the Switch balance
     loss (``aux_loss_coef``) and the optional entropy and z losses
@@ -68,8 +69,14 @@ class Router(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.weight = nn.Parameter(torch.empty(self.num_logits(config), config.d_model))
         self.reset_parameters()
+
+    @classmethod
+    def num_logits(cls, config: MoEConfig) -> int:
+        """Rows of ``weight``: one logit per expert the rule ranks. ``num_experts`` unless the
+        rule also ranks experts that are not in the layer (AdaMoE's null experts)."""
+        return config.num_experts
 
     @property
     def options(self) -> RouterOptions:
