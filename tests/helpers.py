@@ -72,3 +72,41 @@ def assert_close_grads(layer_grads, ref_grads, rtol, atol):
             continue
         assert got is not None, f"no gradient for {name}"
         torch.testing.assert_close(got.double(), ref_grad, rtol=rtol, atol=atol, msg=name)
+
+
+def train_then_round_trip(save_dir, moe_overrides: dict) -> None:
+    """Three training steps of the ``tiny`` preset's model with ``moe.<field>`` overrides
+    (loss falls, routers adapt), then the model through the transformers classes: saved and
+    loaded it gives the same logits, and generating with the KV cache (one-token MoE calls)
+    equals generating without it."""
+    from transformers import AutoModelForCausalLM
+
+    from xmoe.hf.export import hf_model_from_lm
+    from xmoe.models import TransformerLM
+    from xmoe.training.config import apply_overrides
+    from xmoe.training.presets import preset
+
+    overrides = [f"moe.{key}={value}" for key, value in moe_overrides.items()]
+    config = apply_overrides(preset("tiny"), overrides).model
+    torch.manual_seed(0)
+    lm = TransformerLM(config)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    ids = torch.randint(1, config.vocab_size, (4, 17))
+    losses = []
+    for _ in range(3):
+        out = lm(ids[:, :-1], ids[:, 1:])
+        optimizer.zero_grad()
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+        lm.end_training_step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    hf_model_from_lm(lm.eval()).save_pretrained(save_dir)
+    model = AutoModelForCausalLM.from_pretrained(save_dir).eval()
+    assert torch.equal(model(ids).logits, lm(ids).logits)
+    common = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    prompt, mask = ids[:2, :6], torch.ones(2, 6, dtype=torch.long)
+    cached = model.generate(prompt, attention_mask=mask, use_cache=True, **common)
+    assert torch.equal(
+        cached, model.generate(prompt, attention_mask=mask, use_cache=False, **common)
+    )

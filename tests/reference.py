@@ -52,22 +52,29 @@ def _expert(params: dict[str, torch.Tensor], config: MoEConfig, e: int, x: torch
 def reference_forward(
     config: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor
 ) -> ReferenceOutput:
-    """The layer's output on x (S, D), computed token by token."""
+    """The layer's output on x (S, D), computed token by token.
+
+    The ``null_topk`` / ``null_threshold`` routers (AdaMoE) rank the router's n + m rows, of which
+    ids >= n are null experts: ranked and counted by the balance loss, never computed, and the
+    true picks' weights are divided by their sum."""
     num_tokens, num_experts = x.shape[0], config.num_experts
     probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
+    num_ranked = probs.shape[1]  # the true experts and any null ones
+    null = config.router in ("null_topk", "null_threshold")
 
-    wanted: list[list[int]] = []
+    ranked: list[list[int]] = []  # per token, the rule's choice among all ranked experts
     for s in range(num_tokens):
         p = probs[s].tolist()
-        order = sorted(range(num_experts), key=lambda e, p=p: (-p[e], e))
-        if config.router == "topk":
+        order = sorted(range(num_ranked), key=lambda e, p=p: (-p[e], e))
+        if config.router in ("topk", "null_topk"):
             chosen = order[: config.top_k]
         else:
             chosen = []
             for e in order:
                 if math.fsum(p[c] for c in chosen) < config.threshold:
                     chosen.append(e)
-        wanted.append(chosen)
+        ranked.append(chosen)
+    wanted = [[e for e in chosen if e < num_experts] for chosen in ranked]
 
     kept_pairs = {(s, e) for s in range(num_tokens) for e in wanted[s]}
     capacity = config.capacity(num_tokens)
@@ -77,7 +84,7 @@ def reference_forward(
             candidates = [
                 (rank, -probs[s, e].item(), s)
                 for s in range(num_tokens)
-                for rank, chosen in enumerate(wanted[s])
+                for rank, chosen in enumerate(ranked[s])
                 if chosen == e
             ]
             for _, _, s in sorted(candidates)[:capacity]:
@@ -87,6 +94,9 @@ def reference_forward(
     rows = []
     for s in range(num_tokens):
         weights = [probs[s, e] for e in kept[s]]
+        if null and weights:  # over the true picks, before capacity
+            total = sum(probs[s, e] for e in wanted[s])
+            weights = [w / total for w in weights]
         if config.renormalize and weights:
             total = sum(weights)
             weights = [w / total for w in weights]
@@ -96,16 +106,16 @@ def reference_forward(
         rows.append(y)
     hidden = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
 
-    top1 = [wanted[s][0] for s in range(num_tokens)]
+    top1 = [ranked[s][0] for s in range(num_tokens)]
     fraction = torch.tensor(
-        [top1.count(e) / num_tokens for e in range(num_experts)], dtype=probs.dtype
+        [top1.count(e) / num_tokens for e in range(num_ranked)], dtype=probs.dtype
     )
-    aux = config.aux_loss_coef * num_experts * (probs.mean(dim=0) * fraction).sum()
+    aux = config.aux_loss_coef * num_ranked * (probs.mean(dim=0) * fraction).sum()
 
     matrices = 3 if config.gated else 2
     kept_total = sum(len(k) for k in kept)
     flops = (kept_total * 2 * matrices * config.d_model * config.d_expert) / num_tokens + (
-        2 * config.d_model * num_experts
+        2 * config.d_model * num_ranked
     )
     return ReferenceOutput(hidden, aux, wanted, kept, flops)
 

@@ -57,6 +57,8 @@ class Registry(Mapping[str, T], Generic[T]):
 ROUTERS: Registry = Registry(
     "router",
     {
+        "null_topk": "xmoe.routing.null",
+        "null_threshold": "xmoe.routing.null",
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",
