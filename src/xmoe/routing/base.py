@@ -52,8 +52,8 @@ class Router(nn.Module):
     validated with the config) and implements
     :meth:`select`; it may transform :meth:`logits`, add losses in :meth:`losses` and adapt
     itself between training steps in :meth:`end_step`. Every router has the Switch balance
-    loss (``aux_loss_coef``) and the optional entropy and z losses
-    (``router_options.entropy_coef``, ``z_loss_coef``).
+    loss (``aux_loss_coef``) unless :attr:`balance_loss` is off, and the optional entropy and
+    z losses (``router_options.entropy_coef``, ``z_loss_coef``).
 
     The config is the recipe the router was built from; a tunable it reads (``threshold``,
     ``top_k``) is copied into the router at construction, changed through the router's own
@@ -63,6 +63,8 @@ class Router(nn.Module):
     Options: ClassVar[type[RouterOptions]] = RouterOptions
     uses_threshold: ClassVar[bool] = False
     """Whether this router has a mass threshold (``set_threshold`` applies)."""
+    balance_loss: ClassVar[bool] = True
+    """Whether the Switch balance loss applies (a rule balanced by construction has none)."""
     tunable_names: ClassVar[tuple[str, ...]] = ()
     """The :class:`~xmoe.config.MoEConfig` fields this router reads, as attributes of its own."""
 
@@ -108,10 +110,10 @@ class Router(nn.Module):
 
     def losses(self, probs_SE: torch.Tensor, selection: Selection) -> dict[str, torch.Tensor]:
         """Named auxiliary losses of a training call, scaled by their coefficients."""
-        losses = {
-            "balance": self.config.aux_loss_coef
-            * switch_balance_loss(probs_SE, selection.top1_expert_S)
-        }
+        losses = {}
+        if self.balance_loss:
+            balance = switch_balance_loss(probs_SE, selection.top1_expert_S)
+            losses["balance"] = self.config.aux_loss_coef * balance
         if self.options.entropy_coef > 0:
             losses["entropy"] = self.options.entropy_coef * entropy_loss(probs_SE)
         return losses
