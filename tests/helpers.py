@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xmoe import MoEConfig, MoELayer
@@ -72,6 +73,21 @@ def assert_close_grads(layer_grads, ref_grads, rtol, atol):
             continue
         assert got is not None, f"no gradient for {name}"
         torch.testing.assert_close(got.double(), ref_grad, rtol=rtol, atol=atol, msg=name)
+
+
+def check_against_reference(layer, x, rtol, atol):
+    """:func:`run_both`, then the layer's output, aux loss, statistics, FLOPs and gradients
+    against the reference's; returns the layer's output."""
+    out, ref, layer_grads, ref_grads = run_both(layer, x)
+    torch.testing.assert_close(out.hidden_states.double(), ref.hidden_states, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.aux_loss.double(), ref.aux_loss, rtol=rtol, atol=atol)
+    assert out.routing.wanted_per_token.tolist() == [len(w) for w in ref.wanted]
+    assert out.routing.kept_per_token.tolist() == [len(k) for k in ref.kept]
+    load = [sum(e in k for k in ref.kept) for e in range(layer.config.num_experts)]
+    assert out.routing.expert_load.tolist() == load
+    assert float(out.routing.flops_per_token) == pytest.approx(ref.flops_per_token)
+    assert_close_grads(layer_grads, ref_grads, rtol=rtol * 10, atol=atol * 10)
+    return out
 
 
 def train_then_round_trip(save_dir, moe_overrides: dict) -> None:

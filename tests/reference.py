@@ -56,11 +56,18 @@ def reference_forward(
 
     The ``null_topk`` / ``null_threshold`` routers (AdaMoE) rank the router's n + m rows, of which
     ids >= n are null experts: ranked and counted by the balance loss, never computed, and the
-    true picks' weights are divided by their sum."""
+    true picks' weights are divided by their sum. ``expert_choice`` (in training mode): each
+    expert takes its C most probable tokens; no balance loss."""
     num_tokens, num_experts = x.shape[0], config.num_experts
     probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
     num_ranked = probs.shape[1]  # the true experts and any null ones
     null = config.router in ("null_topk", "null_threshold")
+
+    takers: dict[int, list[int]] = {}  # expert choice: per expert, the tokens it takes
+    if config.router == "expert_choice":
+        for e in range(num_experts):
+            by_prob = sorted(range(num_tokens), key=lambda s, e=e: (-probs[s, e].item(), s))
+            takers[e] = by_prob[: config.capacity(num_tokens)]
 
     ranked: list[list[int]] = []  # per token, the rule's choice among all ranked experts
     for s in range(num_tokens):
@@ -68,6 +75,8 @@ def reference_forward(
         order = sorted(range(num_ranked), key=lambda e, p=p: (-p[e], e))
         if config.router in ("topk", "null_topk"):
             chosen = order[: config.top_k]
+        elif config.router == "expert_choice":
+            chosen = [e for e in order if s in takers[e]]
         else:
             chosen = []
             for e in order:
@@ -106,11 +115,14 @@ def reference_forward(
         rows.append(y)
     hidden = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
 
-    top1 = [ranked[s][0] for s in range(num_tokens)]
-    fraction = torch.tensor(
-        [top1.count(e) / num_tokens for e in range(num_ranked)], dtype=probs.dtype
-    )
-    aux = config.aux_loss_coef * num_ranked * (probs.mean(dim=0) * fraction).sum()
+    if config.router == "expert_choice":  # balanced by construction: no balance loss
+        aux = probs.sum() * 0.0
+    else:
+        top1 = [ranked[s][0] for s in range(num_tokens)]
+        fraction = torch.tensor(
+            [top1.count(e) / num_tokens for e in range(num_ranked)], dtype=probs.dtype
+        )
+        aux = config.aux_loss_coef * num_ranked * (probs.mean(dim=0) * fraction).sum()
 
     matrices = 3 if config.gated else 2
     kept_total = sum(len(k) for k in kept)

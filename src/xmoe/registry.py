@@ -57,6 +57,7 @@ class Registry(Mapping[str, T], Generic[T]):
 ROUTERS: Registry = Registry(
     "router",
     {
+        "expert_choice": "xmoe.routing.expert_choice",
         "null_topk": "xmoe.routing.null",
         "null_threshold": "xmoe.routing.null",
         "threshold": "xmoe.routing.threshold",

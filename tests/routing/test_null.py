@@ -12,7 +12,7 @@ from xmoe.dispatch import ENGINES
 from xmoe.routing.null import true_picks
 from xmoe.routing.selection import Selection
 
-from helpers import assert_close_grads, make_layer, run_both, train_then_round_trip, use_host_reads
+from helpers import check_against_reference, make_layer, train_then_round_trip, use_host_reads
 
 CASES = [
     # (router, num_null, capacity_factor, num_tokens, extra config)
@@ -36,19 +36,6 @@ def _layer(router, num_null, dtype=torch.float64, seed=0, **extra) -> MoELayer:
     return make_layer(config, dtype=dtype, seed=seed)
 
 
-def _check_against_reference(layer, x, rtol, atol):
-    out, ref, layer_grads, ref_grads = run_both(layer, x)
-    torch.testing.assert_close(out.hidden_states.double(), ref.hidden_states, rtol=rtol, atol=atol)
-    torch.testing.assert_close(out.aux_loss.double(), ref.aux_loss, rtol=rtol, atol=atol)
-    assert out.routing.wanted_per_token.tolist() == [len(w) for w in ref.wanted]
-    assert out.routing.kept_per_token.tolist() == [len(k) for k in ref.kept]
-    load = [sum(e in k for k in ref.kept) for e in range(layer.config.num_experts)]
-    assert out.routing.expert_load.tolist() == load
-    assert float(out.routing.flops_per_token) == pytest.approx(ref.flops_per_token)
-    assert_close_grads(layer_grads, ref_grads, rtol=rtol * 10, atol=atol * 10)
-    return out
-
-
 @pytest.mark.parametrize("path", ["auto", "sync_free", "loop"])
 @pytest.mark.parametrize("router,num_null,capacity_factor,num_tokens,extra", CASES)
 def test_matches_reference_float64(
@@ -61,7 +48,7 @@ def test_matches_reference_float64(
         **extra,
     )  # fmt: skip
     x = torch.randn(num_tokens, 12, dtype=torch.float64)
-    _check_against_reference(layer, x, rtol=1e-10, atol=1e-12)
+    check_against_reference(layer, x, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("router", ["null_topk", "null_threshold"])
@@ -72,7 +59,7 @@ def test_ties_between_true_and_null_experts_go_to_the_lower_id(router):
     with torch.no_grad():
         layer.router.weight[10:] = layer.router.weight[[4, 7, 9]]
     x = torch.randn(6, 12, dtype=torch.float64)
-    out = _check_against_reference(layer, x, rtol=1e-10, atol=1e-12)
+    out = check_against_reference(layer, x, rtol=1e-10, atol=1e-12)
     assert float(out.routing.drop_fraction) > 0
     assert (out.routing.expert_load == 0).any()
 
@@ -87,7 +74,7 @@ def test_fp32_engines_match_reference(monkeypatch, router, backend, host_reads):
         router_options={"num_null": 4}, backend=backend, capacity_factor=1.5,
     )  # fmt: skip
     layer = make_layer(config, dtype=torch.float32, seed=7)
-    out = _check_against_reference(layer, torch.randn(64, 16), rtol=1e-4, atol=1e-5)
+    out = check_against_reference(layer, torch.randn(64, 16), rtol=1e-4, atol=1e-5)
     assert out.hidden_states.dtype == torch.float32
 
 
