@@ -19,6 +19,18 @@ def use_host_reads(monkeypatch, host_reads: bool) -> None:
         monkeypatch.setattr(device, "HOST_READ_DEVICES", frozenset())
 
 
+def decode_calls_of(monkeypatch) -> list[int]:
+    """A list that gets a 1 for each call of the decode path's ``decode_ffn`` (host reads
+    allowed, as on the CPU)."""
+    from xmoe.experts import decode
+
+    use_host_reads(monkeypatch, True)
+    calls: list[int] = []
+    real_decode_ffn = decode.decode_ffn
+    monkeypatch.setattr(decode, "decode_ffn", lambda *a: calls.append(1) or real_decode_ffn(*a))
+    return calls
+
+
 def register_for_test(monkeypatch, registry, name: str, entry) -> None:
     """``registry.register(name)(entry)`` until the test ends (the built-ins imported first, so
     that restoring the entries loses none of them)."""

@@ -11,7 +11,13 @@ from xmoe import ConfigError, MoEConfig
 from xmoe.dispatch import ENGINES
 from xmoe.routing.expert_choice import expert_choice_mask
 
-from helpers import check_against_reference, make_layer, train_then_round_trip, use_host_reads
+from helpers import (
+    check_against_reference,
+    decode_calls_of,
+    make_layer,
+    train_then_round_trip,
+    use_host_reads,
+)
 
 CASES = [
     # (capacity_factor, num_tokens, extra config)
@@ -86,7 +92,7 @@ def test_a_token_no_expert_takes_outputs_zero():
     assert float(out.routing.top1_drop_fraction) == 0.0  # not taken is not dropped
 
 
-def test_eval_rule_topk_routes_each_token_alone():
+def test_eval_rule_topk_routes_each_token_alone(monkeypatch):
     """Eval mode with ``eval_rule="topk"``: the round(γ) most probable experts of each token,
     as the top-k router with the same weights; a single token is routed; training keeps
     expert choice."""
@@ -95,7 +101,10 @@ def test_eval_rule_topk_routes_each_token_alone():
     topk.load_state_dict(layer.state_dict())
     x = torch.randn(9, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x).hidden_states, topk.eval()(x).hidden_states)
-    one = layer(x[:1])
+    decode_calls = decode_calls_of(monkeypatch)
+    with torch.no_grad():
+        one = layer(x[:1])
+    assert decode_calls == [1]  # one token, no gradient: the decode path
     torch.testing.assert_close(one.hidden_states, topk(x[:1]).hidden_states)
     assert one.routing.kept_per_token.tolist() == [3]
     trained = layer.train()(torch.randn(40, 12, dtype=torch.float64))

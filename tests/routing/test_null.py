@@ -12,7 +12,14 @@ from xmoe.dispatch import ENGINES
 from xmoe.routing.null import true_picks
 from xmoe.routing.selection import Selection
 
-from helpers import check_against_reference, make_layer, train_then_round_trip, use_host_reads
+from helpers import (
+    check_against_reference,
+    decode_calls_of,
+    make_layer,
+    train_then_round_trip,
+    use_host_reads,
+)
+from reference import layer_params, reference_forward
 
 CASES = [
     # (router, num_null, capacity_factor, num_tokens, extra config)
@@ -62,6 +69,18 @@ def test_ties_between_true_and_null_experts_go_to_the_lower_id(router):
     out = check_against_reference(layer, x, rtol=1e-10, atol=1e-12)
     assert float(out.routing.drop_fraction) > 0
     assert (out.routing.expert_load == 0).any()
+
+
+@pytest.mark.parametrize("router", ["null_topk", "null_threshold"])
+def test_one_token_inference_takes_the_decode_path(monkeypatch, router):
+    decode_calls = decode_calls_of(monkeypatch)
+    layer = _layer(router, 4, top_k=3).eval()
+    x = torch.randn(1, 12, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    assert decode_calls == [1]
+    expected = reference_forward(layer.config, layer_params(layer), x).hidden_states
+    torch.testing.assert_close(out.hidden_states, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("host_reads", [True, False], ids=["host", "sync_free"])

@@ -9,12 +9,21 @@ import torch
 from xmoe import ConfigError, MoEConfig, MoELayer
 
 BASE = {"d_model": 16, "num_experts": 6, "d_expert": 8}
-SOFTMAX_ROUTERS = ["threshold", "topk", "topp"]
+# router -> (the config fields it needs, its own options)
+SOFTMAX_ROUTERS = {
+    "threshold": ({}, {}),
+    "topk": ({}, {}),
+    "topp": ({}, {}),
+    "null_topk": ({}, {"num_null": 2}),
+    "null_threshold": ({}, {"num_null": 2}),
+    "expert_choice": ({"capacity_factor": 1.0}, {}),
+}
 
 
 def _layer(router: str, **options) -> MoELayer:
     torch.manual_seed(0)
-    config = MoEConfig(**BASE, router=router, router_options=options)
+    fields, own = SOFTMAX_ROUTERS[router]
+    config = MoEConfig(**BASE, **fields, router=router, router_options={**own, **options})
     layer = MoELayer(config).double()
     with torch.no_grad():
         layer.router.weight.normal_(0.0, 2.0)  # logsumexp far from 0
@@ -35,8 +44,8 @@ def test_z_loss_value_and_gradient_match_the_formula(router):
 
     weight = layer.router.weight.detach().clone().requires_grad_(True)
     logits_SE = x @ weight.t()
-    if router != "topk":  # the threshold family may transform its logits; these are plain
-        assert layer.router.options.logit_scale is None
+    # the threshold family may transform its logits; these are plain
+    assert getattr(layer.router.options, "logit_scale", None) is None
     expected = 0.3 * _formula(logits_SE)
     (expected_grad,) = torch.autograd.grad(expected, weight)
     torch.testing.assert_close(z, expected, rtol=1e-12, atol=1e-12)
