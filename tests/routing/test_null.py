@@ -209,7 +209,7 @@ def test_balance_loss_counts_null_experts():
             {"router_options": {"num_null": 2, "logit_scale": 1.0, "target_experts": 2.0}},
             r"router_options\.target_experts=2\.0 .*null_threshold",
         ),
-        ("null_topk", {"router_options": {"logit_scale": 1.0}}, "unknown NullOptions field"),
+        ("null_topk", {"router_options": {"logit_scale": 1.0}}, "unknown NullTopKOptions field"),
     ],
 )
 def test_bad_options_are_named(router, extra, fragment):

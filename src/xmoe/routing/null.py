@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class NullOptions(RouterOptions):
-    """Options of the ``null_topk`` router.
+    """What the null-expert routers add to their rule's options.
 
     Args:
-        num_null: m >= 0, the null experts ranked beside the ``num_experts`` true ones; 0 is
-            plain top-k with the true picks' weights renormalised (``renormalize=True``).
+        num_null: m >= 0, the null experts ranked beside the ``num_experts`` true ones; with 0
+            the rule is the plain one with the kept weights renormalised.
     """
 
     num_null: int = 0
@@ -47,8 +47,12 @@ class NullOptions(RouterOptions):
             "an integer >= 0",
         )
 
+
+@dataclass(frozen=True)
+class NullTopKOptions(NullOptions):
+    """Options of the ``null_topk`` router: ``num_null``, with ``top_k`` bounded by n + m."""
+
     def check_for(self, config: MoEConfig) -> None:
-        super().check_for(config)
         require_null_top_k(config.top_k, config)
 
 
@@ -65,9 +69,6 @@ class NullThresholdOptions(NullOptions, ThresholdOptions):
             self.target_experts,
             "None for router='null_threshold' (its controller would count null picks)",
         )
-
-    def check_for(self, config: MoEConfig) -> None:
-        ThresholdOptions.check_for(self, config)  # top_k is not this rule's
 
 
 def require_null_top_k(value: object, config: MoEConfig) -> None:
@@ -113,7 +114,7 @@ class NullExperts:
 class NullTopKRouter(NullExperts, TopKRouter):
     """AdaMoE: the ``top_k`` most probable of n true and m null experts."""
 
-    Options = NullOptions
+    Options = NullTopKOptions
 
     def set_top_k(self, top_k: int) -> None:
         """Keep the ``top_k`` best of the n + m experts from now on.
