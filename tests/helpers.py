@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xmoe import MoEConfig, MoELayer
@@ -16,6 +17,18 @@ def use_host_reads(monkeypatch, host_reads: bool) -> None:
 
     if not host_reads:
         monkeypatch.setattr(device, "HOST_READ_DEVICES", frozenset())
+
+
+def decode_calls_of(monkeypatch) -> list[int]:
+    """A list that gets a 1 for each call of the decode path's ``decode_ffn`` (host reads
+    allowed, as on the CPU)."""
+    from xmoe.experts import decode
+
+    use_host_reads(monkeypatch, True)
+    calls: list[int] = []
+    real_decode_ffn = decode.decode_ffn
+    monkeypatch.setattr(decode, "decode_ffn", lambda *a: calls.append(1) or real_decode_ffn(*a))
+    return calls
 
 
 def register_for_test(monkeypatch, registry, name: str, entry) -> None:
@@ -72,3 +85,56 @@ def assert_close_grads(layer_grads, ref_grads, rtol, atol):
             continue
         assert got is not None, f"no gradient for {name}"
         torch.testing.assert_close(got.double(), ref_grad, rtol=rtol, atol=atol, msg=name)
+
+
+def check_against_reference(layer, x, rtol, atol):
+    """:func:`run_both`, then the layer's output, aux loss, statistics, FLOPs and gradients
+    against the reference's; returns the layer's output."""
+    out, ref, layer_grads, ref_grads = run_both(layer, x)
+    torch.testing.assert_close(out.hidden_states.double(), ref.hidden_states, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.aux_loss.double(), ref.aux_loss, rtol=rtol, atol=atol)
+    assert out.routing.wanted_per_token.tolist() == [len(w) for w in ref.wanted]
+    assert out.routing.kept_per_token.tolist() == [len(k) for k in ref.kept]
+    load = [sum(e in k for k in ref.kept) for e in range(layer.config.num_experts)]
+    assert out.routing.expert_load.tolist() == load
+    assert float(out.routing.flops_per_token) == pytest.approx(ref.flops_per_token)
+    assert_close_grads(layer_grads, ref_grads, rtol=rtol * 10, atol=atol * 10)
+    return out
+
+
+def train_then_round_trip(save_dir, moe_overrides: dict) -> None:
+    """Three training steps of the ``tiny`` preset's model with ``moe.<field>`` overrides
+    (loss falls, routers adapt), then the model through the transformers classes: saved and
+    loaded it gives the same logits, and generating with the KV cache (one-token MoE calls)
+    equals generating without it."""
+    from transformers import AutoModelForCausalLM
+
+    from xmoe.hf.export import hf_model_from_lm
+    from xmoe.models import TransformerLM
+    from xmoe.training.config import apply_overrides
+    from xmoe.training.presets import preset
+
+    overrides = [f"moe.{key}={value}" for key, value in moe_overrides.items()]
+    config = apply_overrides(preset("tiny"), overrides).model
+    torch.manual_seed(0)
+    lm = TransformerLM(config)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    ids = torch.randint(1, config.vocab_size, (4, 17))
+    losses = []
+    for _ in range(3):
+        out = lm(ids[:, :-1], ids[:, 1:])
+        optimizer.zero_grad()
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+        lm.end_training_step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    hf_model_from_lm(lm.eval()).save_pretrained(save_dir)
+    model = AutoModelForCausalLM.from_pretrained(save_dir).eval()
+    assert torch.equal(model(ids).logits, lm(ids).logits)
+    common = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    prompt, mask = ids[:2, :6], torch.ones(2, 6, dtype=torch.long)
+    cached = model.generate(prompt, attention_mask=mask, use_cache=True, **common)
+    assert torch.equal(
+        cached, model.generate(prompt, attention_mask=mask, use_cache=False, **common)
+    )

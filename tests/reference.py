@@ -58,22 +58,38 @@ def _expert(
 def reference_forward(
     config: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor
 ) -> ReferenceOutput:
-    """The layer's output on x (S, D), computed token by token."""
+    """The layer's output on x (S, D), computed token by token.
+
+    The ``null_topk`` / ``null_threshold`` routers (AdaMoE) rank the router's n + m rows, of which
+    ids >= n are null experts: ranked and counted by the balance loss, never computed, and the
+    true picks' weights are divided by their sum. ``expert_choice`` (in training mode): each
+    expert takes its C most probable tokens; no balance loss."""
     num_tokens, num_experts = x.shape[0], config.num_experts
     probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
+    num_ranked = probs.shape[1]  # the true experts and any null ones
+    null = config.router in ("null_topk", "null_threshold")
 
-    wanted: list[list[int]] = []
+    takers: dict[int, list[int]] = {}  # expert choice: per expert, the tokens it takes
+    if config.router == "expert_choice":
+        for e in range(num_experts):
+            by_prob = sorted(range(num_tokens), key=lambda s, e=e: (-probs[s, e].item(), s))
+            takers[e] = by_prob[: config.capacity(num_tokens)]
+
+    ranked: list[list[int]] = []  # per token, the rule's choice among all ranked experts
     for s in range(num_tokens):
         p = probs[s].tolist()
-        order = sorted(range(num_experts), key=lambda e, p=p: (-p[e], e))
-        if config.router in ("topk", "deepseek"):
+        order = sorted(range(num_ranked), key=lambda e, p=p: (-p[e], e))
+        if config.router in ("topk", "null_topk", "deepseek"):
             chosen = order[: config.top_k]
+        elif config.router == "expert_choice":
+            chosen = [e for e in order if s in takers[e]]
         else:
             chosen = []
             for e in order:
                 if math.fsum(p[c] for c in chosen) < config.threshold:
                     chosen.append(e)
-        wanted.append(chosen)
+        ranked.append(chosen)
+    wanted = [[e for e in chosen if e < num_experts] for chosen in ranked]
 
     kept_pairs = {(s, e) for s in range(num_tokens) for e in wanted[s]}
     capacity = config.capacity(num_tokens)
@@ -83,7 +99,7 @@ def reference_forward(
             candidates = [
                 (rank, -probs[s, e].item(), s)
                 for s in range(num_tokens)
-                for rank, chosen in enumerate(wanted[s])
+                for rank, chosen in enumerate(ranked[s])
                 if chosen == e
             ]
             for _, _, s in sorted(candidates)[:capacity]:
@@ -93,6 +109,9 @@ def reference_forward(
     rows = []
     for s in range(num_tokens):
         weights = [probs[s, e] for e in kept[s]]
+        if null and weights:  # over the true picks, before capacity
+            total = sum(probs[s, e] for e in wanted[s])
+            weights = [w / total for w in weights]
         if config.renormalize and weights:
             total = sum(weights)
             weights = [w / total for w in weights]
@@ -104,18 +123,21 @@ def reference_forward(
         rows.append(y)
     hidden = torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
 
-    top1 = [wanted[s][0] for s in range(num_tokens)]
-    fraction = torch.tensor(
-        [top1.count(e) / num_tokens for e in range(num_experts)], dtype=probs.dtype
-    )
-    aux = config.aux_loss_coef * num_experts * (probs.mean(dim=0) * fraction).sum()
-    if config.router.startswith("deepseek"):
+    if config.router == "expert_choice":  # balanced by construction: no balance loss
+        aux = probs.sum() * 0.0
+    elif config.router.startswith("deepseek"):
         aux = _deepseek_aux(config, probs, wanted)
+    else:
+        top1 = [ranked[s][0] for s in range(num_tokens)]
+        fraction = torch.tensor(
+            [top1.count(e) / num_tokens for e in range(num_ranked)], dtype=probs.dtype
+        )
+        aux = config.aux_loss_coef * num_ranked * (probs.mean(dim=0) * fraction).sum()
 
     matrices = 3 if config.gated else 2
     kept_total = sum(len(k) for k in kept) + config.num_shared_experts * num_tokens
     flops = (kept_total * 2 * matrices * config.d_model * config.d_expert) / num_tokens + (
-        2 * config.d_model * num_experts
+        2 * config.d_model * num_ranked
     )
     return ReferenceOutput(hidden, aux, wanted, kept, flops)
 

@@ -53,6 +53,28 @@ CASES = {
         (8, 8),
         (8, 8, 8, 8),
     ),
+    # routers of the related papers: the router's rows stay whole on every rank
+    "null-topk-capacity": (
+        {
+            "router": "null_topk",
+            "router_options": {"num_null": 2},
+            "top_k": 3,
+            "capacity_factor": 1.0,
+            "min_capacity": 1,
+        },
+        (9, 6),
+        (9, 6, 4, 7),
+    ),
+    "null-threshold": (
+        {"router": "null_threshold", "router_options": {"num_null": 3}},
+        (5, 7),
+        (5, 7, 0, 6),
+    ),
+    "expert-choice": (
+        {"router": "expert_choice", "capacity_factor": 1.0, "min_capacity": 1},
+        (9, 6),
+        (9, 6, 4, 0),
+    ),
 }
 
 

@@ -154,10 +154,14 @@ class RouterOptions(DictConfig):
             U(-1/sqrt(d_model), 1/sqrt(d_model)), as the XMoE reference code's router).
         entropy_coef: β of the router-entropy loss ``β · mean_s H(p_s)`` (Dynamic-MoE's
             "dynamic loss"), which sharpens the router; 0 disables it.
+        z_loss_coef: coefficient of ST-MoE's router z-loss ``coef · mean_s logsumexp(z_s)²`` on
+            the logits z that enter the softmax, which keeps them small (fp32-safe); 0 disables
+            it.
     """
 
     init: str = "normal"
     entropy_coef: float = 0.0
+    z_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         _require_choice("router_options.init", self.init, ROUTER_INITS)
@@ -165,6 +169,12 @@ class RouterOptions(DictConfig):
             _is_number(self.entropy_coef) and self.entropy_coef >= 0,
             "router_options.entropy_coef",
             self.entropy_coef,
+            "a finite number >= 0",
+        )
+        _require(
+            _is_number(self.z_loss_coef) and self.z_loss_coef >= 0,
+            "router_options.z_loss_coef",
+            self.z_loss_coef,
             "a finite number >= 0",
         )
 
@@ -340,8 +350,9 @@ class MoEConfig(DictConfig):
 
     @property
     def router_flops(self) -> int:
-        """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`)."""
-        return flops.router_flops(self.d_model, self.num_experts)
+        """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`) over the
+        logits its rule ranks (``Router.num_logits``)."""
+        return flops.router_flops(self.d_model, ROUTERS[self.router].num_logits(self))
 
     @property
     def dense_flops(self) -> int:

@@ -59,6 +59,9 @@ ROUTERS: Registry = Registry(
     {
         "deepseek": "xmoe.routing.deepseek",
         "deepseek_threshold": "xmoe.routing.deepseek",
+        "expert_choice": "xmoe.routing.expert_choice",
+        "null_topk": "xmoe.routing.null",
+        "null_threshold": "xmoe.routing.null",
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",

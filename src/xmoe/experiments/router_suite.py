@@ -47,7 +47,7 @@ ROWS: dict[str, Callable[[Model], MoEConfig]] = {
     "xmoe-32": _xmoe32,
     "topp": lambda model: preset_moe("topp-32", model),
     "deepseek": lambda model: fine_grained_shared(_top2(model), split=4, shared=1),
-    "null": _routed(_top2, "null", top_k=3, router_options={"num_null": 8}),
+    "null": _routed(_top2, "null_topk", top_k=3, router_options={"num_null": 8}),
     "expert_choice": _routed(_top2, "expert_choice"),
     "sigmoid": _routed(_xmoe32, "sigmoid"),
     "smoe_dropout": _routed(_top2, "smoe_dropout"),
@@ -58,7 +58,7 @@ ROWS: dict[str, Callable[[Model], MoEConfig]] = {
         _top2(model), 2, 1, "deepseek_threshold", {"logit_scale": LOGIT_SCALE}
     ),
     "threshold+null": _routed(
-        _xmoe32, "null", router_options={"num_null": 16, "rule": "threshold"}
+        _xmoe32, "null_threshold", router_options={"num_null": 16, "logit_scale": LOGIT_SCALE}
     ),
 }
 """Row name -> its MoE layer at a paper's default (AdaMoE: k raised to 3 with m = n/2 null

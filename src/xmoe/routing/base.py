@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.config import RouterOptions
-from xmoe.routing.losses import entropy_loss, switch_balance_loss
+from xmoe.routing.losses import entropy_loss, switch_balance_loss, z_loss
 from xmoe.routing.selection import Selection
 
 if TYPE_CHECKING:
@@ -47,11 +47,13 @@ class RouterOutput:
 class Router(nn.Module):
     """Base class of the routers in :data:`xmoe.registry.ROUTERS`.
 
-    Holds ``weight`` of shape (E, d_model) (no bias). A subclass sets ``Options`` (a
-    :class:`~xmoe.config.RouterOptions` subclass, validated with the config) and implements
+    Holds ``weight`` of shape (:meth:`num_logits`, d_model), by default (E, d_model), no
+    bias. A subclass sets ``Options`` (a :class:`~xmoe.config.RouterOptions` subclass,
+    validated with the config) and implements
     :meth:`select`; it may transform :meth:`logits`, add losses in :meth:`losses` and adapt
     itself between training steps in :meth:`end_step`. Every router has the Switch balance
-    loss (``aux_loss_coef``) and the optional entropy loss (``router_options.entropy_coef``).
+    loss (``aux_loss_coef``) unless :attr:`balance_loss` is off, and the optional entropy and
+    z losses (``router_options.entropy_coef``, ``z_loss_coef``).
 
     The config is the recipe the router was built from; a tunable it reads (``threshold``,
     ``top_k``, or a field of its own ``Options``) is copied into the router at construction,
@@ -62,6 +64,8 @@ class Router(nn.Module):
     Options: ClassVar[type[RouterOptions]] = RouterOptions
     uses_threshold: ClassVar[bool] = False
     """Whether this router has a mass threshold (``set_threshold`` applies)."""
+    balance_loss: ClassVar[bool] = True
+    """Whether the Switch balance loss applies (a rule balanced by construction has none)."""
     tunable_names: ClassVar[tuple[str, ...]] = ()
     """The :class:`~xmoe.config.MoEConfig` fields, or fields of its ``Options``, this router
     reads, as attributes of its own (:meth:`~xmoe.config.MoEConfig.tunable` reads a recipe's)."""
@@ -69,8 +73,14 @@ class Router(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.weight = nn.Parameter(torch.empty(self.num_logits(config), config.d_model))
         self.reset_parameters()
+
+    @classmethod
+    def num_logits(cls, config: MoEConfig) -> int:
+        """Rows of ``weight``: one logit per expert the rule ranks. ``num_experts`` unless the
+        rule also ranks experts that are not in the layer (AdaMoE's null experts)."""
+        return config.num_experts
 
     @property
     def options(self) -> RouterOptions:
@@ -102,10 +112,10 @@ class Router(nn.Module):
 
     def losses(self, probs_SE: torch.Tensor, selection: Selection) -> dict[str, torch.Tensor]:
         """Named auxiliary losses of a training call, scaled by their coefficients."""
-        losses = {
-            "balance": self.config.aux_loss_coef
-            * switch_balance_loss(probs_SE, selection.top1_expert_S)
-        }
+        losses = {}
+        if self.balance_loss:
+            balance = switch_balance_loss(probs_SE, selection.top1_expert_S)
+            losses["balance"] = self.config.aux_loss_coef * balance
         if self.options.entropy_coef > 0:
             losses["entropy"] = self.options.entropy_coef * entropy_loss(probs_SE)
         return losses
@@ -114,7 +124,12 @@ class Router(nn.Module):
         probs_SE = self.probabilities(x_SD)
         selection = self.select(probs_SE)
         train = self.training and x_SD.shape[0] > 0  # losses only steer training
-        return RouterOutput(probs_SE, selection, self.losses(probs_SE, selection) if train else {})
+        losses = self.losses(probs_SE, selection) if train else {}
+        if train and self.options.z_loss_coef > 0:
+            # the logits again (one router matmul, only with the z-loss on): a subclass may
+            # define its probabilities otherwise, so forward keeps asking probabilities()
+            losses["z"] = self.options.z_loss_coef * z_loss(self.logits(x_SD))
+        return RouterOutput(probs_SE, selection, losses)
 
     def tunables(self) -> dict[str, Any]:
         """``tunable_names`` with the values this router holds now (what a saved config must

@@ -32,3 +32,9 @@ def entropy_loss(probs_SE: torch.Tensor) -> torch.Tensor:
     (Dynamic-MoE's "dynamic loss").
     """
     return torch.special.entr(probs_SE).sum(dim=-1).mean()
+
+
+def z_loss(logits_SE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss ``mean_s logsumexp(z_s)²``: it penalises large logits, whose
+    exponentials lose precision in the softmax, without preferring any expert."""
+    return torch.logsumexp(logits_SE, dim=-1).pow(2).mean()

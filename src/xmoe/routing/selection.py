@@ -25,7 +25,9 @@ class Selection:
             probabilities are ordered by ascending expert id.
         probs_SK: (S, K) their router probabilities (differentiable): what capacity priority
             and the losses read.
-        wanted_SK: (S, K) bool, a prefix per row: the experts the rule selects.
+        wanted_SK: (S, K) bool, the experts the rule selects: a prefix per row for the
+            ranking rules, with gaps where a ranked choice is computed by no expert (a null
+            expert).
         weight_SK: (S, K) the factors the experts' outputs are combined with (differentiable
             where they depend on the router). Kept apart from ``probs_SK`` because rules
             combine differently (1/k, sigmoid gates, renormalised over real experts,
@@ -40,8 +42,8 @@ class Selection:
     def top1_of(self, values_SK: torch.Tensor) -> torch.Tensor:
         """(S,) each token's entry of ``values_SK`` at its top-1 choice of a real expert, the
         one statistics and the balance loss count. The ranking is best first, so this is
-        column 0; a rule whose first column can be something else (a null expert) overrides
-        it."""
+        column 0; a rule whose column 0 is not the choice they should count overrides it
+        (AdaMoE's null experts are counted: their balance loss is over real and null)."""
         return values_SK[:, 0]
 
     @property

@@ -30,7 +30,8 @@ class RoutingStats:
         wanted_per_token: (S,) experts each token's rule selected, before capacity.
         kept_per_token: (S,) experts each token was computed with, after capacity.
         expert_load: (E,) kept pairs per expert.
-        top1_load: (E,) tokens whose most probable expert is e.
+        top1_load: (E,) tokens whose most probable expert is e (of the experts the rule ranks,
+            which may include null experts: a token whose top-1 is one counts for none).
         drop_fraction: scalar, fraction of wanted (token, expert) pairs dropped by capacity.
         top1_drop_fraction: scalar, fraction of tokens whose first choice was dropped.
         tokens_with_drop_fraction: scalar, fraction of tokens that lost at least one expert.
@@ -56,7 +57,8 @@ class RoutingStats:
         self._wanted_SK = wanted_SK.detach()
         self._kept_SK = kept_SK.detach()
         self._top1_expert_S = top1_expert_S.detach()
-        # whether each token's top-1 pair survived capacity; None: its rank-0 pair
+        # whether each token's top-1 choice escaped capacity (one the rule sends to no expert,
+        # a null expert, cannot be dropped); None: its rank-0 pair survived
         self._top1_kept_S = None if top1_kept_S is None else top1_kept_S.detach()
         self.expert_load = expert_load_E.detach()
         self._expert_flops = expert_flops
@@ -77,7 +79,7 @@ class RoutingStats:
             selection.top1_expert_S,
             expert_flops,
             dense_flops,
-            selection.top1_of(pairs.kept_SK),
+            selection.top1_of(pairs.kept_SK | ~pairs.wanted_SK),
         )
 
     @cached_property
@@ -94,7 +96,9 @@ class RoutingStats:
 
     @cached_property
     def top1_load(self) -> torch.Tensor:
-        return torch.bincount(self._top1_expert_S, minlength=self.expert_load.numel())
+        # a top-1 choice outside the E experts (a null expert) loads none of them
+        num_experts = self.expert_load.numel()
+        return torch.bincount(self._top1_expert_S, minlength=num_experts)[:num_experts]
 
     @cached_property
     def drop_fraction(self) -> torch.Tensor:
