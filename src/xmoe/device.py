@@ -5,7 +5,7 @@ drain (a host sync). Code that would read routing results on the host (the per-e
 loop, expert-range chunks, the threshold router's widening) takes a tensor-only path on devices
 not listed here, so that a forward+backward launches its kernels without waiting.
 
-Syncs that remain off the CPU, per layer call (``tests/test_sync_free.py`` checks that no
+Syncs that remain off the CPU, per layer call (``tests/experts/test_ffn_function.py`` checks that no
 Python-level host read is left):
 
 * ``route_pairs``: the ``nonzero`` of the wanted (S, K) mask, since N, the number of pairs, is a

@@ -13,7 +13,7 @@ FFN's hand-written ``autograd.Function``.
 A new engine is an :class:`Engine` subclass in a file of its own, registered with
 ``@ENGINES.register("name")`` (and listed in :data:`xmoe.registry.ENGINES` for a lazy import):
 that makes it a ``MoEConfig.backend`` choice, a candidate for ``auto``, and a subject of the
-conformance tests in ``tests/test_backends.py``.
+conformance tests in ``tests/dispatch/test_engines.py``.
 """
 
 from __future__ import annotations

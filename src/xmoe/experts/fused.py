@@ -7,7 +7,7 @@ autograd function of :mod:`xmoe.experts.ffn_function` over a grouped-matmul engi
 (a fused Triton kernel) is an :class:`ExpertFFN` subclass in a file of its own, registered with
 ``@EXPERT_FFN.register("name")`` and listed in :data:`xmoe.registry.EXPERT_FFN` for a lazy
 import: that makes it an ``MoEConfig.expert_ffn`` choice and a subject of the conformance tests
-in ``tests/test_fused_gate_up.py``.
+in ``tests/experts/test_fused.py``.
 
 Shape legend: S tokens, N kept pairs, D d_model, H d_expert.
 """

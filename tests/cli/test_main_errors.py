@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from test_runs import _text_run, tiny_config
+from tests.training.test_rundir import _text_run, tiny_config
 from xmoe.cli.main import main
 from xmoe.hf.generation import scale_logits
 from xmoe.models import TransformerLM

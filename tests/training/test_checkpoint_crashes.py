@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_runs import tiny_config
+from tests.training.test_rundir import tiny_config
 from xmoe.storage import LockedError
 from xmoe.training.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from xmoe.training.rundir import RunDir
 from xmoe.training.trainer import train
 
-DRIVER = Path(__file__).with_name("crash_driver.py")
+DRIVER = Path(__file__).parents[1] / "crash_driver.py"
 
 
 class Driver:

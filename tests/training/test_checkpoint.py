@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save as serialize_tensors
 
 import xmoe.storage
-from test_crash_safety import Driver
-from test_runs import _copy_run, _damage, _tensor_spans, _text_run, tiny_config
+from tests.training.test_checkpoint_crashes import Driver
+from tests.training.test_rundir import _copy_run, _damage, _tensor_spans, _text_run, tiny_config
 from xmoe.cli.main import main
 from xmoe.storage import DIGESTS_KEY, DamagedFileError, read_verified, tensor_crc32
 from xmoe.training.checkpoint import (

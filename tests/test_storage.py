@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_runs import tiny_config
+from tests.training.test_rundir import tiny_config
 from xmoe.cli.main import main
 from xmoe.data import tokens
 from xmoe.data.corpus import KJV, SHAKESPEARE, Document
