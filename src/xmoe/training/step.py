@@ -79,6 +79,13 @@ class StepLoss:
     routing: list[RoutingStats] = field(default_factory=list)
 
 
+def lm_step_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> StepLoss:
+    """The :class:`StepLoss` of a language model (:class:`xmoe.models.TransformerLM`) on one
+    micro-batch: its cross-entropy, router losses and routing statistics."""
+    out = model(input_ids, targets)
+    return StepLoss(out.loss, out.aux_loss, out.aux_losses, out.routing)
+
+
 @dataclass
 class StepStats:
     """One step's metrics, as floats summed over the micro-batches (and the ranks), each
