@@ -49,12 +49,22 @@ def _expert(params: dict[str, torch.Tensor], config: MoEConfig, e: int, x: torch
     return y
 
 
+def _combine_weight(config: MoEConfig, p: torch.Tensor) -> torch.Tensor:
+    """A kept expert's combine weight: its probability, or for DSMoE's sigmoid gate g the gate
+    times a mask that is 1 forward and has g's gradient backward (straight-through)."""
+    if config.router == "sigmoid":
+        return p * (1.0 + p - p.detach())
+    return p
+
+
 def reference_forward(
     config: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor
 ) -> ReferenceOutput:
     """The layer's output on x (S, D), computed token by token."""
     num_tokens, num_experts = x.shape[0], config.num_experts
-    probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
+    logits = x @ params["router.weight"].t()
+    sigmoid = config.router == "sigmoid"  # DSMoE: independent gates, not a distribution
+    probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
 
     wanted: list[list[int]] = []
     for s in range(num_tokens):
@@ -62,6 +72,9 @@ def reference_forward(
         order = sorted(range(num_experts), key=lambda e, p=p: (-p[e], e))
         if config.router == "topk":
             chosen = order[: config.top_k]
+        elif sigmoid:  # open gates, or the best expert when none is open
+            tau = config.router_options.gate_threshold
+            chosen = [e for e in order if p[e] > tau] or order[:1]
         else:
             chosen = []
             for e in order:
@@ -86,7 +99,7 @@ def reference_forward(
 
     rows = []
     for s in range(num_tokens):
-        weights = [probs[s, e] for e in kept[s]]
+        weights = [_combine_weight(config, probs[s, e]) for e in kept[s]]
         if config.renormalize and weights:
             total = sum(weights)
             weights = [w / total for w in weights]
@@ -101,6 +114,8 @@ def reference_forward(
         [top1.count(e) / num_tokens for e in range(num_experts)], dtype=probs.dtype
     )
     aux = config.aux_loss_coef * num_experts * (probs.mean(dim=0) * fraction).sum()
+    if sigmoid:
+        aux = aux + config.router_options.sparsity_coef * probs.mean()
 
     matrices = 3 if config.gated else 2
     kept_total = sum(len(k) for k in kept)

@@ -57,6 +57,7 @@ class Registry(Mapping[str, T], Generic[T]):
 ROUTERS: Registry = Registry(
     "router",
     {
+        "sigmoid": "xmoe.routing.sigmoid",
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",
