@@ -70,7 +70,7 @@ def reference_forward(
     for s in range(num_tokens):
         p = probs[s].tolist()
         order = sorted(range(num_experts), key=lambda e, p=p: (-p[e], e))
-        if config.router == "topk":
+        if config.router in ("topk", "smoe_dropout"):  # smoe_dropout: eval, or training step 0
             chosen = order[: config.top_k]
         elif sigmoid:  # open gates, or the best expert when none is open
             tau = config.router_options.gate_threshold
@@ -100,6 +100,8 @@ def reference_forward(
     rows = []
     for s in range(num_tokens):
         weights = [_combine_weight(config, probs[s, e]) for e in kept[s]]
+        if config.router == "smoe_dropout":  # softmax over the selected logits
+            weights = [w / sum(probs[s, e] for e in wanted[s]) for w in weights]
         if config.renormalize and weights:
             total = sum(weights)
             weights = [w / total for w in weights]

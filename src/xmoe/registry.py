@@ -58,6 +58,7 @@ ROUTERS: Registry = Registry(
     "router",
     {
         "sigmoid": "xmoe.routing.sigmoid",
+        "smoe_dropout": "xmoe.routing.smoe_dropout",
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",
