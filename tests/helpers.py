@@ -32,7 +32,8 @@ def make_layer(config: MoEConfig, dtype=torch.float64, router_std: float = 1.0, 
     torch.manual_seed(seed)
     layer = MoELayer(config)
     with torch.no_grad():
-        layer.router.weight.normal_(0.0, router_std)
+        if layer.router.has_weight:  # THOR has no router
+            layer.router.weight.normal_(0.0, router_std)
         for name, p in layer.experts.named_parameters():
             p.normal_(0.0, 0.3 if name.startswith("w") else 0.1)
     return layer.to(dtype)

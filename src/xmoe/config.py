@@ -311,7 +311,10 @@ class MoEConfig(DictConfig):
 
     @property
     def router_flops(self) -> int:
-        """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`)."""
+        """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`); 0 for a
+        rule with no router to compute (``has_weight`` False, THOR)."""
+        if not ROUTERS[self.router].has_weight:
+            return 0
         return flops.router_flops(self.d_model, self.num_experts)
 
     @property

@@ -16,6 +16,7 @@ from xmoe.config import (
     _require_bool,
     _require_choice,
 )
+from xmoe.registry import ROUTERS
 
 DENSE_ACTIVATIONS = ("gelu", "relu", "silu")
 
@@ -120,7 +121,8 @@ class ModelConfig(DictConfig):
         moe_ffn = 0
         if self.moe is not None:  # the router's (E, d) matrix and each expert's matrices
             expert = flops.ffn_params(d, self.moe.d_expert, self.moe.gated)
-            moe_ffn = self.moe.num_experts * (d + expert)
+            router = d if ROUTERS[self.moe.router].has_weight else 0  # THOR has no router
+            moe_ffn = self.moe.num_experts * (router + expert)
         dense_ffn = flops.ffn_params(d, self.d_ff, gated=False)
         ffns = num_moe * moe_ffn + (self.num_layers - num_moe) * dense_ffn
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)

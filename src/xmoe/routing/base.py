@@ -63,6 +63,9 @@ class Router(nn.Module):
     """Whether this router has a mass threshold (``set_threshold`` applies)."""
     tunable_names: ClassVar[tuple[str, ...]] = ()
     """The :class:`~xmoe.config.MoEConfig` fields this router reads, as attributes of its own."""
+    has_weight: ClassVar[bool] = True
+    """Whether the router computes its linear map (``MoEConfig.router_flops`` counts it); a rule
+    with no learned router (THOR) has no ``weight`` and costs 0."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -121,6 +124,11 @@ class Router(nn.Module):
 
     def end_step(self) -> None:
         """Called once after each optimizer step (routers that adapt between steps)."""
+
+    def consistency_coef(self) -> float:
+        """α of a consistency loss between two forward passes of each training step (THOR's
+        stochastic experts, :func:`xmoe.training.step.lm_step_loss`); 0: one pass."""
+        return 0.0
 
     def extra_repr(self) -> str:
         return f"d_model={self.config.d_model}, num_experts={self.config.num_experts}"
