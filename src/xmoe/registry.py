@@ -59,6 +59,7 @@ ROUTERS: Registry = Registry(
     {
         "sigmoid": "xmoe.routing.sigmoid",
         "smoe_dropout": "xmoe.routing.smoe_dropout",
+        "thor": "xmoe.routing.thor",
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",
