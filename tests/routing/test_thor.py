@@ -119,9 +119,8 @@ def test_symmetric_kl_matches_the_formula():
 
 def _tiny_lm(**router_options) -> TransformerLM:
     config = preset("tiny").model
-    moe = config.moe.__class__(**{**config.moe.to_dict(), "router": "thor"} | {
-        "router_options": router_options
-    })  # fmt: skip
+    fields = {"router": "thor", "router_options": router_options, "capacity_factor": None}
+    moe = config.moe.__class__(**config.moe.to_dict() | fields)
     torch.manual_seed(0)
     return TransformerLM(config.__class__(**{**config.to_dict(), "moe": moe}))
 
@@ -154,7 +153,7 @@ def test_without_the_consistency_loss_the_step_is_one_pass():
 
 
 def test_trains_in_the_language_model():
-    model, _, data = train_tiny_lm(3, **{"moe.router": "thor"})
+    model, _, data = train_tiny_lm(3, **{"moe.router": "thor", "moe.capacity_factor": "none"})
     x = torch.as_tensor(data.val[:33].astype("int64")).view(1, -1)
     parts = lm_step_loss(model.train(), x[:, :-1], x[:, 1:])
     assert torch.isfinite(parts.loss) and set(parts.aux_losses) == {"consistency"}
@@ -172,3 +171,9 @@ def test_trains_in_the_language_model():
 def test_bad_options_are_named(options, fragment):
     with pytest.raises(ConfigError, match=fragment):
         _config(router_options=options)
+
+
+def test_capacity_is_refused():
+    """A training batch goes to one expert, so any capacity would drop most of it."""
+    with pytest.raises(ConfigError, match=r"capacity_factor=1.0 is invalid.*router='thor'"):
+        _config(capacity_factor=1.0)

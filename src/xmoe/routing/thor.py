@@ -61,6 +61,14 @@ class THOROptions(RouterOptions):
             "0 (THOR has no router probabilities)",
         )
 
+    def check_for(self, config: MoEConfig) -> None:
+        _require(
+            config.capacity_factor is None,
+            "capacity_factor",
+            config.capacity_factor,
+            "None with router='thor' (a training batch goes to one expert: any capacity drops it)",
+        )
+
 
 @ROUTERS.register("thor")
 class THORRouter(Router):
