@@ -45,7 +45,8 @@ def make_layer(config: MoEConfig, dtype=torch.float64, router_std: float = 1.0, 
     torch.manual_seed(seed)
     layer = MoELayer(config)
     with torch.no_grad():
-        layer.router.weight.normal_(0.0, router_std)
+        if layer.router.has_weight:  # THOR has no router
+            layer.router.weight.normal_(0.0, router_std)
         for name, p in layer.experts.named_parameters():
             p.normal_(0.0, 0.3 if name.startswith("w") else 0.1)
     return layer.to(dtype)
@@ -138,3 +139,29 @@ def train_then_round_trip(save_dir, moe_overrides: dict) -> None:
     assert torch.equal(
         cached, model.generate(prompt, attention_mask=mask, use_cache=False, **common)
     )
+
+
+def train_tiny_lm(steps: int, seed: int = 0, **overrides):
+    """A ``tiny``-preset TransformerLM with ``overrides`` (``tiny_config`` keys) after ``steps``
+    steps of the trainer's own step on the synthetic stream; returns (model, config, data).
+    Quicker than ``train`` (no run folder, no evaluation), same step and router hooks."""
+    from xmoe.data import synthetic_token_data
+    from xmoe.data.tokens import random_batch
+    from xmoe.models import TransformerLM
+    from xmoe.training.config import apply_overrides
+    from xmoe.training.presets import preset
+    from xmoe.training.step import lm_step_loss, train_step
+    from xmoe.training.trainer import build_optimizer
+
+    config = apply_overrides(preset("tiny"), [f"{k}={v}" for k, v in overrides.items()])
+    torch.manual_seed(seed)
+    model = TransformerLM(config.model)
+    data = synthetic_token_data(vocab_size=config.model.vocab_size, num_tokens=6000, seed=seed)
+    optimizer = build_optimizer(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = random_batch(data.train, config.batch_size, config.seq_len, generator)
+        train_step(model, optimizer, [batch], lambda b: lm_step_loss(model, *b))
+        model.end_training_step()
+    return model, config, data

@@ -55,6 +55,14 @@ def _expert(
     return y
 
 
+def _combine_weight(config: MoEConfig, p: torch.Tensor) -> torch.Tensor:
+    """A kept expert's combine weight: its probability, or for DSMoE's sigmoid gate g the gate
+    times a mask that is 1 forward and has g's gradient backward (straight-through)."""
+    if config.router == "sigmoid":
+        return p * (1.0 + p - p.detach())
+    return p
+
+
 def reference_forward(
     config: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor
 ) -> ReferenceOutput:
@@ -65,7 +73,9 @@ def reference_forward(
     true picks' weights are divided by their sum. ``expert_choice`` (in training mode): each
     expert takes its C most probable tokens; no balance loss."""
     num_tokens, num_experts = x.shape[0], config.num_experts
-    probs = torch.softmax(x @ params["router.weight"].t(), dim=-1)
+    logits = x @ params["router.weight"].t()
+    sigmoid = config.router == "sigmoid"  # DSMoE: independent gates, not a distribution
+    probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
     num_ranked = probs.shape[1]  # the true experts and any null ones
     null = config.router in ("null_topk", "null_threshold")
 
@@ -79,10 +89,14 @@ def reference_forward(
     for s in range(num_tokens):
         p = probs[s].tolist()
         order = sorted(range(num_ranked), key=lambda e, p=p: (-p[e], e))
-        if config.router in ("topk", "null_topk", "deepseek"):
+        # smoe_dropout: eval, or training step 0
+        if config.router in ("topk", "null_topk", "deepseek", "smoe_dropout"):
             chosen = order[: config.top_k]
         elif config.router == "expert_choice":
             chosen = [e for e in order if s in takers[e]]
+        elif sigmoid:  # open gates, or the best expert when none is open
+            tau = config.router_options.gate_threshold
+            chosen = [e for e in order if p[e] > tau] or order[:1]
         else:
             chosen = []
             for e in order:
@@ -108,10 +122,12 @@ def reference_forward(
 
     rows = []
     for s in range(num_tokens):
-        weights = [probs[s, e] for e in kept[s]]
+        weights = [_combine_weight(config, probs[s, e]) for e in kept[s]]
         if null and weights:  # over the true picks, before capacity
             total = sum(probs[s, e] for e in wanted[s])
             weights = [w / total for w in weights]
+        if config.router == "smoe_dropout":  # softmax over the selected logits
+            weights = [w / sum(probs[s, e] for e in wanted[s]) for w in weights]
         if config.renormalize and weights:
             total = sum(weights)
             weights = [w / total for w in weights]
@@ -133,6 +149,8 @@ def reference_forward(
             [top1.count(e) / num_tokens for e in range(num_ranked)], dtype=probs.dtype
         )
         aux = config.aux_loss_coef * num_ranked * (probs.mean(dim=0) * fraction).sum()
+    if sigmoid:
+        aux = aux + config.router_options.sparsity_coef * probs.mean()
 
     matrices = 3 if config.gated else 2
     kept_total = sum(len(k) for k in kept) + config.num_shared_experts * num_tokens

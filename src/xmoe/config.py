@@ -351,8 +351,12 @@ class MoEConfig(DictConfig):
     @property
     def router_flops(self) -> int:
         """Forward FLOPs of the router on one token (:func:`xmoe.flops.router_flops`) over the
-        logits its rule ranks (``Router.num_logits``)."""
-        return flops.router_flops(self.d_model, ROUTERS[self.router].num_logits(self))
+        logits its rule ranks (``Router.num_logits``); 0 for a rule with no router to compute
+        (``has_weight`` False, THOR)."""
+        router = ROUTERS[self.router]
+        if not router.has_weight:
+            return 0
+        return flops.router_flops(self.d_model, router.num_logits(self))
 
     @property
     def dense_flops(self) -> int:

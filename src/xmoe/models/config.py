@@ -16,6 +16,7 @@ from xmoe.config import (
     _require_bool,
     _require_choice,
 )
+from xmoe.registry import ROUTERS
 
 DENSE_ACTIVATIONS = ("gelu", "relu", "silu")
 
@@ -118,9 +119,11 @@ class ModelConfig(DictConfig):
         known without building it (sizes too large to allocate are refused with it)."""
         d, num_moe = self.d_model, self.num_moe_blocks if self.moe is not None else 0
         moe_ffn = 0
-        if self.moe is not None:  # the router's (E, d) matrix and each expert's matrices
+        if self.moe is not None:  # the router's (logits, d) matrix and each expert's matrices
             expert = flops.ffn_params(d, self.moe.d_expert, self.moe.gated)
-            moe_ffn = self.moe.num_experts * (d + expert)
+            router = ROUTERS[self.moe.router]
+            rows = router.num_logits(self.moe) if router.has_weight else 0  # THOR has none
+            moe_ffn = self.moe.num_experts * expert + rows * d
         dense_ffn = flops.ffn_params(d, self.d_ff, gated=False)
         ffns = num_moe * moe_ffn + (self.num_layers - num_moe) * dense_ffn
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)

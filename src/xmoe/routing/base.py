@@ -69,6 +69,9 @@ class Router(nn.Module):
     tunable_names: ClassVar[tuple[str, ...]] = ()
     """The :class:`~xmoe.config.MoEConfig` fields, or fields of its ``Options``, this router
     reads, as attributes of its own (:meth:`~xmoe.config.MoEConfig.tunable` reads a recipe's)."""
+    has_weight: ClassVar[bool] = True
+    """Whether the router computes its linear map (``MoEConfig.router_flops`` counts it); a rule
+    with no learned router (THOR) has no ``weight`` and costs 0."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -138,6 +141,11 @@ class Router(nn.Module):
 
     def end_step(self) -> None:
         """Called once after each optimizer step (routers that adapt between steps)."""
+
+    def consistency_coef(self) -> float:
+        """α of a consistency loss between two forward passes of each training step (THOR's
+        stochastic experts, :func:`xmoe.training.step.lm_step_loss`); 0: one pass."""
+        return 0.0
 
     def extra_repr(self) -> str:
         return f"d_model={self.config.d_model}, num_experts={self.config.num_experts}"

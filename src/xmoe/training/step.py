@@ -79,6 +79,37 @@ class StepLoss:
     routing: list[RoutingStats] = field(default_factory=list)
 
 
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor):
+    """``½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)]`` of the softmaxes of (..., V) logits, in fp32,
+    averaged over the positions where ``mask`` is True."""
+    log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)
+    per_position = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)
+    return per_position[mask].sum() / mask.sum().clamp_min(1)
+
+
+def lm_step_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> StepLoss:
+    """The :class:`StepLoss` of a language model (:class:`xmoe.models.TransformerLM`) on one
+    micro-batch: its cross-entropy, router losses and routing statistics.
+
+    When the routers ask for a consistency loss (``Router.consistency_coef`` α > 0, THOR), the
+    micro-batch runs twice (each pass draws its own random experts) and the loss is half of
+    THOR's objective ``CE₁ + CE₂ + α · ½[KL(p₁‖p₂) + KL(p₂‖p₁)]``: the mean of the two
+    cross-entropies (so the logged loss stays one cross-entropy) plus the ``consistency`` aux
+    loss ``α/2 · ½[KL + KL]``. Routing statistics are the first pass's."""
+    coef = max((layer.router.consistency_coef() for layer in model.moe_layers), default=0.0)
+    out = model(input_ids, targets)
+    if coef == 0:
+        return StepLoss(out.loss, out.aux_loss, out.aux_losses, out.routing)
+    second = model(input_ids, targets)
+    consistency = 0.5 * coef * symmetric_kl(out.logits, second.logits, targets != -100)
+    aux_losses = {
+        name: (out.aux_losses[name] + value) / 2 for name, value in second.aux_losses.items()
+    }
+    aux_losses["consistency"] = consistency
+    aux_loss = (out.aux_loss + second.aux_loss) / 2 + consistency
+    return StepLoss((out.loss + second.loss) / 2, aux_loss, aux_losses, out.routing)
+
+
 @dataclass
 class StepStats:
     """One step's metrics, as floats summed over the micro-batches (and the ranks), each

@@ -22,7 +22,7 @@ from xmoe.training.config import TrainConfig
 from xmoe.training.evaluate import EvalResult, autocast_context, evaluate
 from xmoe.training.memory import check_run_memory
 from xmoe.training.rundir import RunDir, tokenizer_file_sha256
-from xmoe.training.step import DivergenceError, SingleProcess, StepLoss, train_step
+from xmoe.training.step import DivergenceError, SingleProcess, StepLoss, lm_step_loss, train_step
 
 
 @dataclass
@@ -294,8 +294,7 @@ def _train_locked(
 
     def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> StepLoss:
         with autocast_context(config.precision, device):
-            out = model(*batch)
-        return StepLoss(out.loss, out.aux_loss, out.aux_losses, out.routing)
+            return lm_step_loss(model, *batch)
 
     last_step = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
     model.train()

@@ -1,0 +1,179 @@
+"""THOR's stochastic experts: random experts per batch in training and per token (or the
+ensemble) at inference, against a per-token reference; no router and no router FLOPs; the
+two-pass symmetric-KL consistency loss of the training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xmoe import ConfigError, MoEConfig
+from xmoe.dispatch import ENGINES
+from xmoe.models import TransformerLM
+from xmoe.training.presets import preset
+from xmoe.training.step import lm_step_loss, symmetric_kl
+
+from helpers import assert_close_grads, make_layer, train_tiny_lm, use_host_reads
+from reference import _expert, layer_params
+
+
+def _config(**fields) -> MoEConfig:
+    return MoEConfig(d_model=16, num_experts=6, d_expert=8, router="thor", **fields)
+
+
+def _check_against_reference(layer, x, expected_experts):
+    """The layer's output and gradients equal Σ_e FFN_e(x_s) / k over each token's experts
+    ``expected_experts[s]``, one token at a time in float64."""
+    params = layer_params(layer)
+    x_ref = x.detach().double().requires_grad_(True)
+    rows = [
+        sum(_expert(params, layer.config, e, x_ref[s]) for e in experts) / len(experts)
+        for s, experts in enumerate(expected_experts)
+    ]
+    x_layer = x.detach().clone().requires_grad_(True)
+    routed = layer.route(x_layer)
+    got = routed.pairs.selection.expert_idx_SK.tolist()
+    assert [sorted(g) for g in got] == [sorted(e) for e in expected_experts]
+    out = layer.compute(x_layer, routed)
+    cotangent = torch.randn(out.shape, dtype=torch.float64)
+    (torch.stack(rows) * cotangent).sum().backward()
+    (out.double() * cotangent).sum().backward()
+    tol = (
+        {"rtol": 1e-9, "atol": 1e-11} if x.dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    )
+    torch.testing.assert_close(out.double(), torch.stack(rows).detach(), **tol)
+    layer_grads = {"x": x_layer.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    assert_close_grads(
+        layer_grads, {"x": x_ref.grad, **{n: p.grad for n, p in params.items()}}, **tol
+    )
+
+
+@pytest.mark.parametrize("path", ["auto", "sync_free", *sorted(ENGINES)])
+@pytest.mark.parametrize("num_tokens", [1, 20])
+def test_training_sends_the_whole_batch_to_one_random_expert(monkeypatch, path, num_tokens):
+    use_host_reads(monkeypatch, path != "sync_free")
+    backend = "auto" if path in ("auto", "sync_free") else path
+    dtype = torch.float64 if path in ("auto", "sync_free", "loop") else torch.float32
+    layer = make_layer(_config(backend=backend), dtype=dtype, seed=num_tokens)
+    x = torch.randn(num_tokens, 16, dtype=dtype)
+    torch.manual_seed(3)
+    expert = int(torch.randint(6, (1, 1)))  # the draw the router will make
+    torch.manual_seed(3)
+    _check_against_reference(layer, x, [[expert]] * num_tokens)
+
+
+def test_training_draws_cover_every_expert_and_cost_no_router():
+    layer = make_layer(_config())
+    x = torch.randn(8, 16, dtype=torch.float64)
+    chosen = set()
+    for _ in range(40):
+        out = layer(x)
+        assert out.routing.expert_load.tolist().count(8) == 1  # one expert takes all tokens
+        chosen.add(int(out.routing.expert_load.argmax()))
+        assert out.aux_losses == {} and float(out.aux_loss) == 0.0
+    assert chosen == set(range(6))
+    assert float(out.routing.flops_per_token) == layer.config.expert_flops  # router: 0 FLOPs
+    assert layer.config.router_flops == 0
+    assert not any(name.startswith("router") for name, _ in layer.named_parameters())
+
+
+@pytest.mark.parametrize("path", ["decode", "auto", "sync_free", "loop"])
+def test_random_inference_picks_one_expert_per_token(monkeypatch, path):
+    use_host_reads(monkeypatch, path != "sync_free")
+    layer = make_layer(_config(backend="loop" if path == "loop" else "auto"), seed=2).eval()
+    num_tokens = 1 if path == "decode" else 30
+    x = torch.randn(num_tokens, 16, dtype=torch.float64)
+    torch.manual_seed(4)
+    draws = torch.randint(6, (num_tokens, 1)).tolist()
+    torch.manual_seed(4)
+    _check_against_reference(layer, x, draws)
+    if num_tokens > 1:
+        assert len({d[0] for d in draws}) > 3  # per token, not per batch
+
+
+@pytest.mark.parametrize("path", ["decode", "auto", *sorted(ENGINES)])
+def test_ensemble_inference_averages_every_expert(monkeypatch, path):
+    use_host_reads(monkeypatch, True)
+    backend = "auto" if path in ("decode", "auto") else path
+    dtype = torch.float64 if path in ("decode", "auto", "loop") else torch.float32
+    config = _config(backend=backend, router_options={"inference": "ensemble"})
+    layer = make_layer(config, dtype=dtype, seed=5).eval()
+    num_tokens = 1 if path == "decode" else 9
+    x = torch.randn(num_tokens, 16, dtype=dtype)
+    _check_against_reference(layer, x, [list(range(6))] * num_tokens)
+    with torch.no_grad():
+        flops = float(layer(x).routing.flops_per_token)
+    assert flops == 6 * config.expert_flops
+
+
+def test_symmetric_kl_matches_the_formula():
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    p, q = a.softmax(-1), b.softmax(-1)
+    kl_pq = (p * (p.log() - q.log())).sum(-1)
+    kl_qp = (q * (q.log() - p.log())).sum(-1)
+    expected = (0.5 * (kl_pq + kl_qp))[mask].mean()
+    torch.testing.assert_close(symmetric_kl(a, b, mask), expected)
+    assert float(symmetric_kl(a, a, mask)) == pytest.approx(0.0, abs=1e-7)
+
+
+def _tiny_lm(**router_options) -> TransformerLM:
+    config = preset("tiny").model
+    fields = {"router": "thor", "router_options": router_options, "capacity_factor": None}
+    moe = config.moe.__class__(**config.moe.to_dict() | fields)
+    torch.manual_seed(0)
+    return TransformerLM(config.__class__(**{**config.to_dict(), "moe": moe}))
+
+
+def test_the_step_runs_two_passes_and_adds_the_consistency_loss():
+    model = _tiny_lm(consistency_coef=2.0).train()
+    x = torch.randint(64, (2, 16))
+    y = torch.randint(64, (2, 16))
+    y[0, :4] = -100  # ignored positions are left out of the consistency loss too
+    torch.manual_seed(9)
+    first, second = model(x, y), model(x, y)
+    torch.manual_seed(9)
+    parts = lm_step_loss(model, x, y)
+    expected = 0.5 * 2.0 * symmetric_kl(first.logits, second.logits, y != -100)
+    assert float(expected.detach()) > 0  # the two passes drew different experts
+    torch.testing.assert_close(parts.loss, (first.loss + second.loss) / 2)
+    torch.testing.assert_close(parts.aux_losses["consistency"], expected)
+    torch.testing.assert_close(parts.aux_loss, expected)
+
+
+def test_without_the_consistency_loss_the_step_is_one_pass():
+    model = _tiny_lm(consistency_coef=0.0).train()
+    x = torch.randint(64, (2, 16))
+    torch.manual_seed(9)
+    once = model(x, x)
+    torch.manual_seed(9)
+    parts = lm_step_loss(model, x, x)
+    torch.testing.assert_close(parts.loss, once.loss)
+    assert parts.aux_losses == {}
+
+
+def test_trains_in_the_language_model():
+    model, _, data = train_tiny_lm(3, **{"moe.router": "thor", "moe.capacity_factor": "none"})
+    x = torch.as_tensor(data.val[:33].astype("int64")).view(1, -1)
+    parts = lm_step_loss(model.train(), x[:, :-1], x[:, 1:])
+    assert torch.isfinite(parts.loss) and set(parts.aux_losses) == {"consistency"}
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"consistency_coef": -1}, "router_options.consistency_coef=-1 is invalid"),
+        ({"consistency_coef": float("inf")}, "router_options.consistency_coef=inf is invalid"),
+        ({"inference": "sentence"}, "router_options.inference='sentence' is invalid"),
+        ({"entropy_coef": 0.1}, "router_options.entropy_coef=0.1 is invalid"),
+    ],
+)
+def test_bad_options_are_named(options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        _config(router_options=options)
+
+
+def test_capacity_is_refused():
+    """A training batch goes to one expert, so any capacity would drop most of it."""
+    with pytest.raises(ConfigError, match=r"capacity_factor=1.0 is invalid.*router='thor'"):
+        _config(capacity_factor=1.0)
