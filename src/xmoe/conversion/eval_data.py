@@ -1,4 +1,4 @@
-"""The token windows of ``xmoe sparsify --eval``: evenly spaced windows over the project's corpus
+"""The token windows of ``xmoe sparsify-grid``: evenly spaced windows over the project's corpus
 split (calibration, recovery fine-tune and held-out evaluation per domain), cached in a verified
 safetensors file.
 

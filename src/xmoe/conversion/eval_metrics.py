@@ -1,4 +1,4 @@
-"""The measurements of one model in ``xmoe sparsify --eval``: held-out perplexity, experts and
+"""The measurements of one model in ``xmoe sparsify-grid``: held-out perplexity, experts and
 FFN FLOPs per token (:func:`measure_quality`), and FFN / forward wall time against the dense
 model, timed side by side (:func:`time_side_by_side`).
 

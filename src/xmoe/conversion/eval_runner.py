@@ -1,4 +1,4 @@
-"""The cache of ``xmoe sparsify --eval``: :class:`Runner` measures one cell at a time and keeps
+"""The cache of ``xmoe sparsify-grid``: :class:`Runner` measures one cell at a time and keeps
 every result under the run directory: cells as JSON, converted models as verified safetensors,
 recovery fine-tunes as checkpoints, so a rerun skips what is done.
 """

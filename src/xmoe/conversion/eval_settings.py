@@ -1,5 +1,5 @@
-"""The settings of ``xmoe sparsify --eval``: :class:`EvalSettings` (the grid, the budgets, where
-it writes), validated on construction, and the router kinds the report lists.
+"""The settings of ``xmoe sparsify-grid``: :class:`EvalSettings` (the grid, the budgets, where
+it writes), validated on construction, and the router kinds the grid measures.
 """
 
 from __future__ import annotations
@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmoe.conversion.config import PARTITIONS
 from xmoe.conversion.recovery import RecoveryConfig
+
+GRID_ROUTERS = ("trained", "oracle")
+"""``trained``: the learned router fit on calibration states. ``oracle``: the true expert output
+norms (no router)."""
 
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> None:
@@ -18,7 +23,7 @@ def _positive_ints(name: str, values: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What ``xmoe sparsify --eval`` measures, and where it writes.
+    """What ``xmoe sparsify-grid`` measures, and where it writes.
 
     Args:
         out: run directory (cells, converted models, recovery checkpoints).
@@ -50,8 +55,10 @@ class EvalSettings:
     docs: Path = Path("docs/results")
     expert_sizes: tuple[int, ...] = (16, 64, 4)
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-    partitions: tuple[str, ...] = ("clustered", "contiguous")
-    routers: tuple[str, ...] = ("trained", "oracle")
+    partitions: tuple[str, ...] = field(
+        default=("clustered", "contiguous"), metadata={"choices": PARTITIONS}
+    )
+    routers: tuple[str, ...] = field(default=GRID_ROUTERS, metadata={"choices": GRID_ROUTERS})
     recover: tuple[tuple[int, str, float], ...] = ((16, "clustered", 0.5),)
     xmoe_route: int = 16
     xmoe_thresholds: tuple[float, ...] = (0.9, 0.75, 0.5, 0.25)
@@ -65,12 +72,10 @@ class EvalSettings:
     timing_repeats: int = 3
     eval_batch: int = 4
     cache_dir: Path | None = None
-    command: str = "xmoe sparsify --eval"
+    command: str = "xmoe sparsify-grid"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from xmoe.conversion.config import PARTITIONS
-
         _positive_ints("expert_sizes", self.expert_sizes)
         if not self.fractions or not all(
             isinstance(f, (int, float)) and 0 < f <= 1 for f in self.fractions
@@ -78,10 +83,8 @@ class EvalSettings:
             raise ValueError(f"fractions={self.fractions!r} is invalid: give numbers in (0, 1]")
         if not self.partitions or not set(self.partitions) <= set(PARTITIONS):
             raise ValueError(f"partitions={self.partitions!r} is invalid: choose from {PARTITIONS}")
-        if not self.routers or not set(self.routers) <= {"oracle", "trained"}:
-            raise ValueError(
-                f"routers={self.routers!r} is invalid: choose from ('oracle', 'trained')"
-            )
+        if not self.routers or not set(self.routers) <= set(GRID_ROUTERS):
+            raise ValueError(f"routers={self.routers!r} is invalid: choose from {GRID_ROUTERS}")
         for size, partition, fraction in self.recover:
             if not (isinstance(size, int) and size >= 1 and partition in PARTITIONS):
                 raise ValueError(f"recover entry {(size, partition, fraction)} is invalid")
@@ -123,4 +126,4 @@ class EvalSettings:
         }
 
 
-__all__ = ["EvalSettings"]
+__all__ = ["GRID_ROUTERS", "EvalSettings"]

@@ -1,4 +1,4 @@
-"""``xmoe sparsify --eval``: SmolLM2-135M made sparse, quality against compute.
+"""``xmoe sparsify-grid``: SmolLM2-135M made sparse, quality against compute.
 
 A grid of expert size × partition × router × active fraction, each cell measured on held-out
 Shakespeare and KJV windows (the LM corpus's fixed held-out works and books): perplexity, experts

@@ -44,7 +44,8 @@ class RecoveryConfig(DictConfig):
     Args:
         tokens: the token budget; the run takes ``ceil(tokens / (batch_size · seq_len))`` steps.
         batch_size, seq_len: windows per step and tokens per window.
-        lr: AdamW learning rate of the experts. router_lr: of the routers.
+        lr: AdamW learning rate of the experts.
+        router_lr: AdamW learning rate of the routers.
         train_experts: train the experts too (else routers only).
         distill: weight of the distillation loss (KL to the teacher); ``1 - distill`` weighs the
             LM cross-entropy. Needs a teacher when > 0.

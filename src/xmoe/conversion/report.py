@@ -1,4 +1,4 @@
-"""The report of ``xmoe sparsify --eval``: ``sparsify.md`` (tables) and ``sparsify.png`` (plot).
+"""The report of ``xmoe sparsify-grid``: ``sparsify.md`` (tables) and ``sparsify.png`` (plot).
 
 Everything printed comes from the measured cells; nothing is typed in.
 """

@@ -97,8 +97,6 @@ def sparsify(
         ConfigError: a bad setting (``expert_size`` not dividing the FFN width, a fraction
             outside (0, 1], ...), or calibration missing where needed.
     """
-    if active_fraction is None and threshold is None:
-        active_fraction = 0.5
     settings = SparsifyConfig(
         expert_size=expert_size,
         partition=partition,
