@@ -37,11 +37,14 @@ class RouterOutput:
         selection: the experts each token wants, best first.
         losses: named auxiliary losses, each a scalar already scaled by its coefficient
             (training mode only; empty in eval mode). The layer sums them.
+        state: the routing state this router hands the next MoE layer's router (per token,
+            first dimension S), or None for a router that carries none over depth.
     """
 
     probs_SE: torch.Tensor
     selection: Selection
     losses: dict[str, torch.Tensor]
+    state: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -94,6 +97,21 @@ class Router(nn.Module):
         """(S, E) softmax of :meth:`logits` for (S, d_model) tokens of any float dtype."""
         return self.logits(x_SD).softmax(dim=-1)
 
+    def logits_and_state(
+        self, x_SD: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S, E) logits given ``state`` (what the previous MoE layer's router returned, None at
+        the first), and the state to hand the next MoE layer's router. A router that carries
+        routing state over depth overrides this and :meth:`probabilities_and_state`; the
+        others ignore ``state`` and return :meth:`logits` and None."""
+        return self.logits(x_SD), None
+
+    def probabilities_and_state(
+        self, x_SD: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S, E) probabilities and the next state, as :meth:`logits_and_state`."""
+        return self.probabilities(x_SD), None
+
     def select(self, probs_SE: torch.Tensor) -> Selection:
         """Choose the experts each token wants. Args: probs_SE (S, E). Returns a Selection."""
         raise NotImplementedError
@@ -108,11 +126,12 @@ class Router(nn.Module):
             losses["entropy"] = self.options.entropy_coef * entropy_loss(probs_SE)
         return losses
 
-    def forward(self, x_SD: torch.Tensor) -> RouterOutput:
-        probs_SE = self.probabilities(x_SD)
+    def forward(self, x_SD: torch.Tensor, state: torch.Tensor | None = None) -> RouterOutput:
+        probs_SE, next_state = self.probabilities_and_state(x_SD, state)
         selection = self.select(probs_SE)
         train = self.training and x_SD.shape[0] > 0  # losses only steer training
-        return RouterOutput(probs_SE, selection, self.losses(probs_SE, selection) if train else {})
+        losses = self.losses(probs_SE, selection) if train else {}
+        return RouterOutput(probs_SE, selection, losses, next_state)
 
     def tunables(self) -> dict[str, Any]:
         """``tunable_names`` with the values this router holds now (what a saved config must
