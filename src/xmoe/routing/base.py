@@ -133,6 +133,11 @@ class Router(nn.Module):
         losses = self.losses(probs_SE, selection) if train else {}
         return RouterOutput(probs_SE, selection, losses, next_state)
 
+    def flops_per_token(self) -> int:
+        """Forward FLOPs of this router on one token (:mod:`xmoe.flops`): its (E, d_model) map;
+        a router that computes more (a residual map, a recurrent cell) adds its own."""
+        return self.config.router_flops
+
     def tunables(self) -> dict[str, Any]:
         """``tunable_names`` with the values this router holds now (what a saved config must
         record to rebuild it as it is)."""
