@@ -28,6 +28,14 @@ def router_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return result
 
 
+def autocast_off(x_SD: torch.Tensor):
+    """A context with autocast off on ``x_SD``'s device (entered only when it is on, since the
+    context's entry is not free): routing decisions must not depend on bf16 rounding."""
+    device_type = x_SD.device.type
+    on = torch.is_autocast_enabled(device_type)
+    return torch.autocast(device_type, enabled=False) if on else nullcontext()
+
+
 @dataclass
 class RouterOutput:
     """What a router returns for S tokens.
@@ -88,9 +96,7 @@ class Router(nn.Module):
         """(S, E) router logits in fp32 (float64 when the input or weight is float64).
         Autocast is disabled here: routing decisions must not depend on bf16 rounding."""
         dtype = router_dtype(x_SD.dtype, self.weight.dtype)
-        device_type = x_SD.device.type
-        autocast_on = torch.is_autocast_enabled(device_type)  # the context's entry is not free
-        with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
+        with autocast_off(x_SD):
             return F.linear(x_SD.to(dtype), self.weight.to(dtype))
 
     def probabilities(self, x_SD: torch.Tensor) -> torch.Tensor:
@@ -102,15 +108,19 @@ class Router(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(S, E) logits given ``state`` (what the previous MoE layer's router returned, None at
         the first), and the state to hand the next MoE layer's router. A router that carries
-        routing state over depth overrides this and :meth:`probabilities_and_state`; the
-        others ignore ``state`` and return :meth:`logits` and None."""
+        routing state over depth overrides this (its probabilities are then their softmax);
+        the others ignore ``state`` and return :meth:`logits` and None."""
         return self.logits(x_SD), None
 
     def probabilities_and_state(
         self, x_SD: torch.Tensor, state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(S, E) probabilities and the next state, as :meth:`logits_and_state`."""
-        return self.probabilities(x_SD), None
+        """(S, E) probabilities and the next state: :meth:`probabilities` and None, or for a
+        router that overrides :meth:`logits_and_state`, the softmax of its logits."""
+        if type(self).logits_and_state is Router.logits_and_state:
+            return self.probabilities(x_SD), None
+        logits_SE, next_state = self.logits_and_state(x_SD, state)
+        return logits_SE.softmax(dim=-1), next_state
 
     def select(self, probs_SE: torch.Tensor) -> Selection:
         """Choose the experts each token wants. Args: probs_SE (S, E). Returns a Selection."""
