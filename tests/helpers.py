@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xmoe import MoEConfig, MoELayer
@@ -72,3 +73,39 @@ def assert_close_grads(layer_grads, ref_grads, rtol, atol):
             continue
         assert got is not None, f"no gradient for {name}"
         torch.testing.assert_close(got.double(), ref_grad, rtol=rtol, atol=atol, msg=name)
+
+
+def compare_with_reference(layer: MoELayer, x: torch.Tensor, state: torch.Tensor | None):
+    """The layer and the per-token reference on the same input, routing state and cotangents:
+    outputs, aux losses, next states, FLOPs and every gradient (the state's included), in
+    float64. Returns (layer output, reference output)."""
+    layer.zero_grad(set_to_none=True)
+    params = layer_params(layer)
+    x_ref = x.clone().requires_grad_(True)
+    state_ref = None if state is None else state.clone().requires_grad_(True)
+    ref = reference_forward(layer.config, params, x_ref, state_ref)
+    x_got = x.clone().requires_grad_(True)
+    state_got = None if state is None else state.clone().requires_grad_(True)
+    out = layer(x_got, state_got)
+
+    torch.testing.assert_close(out.hidden_states, ref.hidden_states, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-10, atol=1e-12)
+    if ref.state is None:
+        assert out.state is None
+    else:
+        torch.testing.assert_close(out.state, ref.state, rtol=1e-10, atol=1e-12)
+    assert float(out.routing.flops_per_token) == pytest.approx(ref.flops_per_token)
+
+    cotangent = torch.randn_like(ref.hidden_states)
+    next_cotangent = None if ref.state is None else torch.randn_like(ref.state)
+    for result in (ref, out):
+        total = (result.hidden_states * cotangent).sum() + 3.0 * result.aux_loss
+        if next_cotangent is not None:
+            total = total + (result.state * next_cotangent).sum()
+        total.backward()
+    ref_grads = {"x": x_ref.grad, "state": None if state is None else state_ref.grad}
+    ref_grads |= {n: p.grad for n, p in params.items()}
+    got_grads = {"x": x_got.grad, "state": None if state is None else state_got.grad}
+    got_grads |= {n: p.grad for n, p in layer.named_parameters()}
+    assert_close_grads(got_grads, ref_grads, rtol=1e-9, atol=1e-11)
+    return out, ref

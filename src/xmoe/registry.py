@@ -60,6 +60,7 @@ ROUTERS: Registry = Registry(
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",
+        "moepp": "xmoe.routing.moepp",
     },
 )
 """Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""
@@ -71,7 +72,9 @@ ENGINES: Registry = Registry(
 """Grouped-matmul engines by the name a config's ``backend`` field gives
 (``xmoe.dispatch.engines.Engine`` subclasses); ``backend="auto"`` asks each of them."""
 
-EXPERT_KINDS: Registry = Registry("expert kind", {"ffn": "xmoe.experts.ffn"})
+EXPERT_KINDS: Registry = Registry(
+    "expert kind", {"ffn": "xmoe.experts.ffn", "moepp": "xmoe.experts.moepp"}
+)
 """Expert kinds by the name a config's ``experts`` field gives
 (``xmoe.experts.kind.ExpertKind`` subclasses)."""
 
