@@ -61,6 +61,7 @@ ROUTERS: Registry = Registry(
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",
         "moepp": "xmoe.routing.moepp",
+        "recurrent": "xmoe.routing.recurrent",
     },
 )
 """Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""
