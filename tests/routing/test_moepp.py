@@ -11,8 +11,9 @@ import torch
 from xmoe import ConfigError, MoEConfig, MoELayer
 from xmoe.distributed.sharding import expert_parameter_names
 from xmoe.models import TransformerLM
+from xmoe.training.config import apply_overrides
 
-from helpers import compare_with_reference, make_layer
+from helpers import assert_engines_agree, compare_with_reference, make_layer
 from reference import _expert, layer_params
 
 POOL = {"constant_experts": 2, "copy_experts": 1, "zero_experts": 1}
@@ -103,6 +104,11 @@ def test_no_zero_computation_experts_and_g0_is_topk_exactly(pool):
     assert torch.equal(moepp.router.weight.grad, topk.router.weight.grad)
     for name, param in getattr(moepp.experts, "ffn", moepp.experts).named_parameters():
         assert torch.equal(param.grad, getattr(topk.experts, name).grad), name
+
+
+def test_every_engine_agrees():
+    config = _pool_config(d_model=16, d_expert=8, capacity_factor=1.0, renormalize=True)
+    assert_engines_agree(config, 8)
 
 
 def test_flops_count_zero_and_copy_as_nothing_and_constant_as_order_d():
@@ -223,6 +229,15 @@ def test_a_few_training_steps_of_a_tiny_model():
         model.end_training_step()
         losses.append(float(out.loss.detach()))
     assert losses[-1] < losses[0]
+
+
+def test_overrides_switch_the_pool_and_set_its_counts():
+    from test_runs import tiny_config
+
+    pool = tiny_config(**{"moe.experts": "moepp", "moe.expert_options.zero_experts": 2})
+    assert pool.model.moe.expert_options.roles(8)[-3:] == ("copy", "zero", "zero")
+    plain = apply_overrides(pool, ["moe.experts=ffn"])  # the pool's counts do not carry over
+    assert plain.model.moe.expert_options.to_dict() == {}
 
 
 def test_hf_save_load_and_cached_generation(tmp_path):

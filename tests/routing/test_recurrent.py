@@ -11,7 +11,7 @@ import torch
 from xmoe import ConfigError, MoEConfig, MoELayer
 from xmoe.models import ModelConfig, TransformerLM
 
-from helpers import compare_with_reference, make_layer
+from helpers import assert_engines_agree, compare_with_reference, make_layer
 
 BASE = dict(d_model=12, num_experts=8, d_expert=5, top_k=2, router="recurrent")
 STATE = 6
@@ -121,6 +121,10 @@ def test_a_few_training_steps_of_a_tiny_model():
         model.end_training_step()
         losses.append(float(out.loss.detach()))
     assert losses[-1] < losses[0]
+
+
+def test_every_engine_agrees():
+    assert_engines_agree(_config(d_model=16, d_expert=8, capacity_factor=1.0), STATE)
 
 
 def test_flops_and_bad_options():

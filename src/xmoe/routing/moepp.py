@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class MoEPPOptions(TopKOptions):
+class MoEPPRouterOptions(TopKOptions):
     """Options of the MoE++ router.
 
     Args:
@@ -95,7 +95,7 @@ class MoEPPRouter(TopKRouter):
     Routing state: its logits (S, E), which the next MoE layer's router adds through its G.
     """
 
-    Options = MoEPPOptions
+    Options = MoEPPRouterOptions
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
