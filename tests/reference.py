@@ -64,7 +64,7 @@ def _logits(config, params, x, state):
     """(S, E) router logits token by token, and the state for the next MoE layer."""
     rows, states = [], []
     for s in range(x.shape[0]):
-        if config.router == "recurrent":  # RMoE: a GRU over depth, logits from its state
+        if config.router.startswith("recurrent"):  # RMoE: a GRU over depth, logits from its state
             size = params["router.proj"].shape[0]
             h = state[s] if state is not None else x.new_zeros(size)
             h = _gru_cell(params, params["router.proj"] @ x[s], h)

@@ -62,6 +62,7 @@ ROUTERS: Registry = Registry(
         "topp": "xmoe.routing.topp",
         "moepp": "xmoe.routing.moepp",
         "recurrent": "xmoe.routing.recurrent",
+        "recurrent_threshold": "xmoe.routing.recurrent",
     },
 )
 """Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""

@@ -10,6 +10,7 @@ import torch
 
 from xmoe import ConfigError, MoEConfig, MoELayer
 from xmoe.models import ModelConfig, TransformerLM
+from xmoe.routing.threshold import normalized_logits
 
 from helpers import assert_engines_agree, compare_with_reference, make_layer
 
@@ -39,6 +40,34 @@ def test_recurrent_matches_per_token_reference(backend, num_tokens, capacity_fac
     assert out.state.shape == (num_tokens, STATE)
     load = out.routing.expert_load.tolist()
     assert load == [sum(e == i for row in ref.kept for e in row) for i in range(8)]
+
+
+@pytest.mark.parametrize("num_tokens,capacity_factor", [(11, None), (11, 1.0), (1, None)])
+def test_the_threshold_rule_matches_per_token_reference(num_tokens, capacity_factor):
+    """``recurrent_threshold``: the same recurrence, XMoE's mass threshold on its softmax."""
+    config = _config(router="recurrent_threshold", threshold=0.6, capacity_factor=capacity_factor)
+    layer = make_layer(config, seed=num_tokens, router_std=0.5)
+    torch.manual_seed(30 + num_tokens)
+    x = torch.randn(num_tokens, 12, dtype=torch.float64)
+    state = torch.randn(num_tokens, STATE, dtype=torch.float64)
+    _, ref = compare_with_reference(layer, x, state)
+    if num_tokens > 1:
+        assert len({len(row) for row in ref.wanted}) > 1  # tokens take different counts
+
+
+def test_the_threshold_rule_takes_the_threshold_routers_options():
+    """``logit_scale`` normalises the state's logits; ``set_threshold`` changes t."""
+    plain = make_layer(_config(router="recurrent_threshold"), seed=4)
+    scaled_config = _config(
+        router="recurrent_threshold", router_options={"state_dim": STATE, "logit_scale": 2.5}
+    )
+    scaled = make_layer(scaled_config, seed=4)
+    scaled.load_state_dict(plain.state_dict(), strict=False)  # all but the scale buffer
+    x, state = torch.randn(9, 12, dtype=torch.float64), torch.randn(9, STATE)
+    want = normalized_logits(plain.router.logits_and_state(x, state)[0], torch.tensor(2.5))
+    torch.testing.assert_close(scaled.router.logits_and_state(x, state)[0], want)
+    scaled.router.set_threshold(0.3)
+    assert scaled.tunables()["threshold"] == 0.3
 
 
 def test_ties_go_to_the_lower_expert_id():
@@ -134,6 +163,8 @@ def test_flops_and_bad_options():
     for bad in (0, -1, 2.5, True, None):
         with pytest.raises(ConfigError, match=r"router_options\.state_dim=.* an integer >= 1"):
             _config(router_options={"state_dim": bad})
+        with pytest.raises(ConfigError, match=r"router_options\.state_dim=.* an integer >= 1"):
+            _config(router="recurrent_threshold", router_options={"state_dim": bad})
     with pytest.raises(ConfigError, match=r"top_k=9 .* \[1, num_experts=8\]"):
         _config(top_k=9)
 
