@@ -89,8 +89,6 @@ class MoELayer(nn.Module):
         self.config = config  # the recipe; tunables live in the modules from here on
         self.capacity_at_eval = config.capacity_at_eval
         self.router = ROUTERS[config.router](config)
-        # what every token costs whatever its routing: the router as built, the shared experts
-        self._dense_flops = config.dense_flops - config.router_flops + self.router.flops_per_token()
         self.experts = EXPERT_KINDS[config.experts](config)
         shared = config.num_shared_experts
         self.shared_experts = FFNExperts(config, shared) if shared else None
@@ -178,7 +176,9 @@ class MoELayer(nn.Module):
             routed.selection, config.num_experts, capacity, config.renormalize, unsorted
         )
         flops_E = self.experts.flops_per_pair_E()
-        stats = RoutingStats.from_pairs(pairs, flops_E, self._dense_flops)
+        # what every token costs whatever its routing: this router's own FLOPs, shared experts
+        dense_flops = config.dense_flops - config.router_flops + self.router.flops_per_token()
+        stats = RoutingStats.from_pairs(pairs, flops_E, dense_flops)
         return Routed(pairs, routed.probs_SE, routed.losses, stats, routed.state)
 
     def compute(self, x_SD: torch.Tensor, routed: Routed) -> torch.Tensor:
