@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -165,3 +167,62 @@ def train_tiny_lm(steps: int, seed: int = 0, **overrides):
         train_step(model, optimizer, [batch], lambda b: lm_step_loss(model, *b))
         model.end_training_step()
     return model, config, data
+
+
+def compare_with_reference(layer: MoELayer, x: torch.Tensor, state: torch.Tensor | None):
+    """The layer and the per-token reference on the same input, routing state and cotangents:
+    outputs (with and without autograd), aux losses, next states, FLOPs and every gradient (the
+    state's included), in float64. Returns (layer output, reference output)."""
+    layer.zero_grad(set_to_none=True)
+    params = layer_params(layer)
+    x_ref = x.clone().requires_grad_(True)
+    state_ref = None if state is None else state.clone().requires_grad_(True)
+    ref = reference_forward(layer.config, params, x_ref, state_ref)
+    x_got = x.clone().requires_grad_(True)
+    state_got = None if state is None else state.clone().requires_grad_(True)
+    out = layer(x_got, state_got)
+
+    torch.testing.assert_close(out.hidden_states, ref.hidden_states, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-10, atol=1e-12)
+    if ref.state is None:
+        assert out.state is None
+    else:
+        torch.testing.assert_close(out.state, ref.state, rtol=1e-10, atol=1e-12)
+    assert float(out.routing.flops_per_token) == pytest.approx(ref.flops_per_token)
+    with torch.no_grad():  # inference: a handful of tokens may take the decode path
+        inference = layer(x, state)
+    expected = ref.hidden_states.detach()
+    torch.testing.assert_close(inference.hidden_states, expected, rtol=1e-10, atol=1e-12)
+
+    cotangent = torch.randn_like(ref.hidden_states)
+    next_cotangent = None if ref.state is None else torch.randn_like(ref.state)
+    for result in (ref, out):
+        total = (result.hidden_states * cotangent).sum() + 3.0 * result.aux_loss
+        if next_cotangent is not None:
+            total = total + (result.state * next_cotangent).sum()
+        total.backward()
+    ref_grads = {"x": x_ref.grad, "state": None if state is None else state_ref.grad}
+    ref_grads |= {n: p.grad for n, p in params.items()}
+    got_grads = {"x": x_got.grad, "state": None if state is None else state_got.grad}
+    got_grads |= {n: p.grad for n, p in layer.named_parameters()}
+    assert_close_grads(got_grads, ref_grads, rtol=1e-9, atol=1e-11)
+    return out, ref
+
+
+def assert_engines_agree(config: MoEConfig, state_width: int | None) -> None:
+    """Every registered engine gives the loop engine's outputs and gradients (float32, with a
+    routing state of ``state_width`` columns when given; widths grouped_mm takes: multiples
+    of 4)."""
+    from xmoe.registry import ENGINES
+
+    x = torch.randn(40, config.d_model)
+    state = None if state_width is None else torch.randn(40, state_width)
+    results = {}
+    for backend in sorted(ENGINES):
+        layer = make_layer(dataclasses.replace(config, backend=backend), torch.float32, seed=5)
+        out = layer(x, state)
+        (out.hidden_states.square().sum() + out.aux_loss).backward()
+        results[backend] = [out.hidden_states] + [p.grad for p in layer.parameters()]
+    for backend, tensors in results.items():
+        for got, want in zip(tensors, results["loop"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=backend)

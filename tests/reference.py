@@ -22,6 +22,7 @@ class ReferenceOutput:
     wanted: list[list[int]]  # per token, the experts its rule selected, best first
     kept: list[list[int]]  # per token, the experts that survived capacity
     flops_per_token: float
+    state: torch.Tensor | None = None  # the routing state for the next MoE layer
 
 
 def _activation(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -63,21 +64,74 @@ def _combine_weight(config: MoEConfig, p: torch.Tensor) -> torch.Tensor:
     return p
 
 
+def _gru_cell(params: dict[str, torch.Tensor], x: torch.Tensor, h: torch.Tensor):
+    """One GRU step of one token (``torch.nn.GRUCell``'s equations, gates r, z, n)."""
+    gi = params["router.gru_ih"] @ x + params["router.gru_b_ih"]
+    gh = params["router.gru_hh"] @ h + params["router.gru_b_hh"]
+    (ir, iz, in_), (hr, hz, hn) = gi.chunk(3), gh.chunk(3)
+    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+    n = torch.tanh(in_ + r * hn)
+    return (1 - z) * n + z * h
+
+
+def _logits(config, params, x, state):
+    """(S, E) router logits token by token, and the state for the next MoE layer."""
+    rows, states = [], []
+    for s in range(x.shape[0]):
+        if config.router.startswith("recurrent"):  # RMoE: a GRU over depth, logits from its state
+            size = params["router.proj"].shape[0]
+            h = state[s] if state is not None else x.new_zeros(size)
+            h = _gru_cell(params, params["router.proj"] @ x[s], h)
+            rows.append(params["router.weight"] @ h)
+            states.append(h)
+            continue
+        z = params["router.weight"] @ x[s]
+        gate_map = params.get("router.gate_map")
+        if config.router == "moepp" and gate_map is not None:  # MoE++'s gating residual
+            if state is not None:
+                z = z + gate_map @ state[s]
+            states.append(z)
+        rows.append(z)
+    logits = torch.stack(rows) if rows else x.new_zeros(0, config.num_experts)
+    return logits, (torch.stack(states) if states else None)
+
+
+def _pool_expert(params, config: MoEConfig, roles, e: int, x: torch.Tensor):
+    """Expert e of the pool on one token, by its role (MoE++'s zero-computation experts)."""
+    role = roles[e]
+    if role == "zero":
+        return torch.zeros_like(x)
+    if role == "copy":
+        return x
+    if role == "constant":
+        j = e - roles.index("constant")
+        a = torch.softmax(params["experts.constant_gate"][j] @ x, dim=-1)
+        return a[0] * x + a[1] * params["experts.constant"][j]
+    if config.experts == "moepp":  # its FFN experts are under experts.ffn.
+        params = {k.replace("experts.ffn.", "experts."): v for k, v in params.items()}
+    return _expert(params, config, e, x)
+
+
 def reference_forward(
-    config: MoEConfig, params: dict[str, torch.Tensor], x: torch.Tensor
+    config: MoEConfig,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    state: torch.Tensor | None = None,
 ) -> ReferenceOutput:
-    """The layer's output on x (S, D), computed token by token.
+    """The layer's output on x (S, D), computed token by token; ``state``: the previous MoE
+    layer's routing state (``ReferenceOutput.state``).
 
     The ``null_topk`` / ``null_threshold`` routers (AdaMoE) rank the router's n + m rows, of which
     ids >= n are null experts: ranked and counted by the balance loss, never computed, and the
     true picks' weights are divided by their sum. ``expert_choice`` (in training mode): each
     expert takes its C most probable tokens; no balance loss."""
     num_tokens, num_experts = x.shape[0], config.num_experts
-    logits = x @ params["router.weight"].t()
+    logits, next_state = _logits(config, params, x, state)
     sigmoid = config.router == "sigmoid"  # DSMoE: independent gates, not a distribution
     probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=-1)
     num_ranked = probs.shape[1]  # the true experts and any null ones
     null = config.router in ("null_topk", "null_threshold")
+    roles = config.expert_options.roles(num_experts)
 
     takers: dict[int, list[int]] = {}  # expert choice: per expert, the tokens it takes
     if config.router == "expert_choice":
@@ -85,12 +139,12 @@ def reference_forward(
             by_prob = sorted(range(num_tokens), key=lambda s, e=e: (-probs[s, e].item(), s))
             takers[e] = by_prob[: config.capacity(num_tokens)]
 
+    top_k_routers = ("topk", "null_topk", "deepseek", "smoe_dropout", "moepp", "recurrent")
     ranked: list[list[int]] = []  # per token, the rule's choice among all ranked experts
     for s in range(num_tokens):
         p = probs[s].tolist()
         order = sorted(range(num_ranked), key=lambda e, p=p: (-p[e], e))
-        # smoe_dropout: eval, or training step 0
-        if config.router in ("topk", "null_topk", "deepseek", "smoe_dropout"):
+        if config.router in top_k_routers:  # smoe_dropout: eval, or training step 0
             chosen = order[: config.top_k]
         elif config.router == "expert_choice":
             chosen = [e for e in order if s in takers[e]]
@@ -128,12 +182,14 @@ def reference_forward(
             weights = [w / total for w in weights]
         if config.router == "smoe_dropout":  # softmax over the selected logits
             weights = [w / sum(probs[s, e] for e in wanted[s]) for w in weights]
+        if config.router == "moepp":  # the MoE++ router gives a zero expert weight 0
+            weights = [w * (roles[e] != "zero") for e, w in zip(kept[s], weights, strict=True)]
         if config.renormalize and weights:
             total = sum(weights)
             weights = [w / total for w in weights]
         y = x.new_zeros(x.shape[1])
         for e, w in zip(kept[s], weights, strict=True):
-            y = y + w * _expert(params, config, e, x[s])
+            y = y + w * _pool_expert(params, config, roles, e, x[s])
         for j in range(config.num_shared_experts):  # always on, unweighted
             y = y + _expert(params, config, j, x[s], "shared_experts")
         rows.append(y)
@@ -148,16 +204,23 @@ def reference_forward(
         fraction = torch.tensor(
             [top1.count(e) / num_tokens for e in range(num_ranked)], dtype=probs.dtype
         )
-        aux = config.aux_loss_coef * num_ranked * (probs.mean(dim=0) * fraction).sum()
+        # MoE++: zero-computation experts' terms weighted by tau
+        tau = config.router_options.tau if config.router == "moepp" else 1.0
+        eta = [1.0 if e >= num_experts or roles[e] == "ffn" else tau for e in range(num_ranked)]
+        eta = torch.tensor(eta, dtype=probs.dtype)
+        aux = config.aux_loss_coef * num_ranked * (eta * probs.mean(dim=0) * fraction).sum()
     if sigmoid:
         aux = aux + config.router_options.sparsity_coef * probs.mean()
 
     matrices = 3 if config.gated else 2
-    kept_total = sum(len(k) for k in kept) + config.num_shared_experts * num_tokens
-    flops = (kept_total * 2 * matrices * config.d_model * config.d_expert) / num_tokens + (
-        2 * config.d_model * num_ranked
-    )
-    return ReferenceOutput(hidden, aux, wanted, kept, flops)
+    role_flops = {"ffn": 2 * matrices * config.d_model * config.d_expert}
+    role_flops["constant"] = 2 * 2 * config.d_model  # its (2, D) map
+    pair_flops = sum(role_flops.get(roles[e], 0) for k in kept for e in k)
+    pair_flops += config.num_shared_experts * num_tokens * role_flops["ffn"]
+    # the router: every matrix it holds, once per token
+    router_matrices = [p for n, p in params.items() if n.startswith("router.") and p.dim() == 2]
+    flops = pair_flops / num_tokens + sum(2 * p.numel() for p in router_matrices)
+    return ReferenceOutput(hidden, aux, wanted, kept, flops, next_state)
 
 
 def _deepseek_aux(config: MoEConfig, probs: torch.Tensor, wanted: list[list[int]]):

@@ -186,6 +186,21 @@ ROUTER_INITS = ("normal", "linear")
 
 
 @dataclass(frozen=True)
+class ExpertOptions(DictConfig):
+    """Options of an expert kind (none for FFN experts); a kind's ``Options`` class extends
+    this one (``MoEConfig.expert_options``)."""
+
+    def check_for(self, config: MoEConfig) -> None:
+        """Checks that need the layer's config (e.g. bounds set by num_experts)."""
+
+    def roles(self, num_experts: int) -> tuple[str, ...]:
+        """What each of the pool's experts computes, for routers whose rule depends on it
+        (MoE++'s zero experts and heterogeneous balance loss): ``"ffn"`` for every expert
+        here; a heterogeneous pool names its others (``"zero"``, ``"copy"``, ...)."""
+        return ("ffn",) * num_experts
+
+
+@dataclass(frozen=True)
 class MoEConfig(DictConfig):
     """Configuration of one :class:`xmoe.MoELayer`.
 
@@ -228,6 +243,8 @@ class MoEConfig(DictConfig):
         num_shared_experts: always-on FFN experts (``d_expert`` wide, the same activation and
             bias) that every token passes through besides its routed ones, unweighted, as
             DeepSeekMoE's shared experts; 0 for none.
+        expert_options: the expert kind's own options, a dict (or its ``Options`` dataclass)
+            of the fields of ``EXPERT_KINDS[experts].Options``; {} or None for its defaults.
     """
 
     d_model: int
@@ -251,6 +268,7 @@ class MoEConfig(DictConfig):
     check_finite: bool = False
     experts: str = "ffn"
     num_shared_experts: int = 0
+    expert_options: Any = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_experts", "d_expert"):
@@ -302,12 +320,16 @@ class MoEConfig(DictConfig):
         _require_choice("expert_ffn", self.expert_ffn, EXPERT_FFN)
         _require_bool("check_finite", self.check_finite)
         _require_choice("experts", self.experts, EXPERT_KINDS)
+        kind_options = EXPERT_KINDS[self.experts].Options
+        kind_options = kind_options.coerce(self.expert_options, "expert_options")
+        object.__setattr__(self, "expert_options", kind_options)
         _require(
             _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
             "num_shared_experts",
             self.num_shared_experts,
             "an integer >= 0",
         )
+        kind_options.check_for(self)
 
     def tunable(self, name: str) -> Any:
         """The recipe's value of the tunable ``name`` (a router's or the layer's, as in

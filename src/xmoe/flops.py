@@ -30,6 +30,12 @@ def router_flops(d_model: int, num_experts: int) -> int:
     return 2 * d_model * num_experts
 
 
+def constant_expert_flops(d_model: int) -> int:
+    """Forward FLOPs of one MoE++ constant expert ``a₁·x + a₂·v`` on one token: its (2, D)
+    map to ``[a₁, a₂]`` (the mix itself is elementwise, uncounted like activations)."""
+    return 2 * 2 * d_model
+
+
 def routed_flops_per_token(kept_pairs, num_tokens, expert_flops, router_flops: int):
     """Forward MoE FLOPs per token of a call: ``kept_pairs`` (token, expert) pairs computed over
     ``num_tokens`` tokens, each costing ``expert_flops``, plus the router on every token

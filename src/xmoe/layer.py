@@ -25,12 +25,15 @@ class Routed:
         probs_SE: (S, E) router probabilities (differentiable).
         losses: the router's named auxiliary losses (empty in eval mode).
         stats: the call's :class:`~xmoe.routing.RoutingStats`.
+        state: the routing state for the next MoE layer's router, or None (see
+            :meth:`MoELayer.route`).
     """
 
     pairs: RoutedPairs
     probs_SE: torch.Tensor
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
+    state: torch.Tensor | None = None
 
 
 @dataclass
@@ -43,23 +46,29 @@ class MoEOutput:
         routing: per-call :class:`~xmoe.routing.RoutingStats`.
         aux_losses: the router's named auxiliary losses (``balance``, ``entropy``, ...), each
             already scaled by its coefficient; empty in eval mode.
+        state: the routing state for the next MoE layer (None unless the router carries
+            state over depth); pass it as that layer's ``state``.
     """
 
     hidden_states: torch.Tensor
     aux_loss: torch.Tensor
     routing: RoutingStats
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: torch.Tensor | None = None
 
 
 class MoELayer(nn.Module):
     """A mixture-of-experts FFN that computes only the (token, expert) pairs it keeps.
 
-    ``forward(x)`` takes ``(..., d_model)`` in any float dtype, treats every leading position as
-    a token, and returns :class:`MoEOutput`; it is :meth:`route` then :meth:`compute`, which
-    are public so that a runtime can act between them. Parameters: ``router.weight``
-    (E, d_model), the routed experts under ``experts.`` (the kind ``config.experts`` names in
-    :data:`xmoe.registry.EXPERT_KINDS`; by default :class:`~xmoe.experts.FFNExperts`) and, when
-    ``num_shared_experts`` > 0, the always-on FFN experts under ``shared_experts.`` (else None).
+    ``forward(x, state=None)`` takes ``(..., d_model)`` in any float dtype, treats every leading
+    position as a token, and returns :class:`MoEOutput`; it is :meth:`route` then
+    :meth:`compute`, which are public so that a runtime can act between them. ``state`` is the
+    routing state the previous MoE layer returned (``MoEOutput.state``) for routers that carry
+    state over depth (MoE++'s gating residual, RMoE's recurrent router); others ignore it.
+    Parameters: ``router.weight`` (E, d_model), the routed experts under ``experts.`` (the
+    kind ``config.experts`` names in :data:`xmoe.registry.EXPERT_KINDS`; by default
+    :class:`~xmoe.experts.FFNExperts`) and, when ``num_shared_experts`` > 0, the always-on FFN
+    experts under ``shared_experts.`` (else None).
 
     Capacity (``capacity_factor``) applies in training mode only, unless ``capacity_at_eval``;
     the router's losses are computed in training mode only (zero in eval mode).
@@ -119,10 +128,18 @@ class MoELayer(nn.Module):
             return torch.get_autocast_dtype(device_type)
         return self.experts.dtype
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def _check_state(self, state: torch.Tensor | None, num_tokens: int) -> None:
+        if state is not None and (state.dim() < 1 or state.shape[0] != num_tokens):
+            raise ValueError(
+                f"state.shape={tuple(state.shape)} is invalid: the routing state holds one row "
+                f"per token, so its first dimension must be {num_tokens}"
+            )
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> MoEOutput:
         self._check_input(x)
         x_SD = x.reshape(-1, self.config.d_model)
-        routed = self._route(x_SD)
+        self._check_state(state, x_SD.shape[0])
+        routed = self._route(x_SD, state)
         y_SD = self.compute(x_SD, routed)
         if routed.losses:
             aux_loss = torch.stack(list(routed.losses.values())).sum()
@@ -131,20 +148,22 @@ class MoELayer(nn.Module):
         else:  # inference: one small op instead of a reduction
             aux_loss = routed.probs_SE.new_zeros(())
         output = y_SD.reshape(*x.shape[:-1], self.config.d_model)
-        return MoEOutput(output, aux_loss, routed.stats, routed.losses)
+        return MoEOutput(output, aux_loss, routed.stats, routed.losses, routed.state)
 
-    def route(self, x_SD: torch.Tensor) -> Routed:
+    def route(self, x_SD: torch.Tensor, state: torch.Tensor | None = None) -> Routed:
         """Route (S, d_model) tokens: the router's selection, capacity (in training mode, or
         with ``capacity_at_eval``), and the kept pairs' plan; nothing is computed by the
-        experts yet (:meth:`compute` does, possibly more than once)."""
+        experts yet (:meth:`compute` does, possibly more than once). ``state``: the previous
+        MoE layer's routing state (``Routed.state``), (S, ...), or None."""
         self._check_input(x_SD)
         if x_SD.dim() != 2:
             raise ValueError(f"x_SD.shape={tuple(x_SD.shape)} is invalid: route takes (S, d_model)")
-        return self._route(x_SD)
+        self._check_state(state, x_SD.shape[0])
+        return self._route(x_SD, state)
 
-    def _route(self, x_SD: torch.Tensor) -> Routed:
+    def _route(self, x_SD: torch.Tensor, state: torch.Tensor | None) -> Routed:
         config = self.config
-        routed = self.router(x_SD)
+        routed = self.router(x_SD, state)
         capacity = (
             config.capacity(x_SD.shape[0]) if self.training or self.capacity_at_eval else None
         )
@@ -158,8 +177,10 @@ class MoELayer(nn.Module):
             routed.selection, config.num_experts, capacity, config.renormalize, unsorted
         )
         flops_E = self.experts.flops_per_pair_E()
-        stats = RoutingStats.from_pairs(pairs, flops_E, config.dense_flops)
-        return Routed(pairs, routed.probs_SE, routed.losses, stats)
+        # what every token costs whatever its routing: this router's own FLOPs, shared experts
+        dense_flops = config.dense_flops - config.router_flops + self.router.flops_per_token()
+        stats = RoutingStats.from_pairs(pairs, flops_E, dense_flops)
+        return Routed(pairs, routed.probs_SE, routed.losses, stats, routed.state)
 
     def compute(self, x_SD: torch.Tensor, routed: Routed) -> torch.Tensor:
         """The (S, d_model) output of the routed pairs: dispatch -> experts -> combine, through

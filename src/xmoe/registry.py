@@ -68,6 +68,9 @@ ROUTERS: Registry = Registry(
         "threshold": "xmoe.routing.threshold",
         "topk": "xmoe.routing.topk",
         "topp": "xmoe.routing.topp",
+        "moepp": "xmoe.routing.moepp",
+        "recurrent": "xmoe.routing.recurrent",
+        "recurrent_threshold": "xmoe.routing.recurrent",
     },
 )
 """Routers by the name a config's ``router`` field gives (``xmoe.routing.Router`` subclasses)."""
@@ -79,7 +82,9 @@ ENGINES: Registry = Registry(
 """Grouped-matmul engines by the name a config's ``backend`` field gives
 (``xmoe.dispatch.engines.Engine`` subclasses); ``backend="auto"`` asks each of them."""
 
-EXPERT_KINDS: Registry = Registry("expert kind", {"ffn": "xmoe.experts.ffn"})
+EXPERT_KINDS: Registry = Registry(
+    "expert kind", {"ffn": "xmoe.experts.ffn", "moepp": "xmoe.experts.moepp"}
+)
 """Expert kinds by the name a config's ``experts`` field gives
 (``xmoe.experts.kind.ExpertKind`` subclasses)."""
 

@@ -23,7 +23,7 @@ def test_ffn_is_the_default_kind_and_bad_kinds_are_named():
     assert EXPERT_KINDS["ffn"] is FFNExperts
     layer = MoELayer(MoEConfig(**BASE))
     assert type(layer.experts) is FFNExperts and layer.shared_experts is None
-    with pytest.raises(ConfigError, match=r"experts='moe\+\+' is invalid: .*one of \['ffn'\]"):
+    with pytest.raises(ConfigError, match=r"experts='moe\+\+' is invalid: .*one of \[.*'ffn'"):
         MoEConfig(**BASE, experts="moe++")
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match=r"num_shared_experts=.* an integer >= 0"):

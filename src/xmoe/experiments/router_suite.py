@@ -51,9 +51,17 @@ ROWS: dict[str, Callable[[Model], MoEConfig]] = {
     "expert_choice": _routed(_top2, "expert_choice"),
     "sigmoid": _routed(_xmoe32, "sigmoid"),
     "smoe_dropout": _routed(_top2, "smoe_dropout"),
-    "thor": _routed(_top2, "thor"),
-    "moepp": _routed(_top2, "moepp"),
+    "thor": _routed(_top2, "thor", capacity_factor=None),  # one expert per batch: no drops
+    "moepp": lambda model: replace(
+        _routed(_top2, "moepp")(model),
+        experts="moepp",
+        num_experts=_top2(model).num_experts + 4,
+        expert_options={},
+    ),
     "recurrent": _routed(_top2, "recurrent"),
+    "recurrent_threshold": _routed(
+        _xmoe32, "recurrent_threshold", router_options={"logit_scale": LOGIT_SCALE}
+    ),
     "threshold+shared": lambda model: fine_grained_shared(
         _top2(model), 2, 1, "deepseek_threshold", {"logit_scale": LOGIT_SCALE}
     ),
@@ -62,7 +70,7 @@ ROWS: dict[str, Callable[[Model], MoEConfig]] = {
     ),
 }
 """Row name -> its MoE layer at a paper's default (AdaMoE: k raised to 3 with m = n/2 null
-experts; expert choice: top-2's capacity factor 2, so C = 2S/E; the rest their options'
+experts; MoE++: top-2's 16 FFN experts plus its 7B model's 2 constant, 1 copy and 1 zero expert; expert choice: top-2's capacity factor 2, so C = 2S/E; the rest their options'
 defaults)."""
 
 COMBINATIONS = ("threshold+shared", "threshold+null")

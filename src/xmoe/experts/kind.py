@@ -11,11 +11,12 @@ Shape legend: S tokens, N kept pairs, D d_model, E experts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from xmoe.config import MoEConfig
+from xmoe.config import ExpertOptions, MoEConfig
 from xmoe.dispatch.plan import DispatchPlan
 
 
@@ -24,8 +25,12 @@ class ExpertKind(nn.Module, ABC):
     for a pool of another size than ``config.num_experts`` (a layer's shared experts).
 
     A subclass implements :meth:`forward`, :meth:`reset_parameters` and
-    :meth:`flops_per_pair_E`; :meth:`sharded_parameters` defaults to every parameter.
+    :meth:`flops_per_pair_E`; :meth:`sharded_parameters` defaults to every parameter. A kind
+    with options sets ``Options`` (an :class:`~xmoe.config.ExpertOptions` subclass, validated
+    with the config as ``MoEConfig.expert_options``).
     """
+
+    Options: ClassVar[type[ExpertOptions]] = ExpertOptions
 
     def __init__(self, config: MoEConfig, num_experts: int | None = None) -> None:
         super().__init__()

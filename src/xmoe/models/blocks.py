@@ -38,12 +38,15 @@ class BlockOutput(NamedTuple):
     hidden_states: (B, T, D). moe: the MoE layer's output, None in dense blocks. attentions:
     (B, H, T, K) attention probabilities, or None unless asked for. router_logits: (B·T, E)
     router logits of an MoE block, or None unless asked for (or in a dense block).
+    routing_state: the routing state for the next MoE block (an MoE block's router's, a dense
+    block's input one passed on), or None.
     """
 
     hidden_states: torch.Tensor
     moe: MoEOutput | None
     attentions: torch.Tensor | None
     router_logits: torch.Tensor | None
+    routing_state: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -75,7 +78,10 @@ class Block(nn.Module):
         attn_implementation: str = "sdpa",
         output_attentions: bool = False,
         output_router_logits: bool = False,
+        routing_state: torch.Tensor | None = None,
     ) -> BlockOutput:
+        """``routing_state``: the previous MoE block's (``BlockOutput.routing_state``), or None;
+        states flow over depth, one row per token (B·T)."""
         attn_BTD, attentions = self.attn(
             self.attn_norm(x_BTD),
             cos_sin,
@@ -87,11 +93,14 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.dropout(attn_BTD)
         h_BTD = self.ffn_norm(x_BTD)
         if not self.is_moe:
-            return BlockOutput(x_BTD + self.dropout(self.ffn(h_BTD)), None, attentions, None)
-        out = self.ffn(h_BTD)
+            x_BTD = x_BTD + self.dropout(self.ffn(h_BTD))
+            return BlockOutput(x_BTD, None, attentions, None, routing_state)
+        out = self.ffn(h_BTD, routing_state)
         router_logits = None
         if output_router_logits:
             # the layer keeps only probabilities; the logits are one (S, D)·(D, E) product again,
-            # through the router's own logits() (which may normalise them), on the same input
-            router_logits = self.ffn.router.logits(h_BTD.reshape(-1, h_BTD.shape[-1]))
-        return BlockOutput(x_BTD + self.dropout(out.hidden_states), out, attentions, router_logits)
+            # through the router's own logits (which may normalise them), on the same input
+            h_SD = h_BTD.reshape(-1, h_BTD.shape[-1])
+            router_logits = self.ffn.router.logits_and_state(h_SD, routing_state)[0]
+        x_BTD = x_BTD + self.dropout(out.hidden_states)
+        return BlockOutput(x_BTD, out, attentions, router_logits, out.state)

@@ -273,6 +273,7 @@ class TransformerLM(nn.Module):
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
         router_logits: list[torch.Tensor] = []
+        routing_state = None  # carried over depth from one MoE block's router to the next
         for block in self.blocks:
             if output_hidden_states:
                 hidden_states.append(x_BTD)
@@ -284,8 +285,9 @@ class TransformerLM(nn.Module):
                 attn_implementation=attn_implementation,
                 output_attentions=output_attentions,
                 output_router_logits=output_router_logits,
+                routing_state=routing_state,
             )
-            x_BTD = out.hidden_states
+            x_BTD, routing_state = out.hidden_states, out.routing_state
             if out.attentions is not None:
                 attentions.append(out.attentions)
             if out.router_logits is not None:

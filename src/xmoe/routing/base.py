@@ -28,6 +28,14 @@ def router_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return result
 
 
+def autocast_off(x_SD: torch.Tensor):
+    """A context with autocast off on ``x_SD``'s device (entered only when it is on, since the
+    context's entry is not free): routing decisions must not depend on bf16 rounding."""
+    device_type = x_SD.device.type
+    on = torch.is_autocast_enabled(device_type)
+    return torch.autocast(device_type, enabled=False) if on else nullcontext()
+
+
 @dataclass
 class RouterOutput:
     """What a router returns for S tokens.
@@ -37,11 +45,14 @@ class RouterOutput:
         selection: the experts each token wants, best first.
         losses: named auxiliary losses, each a scalar already scaled by its coefficient
             (training mode only; empty in eval mode). The layer sums them.
+        state: the routing state this router hands the next MoE layer's router (per token,
+            first dimension S), or None for a router that carries none over depth.
     """
 
     probs_SE: torch.Tensor
     selection: Selection
     losses: dict[str, torch.Tensor]
+    state: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -100,14 +111,31 @@ class Router(nn.Module):
         """(S, E) router logits in fp32 (float64 when the input or weight is float64).
         Autocast is disabled here: routing decisions must not depend on bf16 rounding."""
         dtype = router_dtype(x_SD.dtype, self.weight.dtype)
-        device_type = x_SD.device.type
-        autocast_on = torch.is_autocast_enabled(device_type)  # the context's entry is not free
-        with torch.autocast(device_type, enabled=False) if autocast_on else nullcontext():
+        with autocast_off(x_SD):
             return F.linear(x_SD.to(dtype), self.weight.to(dtype))
 
     def probabilities(self, x_SD: torch.Tensor) -> torch.Tensor:
         """(S, E) softmax of :meth:`logits` for (S, d_model) tokens of any float dtype."""
         return self.logits(x_SD).softmax(dim=-1)
+
+    def logits_and_state(
+        self, x_SD: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S, E) logits given ``state`` (what the previous MoE layer's router returned, None at
+        the first), and the state to hand the next MoE layer's router. A router that carries
+        routing state over depth overrides this (its probabilities are then their softmax);
+        the others ignore ``state`` and return :meth:`logits` and None."""
+        return self.logits(x_SD), None
+
+    def probabilities_and_state(
+        self, x_SD: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S, E) probabilities and the next state: :meth:`probabilities` and None, or for a
+        router that overrides :meth:`logits_and_state`, the softmax of its logits."""
+        if type(self).logits_and_state is Router.logits_and_state:
+            return self.probabilities(x_SD), None
+        logits_SE, next_state = self.logits_and_state(x_SD, state)
+        return logits_SE.softmax(dim=-1), next_state
 
     def select(self, probs_SE: torch.Tensor) -> Selection:
         """Choose the experts each token wants. Args: probs_SE (S, E). Returns a Selection."""
@@ -123,16 +151,22 @@ class Router(nn.Module):
             losses["entropy"] = self.options.entropy_coef * entropy_loss(probs_SE)
         return losses
 
-    def forward(self, x_SD: torch.Tensor) -> RouterOutput:
-        probs_SE = self.probabilities(x_SD)
+    def forward(self, x_SD: torch.Tensor, state: torch.Tensor | None = None) -> RouterOutput:
+        probs_SE, next_state = self.probabilities_and_state(x_SD, state)
         selection = self.select(probs_SE)
         train = self.training and x_SD.shape[0] > 0  # losses only steer training
         losses = self.losses(probs_SE, selection) if train else {}
         if train and self.options.z_loss_coef > 0:
             # the logits again (one router matmul, only with the z-loss on): a subclass may
             # define its probabilities otherwise, so forward keeps asking probabilities()
-            losses["z"] = self.options.z_loss_coef * z_loss(self.logits(x_SD))
-        return RouterOutput(probs_SE, selection, losses)
+            logits_SE = self.logits_and_state(x_SD, state)[0]
+            losses["z"] = self.options.z_loss_coef * z_loss(logits_SE)
+        return RouterOutput(probs_SE, selection, losses, next_state)
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs of this router on one token (:mod:`xmoe.flops`): its (E, d_model) map;
+        a router that computes more (a residual map, a recurrent cell) adds its own."""
+        return self.config.router_flops
 
     def tunables(self) -> dict[str, Any]:
         """``tunable_names`` with the values this router holds now (what a saved config must

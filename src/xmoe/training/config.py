@@ -16,7 +16,7 @@ from xmoe.config import (
     _require_seed,
 )
 from xmoe.models.config import ModelConfig
-from xmoe.registry import ROUTERS
+from xmoe.registry import EXPERT_KINDS, ROUTERS
 
 DATA_SOURCES = ("corpus", "synthetic")
 """``corpus``: Shakespeare + King James Bible with a BPE tokenizer (``xmoe.data``);
@@ -180,7 +180,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     fields (``moe.threshold=0.8``, short for ``model.moe.threshold``) or router options
     (``moe.router_options.logit_scale=3.7``). Values are parsed to the type of the field they
     replace; ``none`` gives None. Changing ``moe.router`` resets the router options to the new
-    router's defaults.
+    router's defaults, and ``moe.experts`` the expert options to the new kind's.
     """
     values = config.to_dict()
     for item in overrides:
@@ -207,4 +207,6 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         if path[-2:] == ["moe", "router"] and target[leaf] in ROUTERS:
             # another router has other options: start from its defaults (later keys may set them)
             target["router_options"] = ROUTERS[target[leaf]].Options().to_dict()
+        if path[-2:] == ["moe", "experts"] and target[leaf] in EXPERT_KINDS:
+            target["expert_options"] = EXPERT_KINDS[target[leaf]].Options().to_dict()
     return TrainConfig.from_dict(values)
