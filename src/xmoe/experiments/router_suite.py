@@ -70,8 +70,9 @@ ROWS: dict[str, Callable[[Model], MoEConfig]] = {
     ),
 }
 """Row name -> its MoE layer at a paper's default (AdaMoE: k raised to 3 with m = n/2 null
-experts; MoE++: top-2's 16 FFN experts plus its 7B model's 2 constant, 1 copy and 1 zero expert; expert choice: top-2's capacity factor 2, so C = 2S/E; the rest their options'
-defaults)."""
+experts; MoE++: top-2's 16 FFN experts plus its 7B model's 2 constant, 1 copy and 1 zero
+expert; THOR: dropless, as one expert takes a whole batch; expert choice: top-2's capacity
+factor 2, so C = 2S/E; the rest their options' defaults)."""
 
 COMBINATIONS = ("threshold+shared", "threshold+null")
 """Rows no paper ran: XMoE's threshold rule with shared experts, and with null experts."""
