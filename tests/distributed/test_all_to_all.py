@@ -81,10 +81,33 @@ CASES = {
         (9, 6),
         (9, 6, 4, 0),
     ),
+    "sigmoid-capacity": (
+        {"router": "sigmoid", "capacity_factor": 1.0, "min_capacity": 1},
+        (9, 6),
+        (9, 6, 4, 7),
+    ),
+    # the frozen random router has no gradient on any rank
+    "smoe-dropout-capacity": (
+        {"router": "smoe_dropout", "capacity_factor": 1.0, "min_capacity": 1},
+        (9, 6),
+        (9, 6, 4, 0),
+    ),
+    # THOR: each rank draws its own expert for its batch (random per rank, as data parallel
+    # THOR trains); the reference replays each rank's draw (see _seed_draws)
+    "thor-random": ({"router": "thor"}, (9, 6), (9, 6, 4, 7)),
+    "thor-ensemble": (
+        {"router": "thor", "router_options": {"inference": "ensemble"}},
+        (5, 7),
+        (5, 7, 3, 6),
+    ),
+    # MoE++'s router on a plain FFN pool shards (its expert kind does not: a named error)
+    "moepp-router": ({"router": "moepp"}, (9, 6), (9, 6, 4, 7)),
 }
 
 
-def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+def _max_error(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None or b is None:  # no gradient (a frozen router): both or it is an error
+        return 0.0 if a is None and b is None else math.inf
     if a.shape != b.shape:
         return math.inf
     return float((a - b).detach().abs().max()) if a.numel() else 0.0
@@ -95,6 +118,12 @@ def _same_summary(a: dict, b: dict) -> bool:
         (math.isnan(a[k]) and math.isnan(b[k])) or math.isclose(a[k], b[k], abs_tol=1e-12)
         for k in a
     )
+
+
+def _seed_draws(rank: int) -> None:
+    """Seed the global generator, from which THOR draws its experts, for rank ``rank``'s call:
+    each rank draws its own, and the single-process reference repeats that rank's draws."""
+    torch.manual_seed(1000 + rank)
 
 
 def _layer_case(fields: dict, tokens: tuple[int, ...], groups: ExpertParallelGroups) -> dict:
@@ -112,6 +141,7 @@ def _layer_case(fields: dict, tokens: tuple[int, ...], groups: ExpertParallelGro
     expert_parallel(layer, groups)
 
     x = xs[rank].clone().requires_grad_()
+    _seed_draws(rank)
     out = layer(x)
     ((out.hidden_states * targets[rank]).sum() + out.aux_loss).backward()
     sync_gradients(layer, groups)  # router summed over all ranks; experts over their replicas
@@ -119,6 +149,7 @@ def _layer_case(fields: dict, tokens: tuple[int, ...], groups: ExpertParallelGro
     ref_out = ref_x_grad = None
     for r, (xr, target) in enumerate(zip(xs, targets, strict=True)):
         xr = xr.clone().requires_grad_()
+        _seed_draws(r)
         o = reference(xr)
         ((o.hidden_states * target).sum() + o.aux_loss).backward()
         if r == rank:
@@ -142,9 +173,10 @@ def _layer_case(fields: dict, tokens: tuple[int, ...], groups: ExpertParallelGro
     )
     with torch.no_grad():  # eval mode: dropless, no autograd
         layer.eval(), reference.eval()
-        errors["eval_output"] = _max_error(
-            layer(xs[rank]).hidden_states, reference(xs[rank]).hidden_states
-        )
+        _seed_draws(rank)
+        eval_output = layer(xs[rank]).hidden_states
+        _seed_draws(rank)
+        errors["eval_output"] = _max_error(eval_output, reference(xs[rank]).hidden_states)
     return {"errors": errors, "same_stats": same_stats, "world": world}
 
 
@@ -174,6 +206,10 @@ def _layer_scenarios(column: int, expert_parallel_size: int | None = None) -> di
     threshold = 0.9 if rank else 0.8
     config = xmoe.MoEConfig(**{**_BASE, "threshold": threshold})
     results["bad-config"] = _expect_error(lambda: expert_parallel(xmoe.MoELayer(config), groups))
+    # MoE++'s pool: its experts' roles are positions in the whole pool
+    pool = {"constant_experts": 1, "copy_experts": 1, "zero_experts": 0}
+    moepp = xmoe.MoEConfig(**_BASE, router="moepp", experts="moepp", expert_options=pool)
+    results["moepp-pool"] = _expect_error(lambda: expert_parallel(xmoe.MoELayer(moepp), groups))
     # the process group still works after the agreed failures
     layer = expert_parallel(xmoe.MoELayer(xmoe.MoEConfig(**_BASE)), groups)
     results["after-errors"] = tuple(layer(torch.randn(3, 8)).hidden_states.shape)
@@ -228,6 +264,9 @@ def test_bad_setups_fail_on_every_rank_with_a_named_error(fixture, request):
             "DistributedError: the MoE layer configs: rank 0 and rank 1 disagree"
         )
         assert "threshold" in result["bad-config"]
+        assert result["moepp-pool"].startswith(
+            "ConfigError: experts='moepp' is invalid under expert parallelism"
+        )
 
 
 def _fail_on_rank_1() -> None:

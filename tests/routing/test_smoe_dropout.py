@@ -95,6 +95,31 @@ def test_k_follows_the_linear_schedule_and_survives_a_round_trip():
     assert restored.router.train_k == 8
 
 
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("linear", [2, 3, 5, 6, 8, 8]),
+        ("cosine", [2, 2, 4, 6, 8, 8]),  # 8 - round(6 cos(π step / 8))
+        ("exponential", [2, 5, 7, 7, 8, 8]),  # 8 - round(6 · 0.99^(75 step))
+        ("step", [2, 2, 4, 8, 8, 8]),  # k doubles: 2, 4, 8 over thirds of the growth
+    ],
+)
+def test_each_schedule_grows_k_from_k_start_to_k_end(schedule, expected):
+    options = {"k_start": 2, "k_end": 8, "grow_steps": 4, "schedule": schedule}
+    layer = make_layer(_config(top_k=2, router_options=options))
+    x = torch.randn(3, 12, dtype=torch.float64)
+    seen = []
+    for _ in range(6):
+        seen.append(int(layer(x).routing.kept_per_token[0]))
+        layer.router.end_step()
+    assert seen == expected
+
+
+def test_the_step_schedule_is_the_codes_powers_of_two():
+    """multi_step_increase of the SMoE-Dropout code: 1, 2, 4, 8, 16 of 16 experts."""
+    assert [scheduled_k(1, 16, 5, step, "step") for step in range(6)] == [1, 2, 4, 8, 16, 16]
+
+
 def test_defaults_grow_from_top_k_to_every_expert():
     options = _config(top_k=3).router_options
     assert options.k_range(_config(top_k=3)) == (3, 10)
@@ -143,6 +168,7 @@ def test_more_experts_at_inference_never_hurt():
         ({"router_options": {"k_end": 11}}, "router_options.k_end=11 is invalid"),
         ({"router_options": {"grow_steps": -1}}, "router_options.grow_steps=-1 is invalid"),
         ({"router_options": {"grow_steps": 1.5}}, "router_options.grow_steps=1.5 is invalid"),
+        ({"router_options": {"schedule": "sqrt"}}, "router_options.schedule='sqrt' is invalid"),
         ({"top_k": 0}, "top_k=0 is invalid"),
     ],
 )

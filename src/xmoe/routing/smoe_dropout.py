@@ -3,25 +3,36 @@
 The router is a randomly initialised linear map, frozen (``weight.requires_grad`` is False, so
 no optimizer ever changes it). Each token keeps its top-k experts by router logit, combined with
 the softmax over the selected logits (the kept probabilities divided by their sum). In training
-mode k follows a linear schedule from ``k_start`` to ``k_end`` over ``grow_steps`` optimizer
-steps (advanced by :meth:`end_step`); in eval mode k is the router's ``top_k``
+mode k grows from ``k_start`` to ``k_end`` over ``grow_steps`` optimizer steps (advanced by
+:meth:`end_step`) along one of the SMoE-Dropout code's increasing schedules
+(:data:`SCHEDULES`, linear by default); in eval mode k is the router's ``top_k``
 (``MoEConfig.top_k``, then ``set_top_k``), so any k can be chosen at inference.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from xmoe.config import _is_int, _require
+from xmoe.config import _is_int, _require, _require_choice
 from xmoe.registry import ROUTERS
 from xmoe.routing.selection import Selection, ranked_topk
 from xmoe.routing.topk import TopKOptions, TopKRouter
 
 if TYPE_CHECKING:
     from xmoe.config import MoEConfig
+
+
+SCHEDULES = ("linear", "cosine", "exponential", "step")
+"""How k grows in training (:func:`scheduled_k`), after the SMoE-Dropout code's
+``linear_increase`` (floored here, where the code rounds), ``cosine_increase``, ``exp_increase``
+and ``multi_step_increase``."""
+
+EXP_BASE, EXP_DECAYS = 0.99, 300
+"""The code's ``exp_increase``: the gap to ``k_end`` shrinks by 0.99 per 1/300 of the growth."""
 
 
 @dataclass(frozen=True)
@@ -33,12 +44,14 @@ class SMoEDropoutOptions(TopKOptions):
             ``MoEConfig.top_k``.
         k_end: experts per token from step ``grow_steps`` on, in [k_start, num_experts]; None
             for num_experts (the paper ends fully dense).
-        grow_steps: optimizer steps of the linear growth (>= 0; 0 trains at ``k_end``).
+        grow_steps: optimizer steps of the growth (>= 0; 0 trains at ``k_end``).
+        schedule: how k grows over them, one of :data:`SCHEDULES` (:func:`scheduled_k`).
     """
 
     k_start: int | None = None
     k_end: int | None = None
     grow_steps: int = 1000
+    schedule: str = "linear"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +69,7 @@ class SMoEDropoutOptions(TopKOptions):
             self.grow_steps,
             "an integer >= 0",
         )
+        _require_choice("router_options.schedule", self.schedule, SCHEDULES)
 
     def check_for(self, config: MoEConfig) -> None:
         super().check_for(config)
@@ -79,12 +93,29 @@ class SMoEDropoutOptions(TopKOptions):
         return start, config.num_experts if self.k_end is None else self.k_end
 
 
-def scheduled_k(start: int, end: int, grow_steps: int, step: int) -> int:
-    """k at optimizer step ``step``: ``start + floor((end - start) · step / grow_steps)``, then
-    ``end`` from ``grow_steps`` on."""
+def scheduled_k(start: int, end: int, grow_steps: int, step: int, schedule: str = "linear") -> int:
+    """k at optimizer step ``step`` < ``grow_steps``, with progress ``u = step / grow_steps``
+    (then ``end`` from ``grow_steps`` on):
+
+    * ``linear``: ``start + floor((end - start) · u)``;
+    * ``cosine``: ``end - round((end - start) · cos(π u / 2))``;
+    * ``exponential``: ``end - round((end - start) · 0.99^floor(300 u))``;
+    * ``step``: k doubles from ``start`` (capped at ``end``) in equal parts of the growth, as
+      the code's 1, 2, 4, 8, 16 of 16 experts.
+    """
     if step >= grow_steps:
         return end
-    return start + (end - start) * step // grow_steps
+    gap = end - start
+    if schedule == "cosine":
+        return end - round(gap * math.cos(math.pi * step / (2 * grow_steps)))
+    if schedule == "exponential":
+        return end - round(gap * EXP_BASE ** (EXP_DECAYS * step // grow_steps))
+    if schedule == "step":
+        levels = [start]
+        while levels[-1] < end:
+            levels.append(min(2 * levels[-1], end))
+        return levels[len(levels) * step // grow_steps]
+    return start + gap * step // grow_steps
 
 
 @ROUTERS.register("smoe_dropout")
@@ -101,7 +132,10 @@ class SMoEDropoutRouter(TopKRouter):
         self._train_k = self._k_at(0)  # mirrors schedule_step, so select never reads it
 
     def _k_at(self, step: int) -> int:
-        return scheduled_k(*self.options.k_range(self.config), self.options.grow_steps, step)
+        options = self.options
+        return scheduled_k(
+            *options.k_range(self.config), options.grow_steps, step, options.schedule
+        )
 
     @property
     def train_k(self) -> int:
