@@ -192,7 +192,9 @@ def write_report(
         "layout (`x @ W^T`), and `SparseDecodeMLP` (`xmoe.conversion.sparse_decode`: "
         "`embedding_bag` over the kept rows) with thresholds keeping the given fraction of each "
         "token's input channels and neurons, so FFN FLOPs = kept fraction. Times include "
-        f"selecting the kept rows. Median of {args.rounds} interleaved rounds (minimum in "
+        "selecting the kept rows. The dense `mv`s use every thread; `embedding_bag` sums one "
+        "bag on one thread (a bag per thread measured no faster here, and much slower under load). "
+        f"Median of {args.rounds} interleaved rounds (minimum in "
         "brackets); speedup = the faster dense layout's median / the variant's median.",
     ]
     for section, description in sections.items():
