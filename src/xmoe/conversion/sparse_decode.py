@@ -42,7 +42,7 @@ def kept_rows_sum(a_SN: torch.Tensor, keep_SN: torch.Tensor, rows_NR: torch.Tens
     """
     if a_SN.shape[0] != 1:
         return a_SN.masked_fill(~keep_SN, 0) @ rows_NR
-    kept_K = keep_SN.view(-1).nonzero().view(-1)
+    kept_K = keep_SN.reshape(-1).nonzero().view(-1)
     one_bag = torch.zeros(1, dtype=torch.long, device=kept_K.device)  # a 2-D input fails at K=0
     # take: at S == 1 a flat index is the column index, and it is the cheapest gather (µs count)
     return F.embedding_bag(
