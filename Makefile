@@ -24,6 +24,7 @@ demo: setup
 bench: setup
 	$(BIN)/python -m benchmarks.layer
 	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.sparse_decode
 	$(BIN)/python -m benchmarks.lm_train
 	$(BIN)/python -m benchmarks.hf_experts
 	$(BIN)/python -m benchmarks.distributed

@@ -67,3 +67,35 @@ def test_tuning_benchmark_quick(tmp_path, monkeypatch):
     assert "python -m benchmarks.tuning --quick" in table
     assert "### Chunk size" in table and "### Decode path crossover" in table
     assert "failed" not in table  # every memory probe ran
+
+
+def test_sparse_decode_benchmark_quick(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from benchmarks.sparse_decode import main as sparse_decode_main
+
+    run_quick(sparse_decode_main, [*QUICK, "--out", str(tmp_path)], monkeypatch)
+    table = (tmp_path / "sparse_decode_cpu_quick.md").read_text()
+    assert "python -m benchmarks.sparse_decode --quick" in table
+    assert "### 2 MLPs" in table and "| dense, row-major layout | 100% |" in table
+    assert "| sparse, kept 0.35 | 35% |" in table and "- 2 MLPs: sparse = " in table
+
+
+def test_sparse_decode_benchmark_reads_a_models_hidden_states():
+    """The real-model section's stack, on a tiny random Llama: each layer's token is what that
+    MLP sees at the last position, and the thresholds keep the asked fraction."""
+    pytest.importorskip("transformers")
+    from tests.conversion.test_sparsify import tiny_llama, token_ids
+
+    from benchmarks.sparse_decode import model_stack
+
+    model = tiny_llama(torch.float32)
+    seen = []
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0][0, -1:])
+    )
+    stack = model_stack(model, token_ids(1), [0.5])
+    hook.remove()
+    assert len(stack.sparse) == len(stack.tokens) == 2
+    torch.testing.assert_close(stack.tokens[1], seen[0])
+    x_threshold, _ = stack.thresholds[0.5][1]
+    assert (stack.tokens[1].abs() > x_threshold).sum() == model.config.hidden_size // 2
