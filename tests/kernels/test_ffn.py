@@ -5,8 +5,6 @@ the kernels against the layer without them; under triton's CPU interpreter (``co
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,12 +15,15 @@ from xmoe import MoEConfig
 from xmoe.dispatch.plan import DispatchPlan
 from xmoe.experts.ffn_function import XmoeFFN
 from xmoe.experts.weights import ExpertWeights
-from xmoe.kernels.configs import Tiles
+from xmoe.kernels.configs import Tiles, interpreting
 from xmoe.registry import EXPERT_FFN
 
 from helpers import assert_close_grads, make_layer
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    not interpreting(), reason="CPU tensors under triton's interpreter, off where a GPU is"
+)
 
 NAMES = ("x", "weight", "w1", "b1", "w2", "b2")
 
@@ -199,18 +200,3 @@ def test_supports_only_cuda_or_the_interpreter(monkeypatch):
     layer = make_layer(MoEConfig(d_model=24, num_experts=6, d_expert=10, expert_ffn="triton"))
     with pytest.raises(ValueError, match=r"expert_ffn='triton' cannot run .*TRITON_INTERPRET=1"):
         layer(torch.randn(3, 24, dtype=torch.float64))
-
-
-def test_the_package_imports_and_declines_without_triton():
-    """With triton unimportable, ``xmoe.kernels`` and the registry entry still import, and the
-    entry supports nothing (so ``expert_ffn="triton"`` raises a clear error, never a crash)."""
-    script = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch\n"
-        "from xmoe.registry import EXPERT_FFN\n"
-        "import xmoe.kernels\n"
-        "ffn = EXPERT_FFN['triton']\n"
-        "assert not ffn.supports(torch.float32, torch.device('cuda'), 8, 24, 10)\n"
-        "assert 'triton' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
