@@ -1,5 +1,6 @@
-"""Compiles every GPU configuration of ``xmoe.kernels.configs.TILES`` for sm_90 and prints
-``{"<config>/<kernel>": shared memory bytes}`` as JSON. Run as a script by
+"""Compiles every GPU configuration of ``xmoe.kernels.configs.TILES`` for sm_90 (and the
+row-wise kernels, which take no configuration) and prints ``{"<config>/<kernel>": shared memory
+bytes}`` as JSON. Run as a script by
 ``test_configs.py``, in a process without ``TRITON_INTERPRET`` (the interpreter's patched
 language cannot generate code)."""
 
@@ -50,6 +51,23 @@ def _grouped_wgrad(tiles: Tiles, dtype: str):
     return ops._grouped_wgrad_kernel, pointers, constexprs
 
 
+def _rowdot(tiles: Tiles, dtype: str):
+    """The routing-weight gradient's row dot, both sides gathered, accumulating."""
+    pointers = dict.fromkeys(("x_ptr", "y_ptr"), f"*{dtype}") | {"out_ptr": "*fp32"}
+    pointers |= dict.fromkeys(("x_idx_ptr", "y_idx_ptr"), _INDEX)
+    constexprs = dict(
+        GATHER_X=True, GATHER_Y=True, ACCUMULATE=True, ACC=tl.float32,
+        BLOCK_R=ops.COLUMN_BLOCK // 4, BLOCK_K=ops.COLUMN_BLOCK,
+    )  # fmt: skip
+    return ops._rowdot_kernel, pointers, constexprs
+
+
+def _combine(tiles: Tiles, dtype: str):
+    """The per-token sum of token-major rows."""
+    pointers = dict.fromkeys(("y_ptr", "out_ptr"), f"*{dtype}") | {"rowptr_ptr": _INDEX}
+    return ops._combine_kernel, pointers, dict(ACC=tl.float32, BLOCK_D=ops.COLUMN_BLOCK)
+
+
 def compile_for_sm90(config: str, kernel) -> int:
     """Shared memory bytes of ``kernel`` compiled with the configuration ``config``."""
     tiles = TILES[config]
@@ -71,5 +89,8 @@ if __name__ == "__main__":
         f"{config}/{kernel.__name__}": compile_for_sm90(config, kernel)
         for config in GPU_CONFIGS
         for kernel in kernels
+    }
+    shared |= {
+        f"sm90_16bit/{k.__name__}": compile_for_sm90("sm90_16bit", k) for k in (_rowdot, _combine)
     }
     print(json.dumps(shared))
