@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := test,dev,hf,plot
+EXTRAS := test,dev,hf,plot,kernels
 
 .PHONY: setup test demo bench reproduce lint format clean
 

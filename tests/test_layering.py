@@ -36,6 +36,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "routing": {"config", "registry"},
     "dispatch": {"config"},
     "experts": {"dispatch", "config"},
+    "kernels": {"experts"},  # the spec's engines "(dispatch/ or kernels/)": Triton on CUDA
     "layer": {"routing", "dispatch", "experts"},
     "models": {"layer"},
     "hf": {"models", "data"},  # data: the tokenizer files

@@ -88,7 +88,9 @@ EXPERT_KINDS: Registry = Registry(
 """Expert kinds by the name a config's ``experts`` field gives
 (``xmoe.experts.kind.ExpertKind`` subclasses)."""
 
-EXPERT_FFN: Registry = Registry("expert FFN", {"xmoe": "xmoe.experts.ffn_function"})
+EXPERT_FFN: Registry = Registry(
+    "expert FFN", {"xmoe": "xmoe.experts.ffn_function", "triton": "xmoe.kernels.ffn"}
+)
 """Fused expert FFN implementations by the name a config's ``expert_ffn`` field gives
 (``xmoe.experts.fused.ExpertFFN`` subclasses), as transformers' ``ExpertsInterface``."""
 

@@ -1,0 +1,96 @@
+"""Compiles every GPU configuration of ``xmoe.kernels.configs.TILES`` for sm_90 (and the
+row-wise kernels, which take no configuration) and prints ``{"<config>/<kernel>": shared memory
+bytes}`` as JSON. Run as a script by
+``test_configs.py``, in a process without ``TRITON_INTERPRET`` (the interpreter's patched
+language cannot generate code)."""
+
+from __future__ import annotations
+
+import json
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+from xmoe.kernels import ops
+from xmoe.kernels.configs import TILES, Tiles
+
+GPU_CONFIGS = {
+    # configuration: the operand dtype it is chosen for
+    "sm90_16bit": "bf16",
+    "sm90_fp32": "fp32",
+    "default": "bf16",
+}
+
+_INDEX = "*i64"
+
+
+def _gathered_mm(tiles: Tiles, dtype: str):
+    """The forward's second GEMM: every option on (gather, bias, scale, scatter)."""
+    pointers = dict.fromkeys(("a_ptr", "b_ptr", "bias_ptr", "c_ptr"), f"*{dtype}")
+    pointers |= {"scale_ptr": "*fp32"} | dict.fromkeys(
+        ("a_idx_ptr", "c_idx_ptr", "tile_expert_ptr", "tile_row_ptr", "bounds_ptr"), _INDEX
+    )
+    constexprs = dict(
+        GATHER_A=True, SCATTER_C=True, HAS_BIAS=True, HAS_SCALE=True, ACC=tl.float32,
+        PRECISION="ieee", BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+    )  # fmt: skip
+    return ops._gathered_mm_kernel, pointers, constexprs
+
+
+def _grouped_wgrad(tiles: Tiles, dtype: str):
+    """The weight gradient with both operands gathered and x scaled."""
+    pointers = dict.fromkeys(("x_ptr", "y_ptr", "out_ptr"), f"*{dtype}")
+    pointers |= {"scale_ptr": "*fp32"} | dict.fromkeys(
+        ("x_idx_ptr", "y_idx_ptr", "bounds_ptr"), _INDEX
+    )
+    constexprs = dict(
+        GATHER_X=True, GATHER_Y=True, HAS_SCALE=True, ACC=tl.float32, PRECISION="ieee",
+        BLOCK_R=tiles.block_k, BLOCK_K=tiles.block_m, BLOCK_M=tiles.block_n,
+    )  # fmt: skip
+    return ops._grouped_wgrad_kernel, pointers, constexprs
+
+
+def _rowdot(tiles: Tiles, dtype: str):
+    """The routing-weight gradient's row dot, both sides gathered, accumulating."""
+    pointers = dict.fromkeys(("x_ptr", "y_ptr"), f"*{dtype}") | {"out_ptr": "*fp32"}
+    pointers |= dict.fromkeys(("x_idx_ptr", "y_idx_ptr"), _INDEX)
+    constexprs = dict(
+        GATHER_X=True, GATHER_Y=True, ACCUMULATE=True, ACC=tl.float32,
+        BLOCK_R=ops.COLUMN_BLOCK // 4, BLOCK_K=ops.COLUMN_BLOCK,
+    )  # fmt: skip
+    return ops._rowdot_kernel, pointers, constexprs
+
+
+def _combine(tiles: Tiles, dtype: str):
+    """The per-token sum of token-major rows."""
+    pointers = dict.fromkeys(("y_ptr", "out_ptr"), f"*{dtype}") | {"rowptr_ptr": _INDEX}
+    return ops._combine_kernel, pointers, dict(ACC=tl.float32, BLOCK_D=ops.COLUMN_BLOCK)
+
+
+def compile_for_sm90(config: str, kernel) -> int:
+    """Shared memory bytes of ``kernel`` compiled with the configuration ``config``."""
+    tiles = TILES[config]
+    fn, pointers, constexprs = kernel(tiles, GPU_CONFIGS[config])
+    signature = {
+        name: pointers.get(name, "constexpr" if name in constexprs else "i32")
+        for name in fn.arg_names
+    }
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    assert "cubin" in compiled.asm, f"{config}/{fn.__name__}: no cubin"
+    return compiled.metadata.shared
+
+
+if __name__ == "__main__":
+    kernels = (_gathered_mm, _grouped_wgrad)
+    shared = {
+        f"{config}/{kernel.__name__}": compile_for_sm90(config, kernel)
+        for config in GPU_CONFIGS
+        for kernel in kernels
+    }
+    shared |= {
+        f"sm90_16bit/{k.__name__}": compile_for_sm90("sm90_16bit", k) for k in (_rowdot, _combine)
+    }
+    print(json.dumps(shared))
