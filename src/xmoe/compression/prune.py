@@ -1,0 +1,159 @@
+"""``prune``: greedy removal of routed experts by calibration loss (Mamba-Shedder's loop, §25 of
+the related-systems spec, applied to experts).
+
+``experts`` times, over every MoE layer's remaining experts, the expert whose removal raises the
+calibration loss least is removed; each layer keeps at least one. A removed expert's router
+probability is zeroed and the rest renormalised before selection (:class:`PrunedRouter`), and
+the kept experts' weights alone are held (a :class:`~xmoe.compression.merge.MergedExperts`
+whose groups are the kept experts). Prune before the other passes.
+
+Shape legend: S tokens, E routed experts, B sequences, T tokens per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xmoe.compression.base import (
+    CompressionError,
+    CompressionPass,
+    PassOptions,
+    RouterWrapper,
+    check_calibration,
+    moe_layers,
+)
+from xmoe.compression.merge import MergedExperts
+from xmoe.experts import FFNExperts
+from xmoe.layer import MoELayer
+from xmoe.registry import PASSES
+from xmoe.routing.base import RouterOutput
+
+
+class PrunedRouter(RouterWrapper):
+    """A router that never selects the experts ``alive_E`` marks removed: their probabilities
+    are zeroed and the others renormalised before the wrapped router's selection rule. It adds
+    no training losses (a pruned model is for inference). Buffer: ``alive_E`` (E,) bool."""
+
+    def __init__(self, inner: nn.Module, num_experts: int) -> None:
+        super().__init__(inner)
+        self.register_buffer("alive_E", torch.ones(num_experts, dtype=torch.bool))
+
+    def forward(self, x_SD: torch.Tensor, state: torch.Tensor | None = None) -> RouterOutput:
+        probs_SE, next_state = self.inner.probabilities_and_state(x_SD, state)
+        probs_SE = probs_SE * self.alive_E
+        probs_SE = probs_SE / probs_SE.sum(dim=-1, keepdim=True)
+        return RouterOutput(probs_SE, self.inner.select(probs_SE), {}, next_state)
+
+
+@dataclass(frozen=True)
+class PruneOptions(PassOptions):
+    """Attributes: experts: how many routed experts to remove over all MoE layers, >= 1."""
+
+    experts: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.experts, bool) or not isinstance(self.experts, int) or self.experts < 1:
+            raise CompressionError(
+                f"prune: experts={self.experts!r} is invalid: it must be an integer >= 1"
+            )
+
+
+@PASSES.register("prune")
+class Prune(CompressionPass):
+    """Greedy expert removal (module docstring); options :class:`PruneOptions`."""
+
+    Options = PruneOptions
+
+    @classmethod
+    @torch.no_grad()
+    def apply(cls, model: nn.Module, options: PruneOptions, calibration: torch.Tensor):
+        routers = wrap_routers(model, options.experts)
+        for _ in range(options.experts):
+            best = min(
+                candidates(routers), key=lambda c: (removal_loss(model, routers, c, calibration), c)
+            )
+            routers[best[0]].alive_E[best[1]] = False
+        shrink_experts(model)
+        return model
+
+
+def wrap_routers(model: nn.Module, remove: int) -> list[PrunedRouter]:
+    """Every MoE layer's router wrapped in a :class:`PrunedRouter` (all experts alive), after
+    checking that ``remove`` experts can go."""
+    layers = moe_layers(model)
+    for index, layer in enumerate(layers):
+        if type(layer.experts) is not FFNExperts or isinstance(layer.router, RouterWrapper):
+            raise CompressionError(
+                f"prune: MoE layer {index} was compressed already (its experts are "
+                f"{type(layer.experts).__name__}, its router {type(layer.router).__name__}); "
+                "prune before the other passes"
+            )
+    removable = sum(layer.config.num_experts - 1 for layer in layers)
+    if remove > removable:
+        raise CompressionError(
+            f"prune: experts={remove} is more than the {removable} that can go (each MoE "
+            "layer keeps one)"
+        )
+    for layer in layers:
+        layer.router = PrunedRouter(layer.router, layer.config.num_experts)
+    return [layer.router for layer in layers]
+
+
+def candidates(routers: list[PrunedRouter]) -> list[tuple[int, int]]:
+    """``(layer, expert)`` of every expert that may go next (alive, not its layer's last)."""
+    return [
+        (index, e)
+        for index, router in enumerate(routers)
+        if int(router.alive_E.sum()) > 1
+        for e in router.alive_E.nonzero().squeeze(1).tolist()
+    ]
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, calibration_BT: torch.Tensor) -> float:
+    """Mean next-token loss of ``model`` on the calibration windows."""
+    check_calibration(calibration_BT)
+    if calibration_BT.shape[1] < 2:
+        raise CompressionError("prune: calibration windows must be at least 2 tokens long")
+    device = next(model.parameters()).device
+    batch = calibration_BT.to(device)
+    return float(model(batch[:, :-1], batch[:, 1:]).loss)
+
+
+def removal_loss(
+    model: nn.Module, routers: list[PrunedRouter], candidate: tuple[int, int], calibration
+) -> float:
+    """The calibration loss with expert ``candidate`` removed too (restored after)."""
+    alive_E = routers[candidate[0]].alive_E
+    alive_E[candidate[1]] = False
+    try:
+        return calibration_loss(model, calibration)
+    finally:
+        alive_E[candidate[1]] = True
+
+
+@torch.no_grad()
+def shrink_experts(model: nn.Module) -> None:
+    """Hold only the kept experts' weights: each layer's experts become a
+    :class:`MergedExperts` whose groups are the kept experts (a removed expert maps to the first
+    kept one, with zero probability: it is never selected unless fewer remain than a rule
+    selects, and then it weighs nothing)."""
+    for layer in moe_layers(model):
+        _shrink(layer)
+
+
+def _shrink(layer: MoELayer) -> None:
+    experts, alive_E = layer.experts, layer.router.alive_E
+    kept = alive_E.nonzero().squeeze(1)
+    inner = FFNExperts(experts.config, len(kept)).to(experts.w1.device, experts.w1.dtype)
+    for name in ("w1", "b1", "w2", "b2"):
+        if getattr(inner, name) is not None:
+            getattr(inner, name).copy_(getattr(experts, name)[kept])
+    group_E = torch.zeros_like(alive_E, dtype=torch.int64)
+    group_E[kept] = torch.arange(len(kept), device=kept.device)
+    merged = MergedExperts(experts.config, inner).to(experts.w1.device)
+    merged.group_E.copy_(group_E)
+    layer.experts = merged
