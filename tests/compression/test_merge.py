@@ -20,10 +20,12 @@ def test_merging_identical_experts_is_a_no_op():
             for weight in (layer.experts.w1, layer.experts.w2, layer.experts.b1, layer.experts.b2):
                 weight.copy_(weight[:1].expand_as(weight))
     before = logits_of(model, ids())
+    flops = model.moe_flops_per_token(model(ids()).routing)
     compress(model, [("merge", {"groups": 3})], ids(seed=2))
     assert all(isinstance(layer.experts, MergedExperts) for layer in model.moe_layers)
     assert all(layer.experts.inner.num_experts == 3 for layer in model.moe_layers)
     torch.testing.assert_close(logits_of(model, ids()), before, rtol=1e-12, atol=1e-12)
+    assert model.moe_flops_per_token(model(ids()).routing) == flops  # each pair costs one FFN
 
 
 def test_merging_into_as_many_groups_as_experts_is_a_no_op():

@@ -119,7 +119,7 @@ class LayerRouting:
 
 @torch.no_grad()
 def collect_routing(
-    model: nn.Module, calibration_BT: torch.Tensor, batch_size: int = 8
+    model: nn.Module, calibration_BT: torch.Tensor, batch_size: int = 32
 ) -> list[LayerRouting]:
     """Run ``model`` (eval mode, no gradients) on the calibration windows and record every MoE
     layer's routing (:class:`LayerRouting`, one per layer in module order)."""

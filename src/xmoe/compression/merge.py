@@ -60,9 +60,12 @@ class MergedExperts(ExpertKind):
         self.inner.reset_parameters()
 
     def flops_per_pair_E(self) -> torch.Tensor:
-        # the statistics take the cost per routed expert: its group's (read on the host, where
-        # the kinds keep their FLOP vectors)
-        return self.inner.flops_per_pair_E()[self.group_E.cpu()]
+        # the statistics take the cost per routed expert: its group's. The kinds keep their FLOP
+        # vectors on the host; equal costs (FFN experts) need no read of the device's group_E
+        flops_G = self.inner.flops_per_pair_E()
+        if bool((flops_G == flops_G[0]).all()):
+            return flops_G[:1].expand(self.num_experts)
+        return flops_G[self.group_E.cpu()]
 
     @property
     def dtype(self) -> torch.dtype:
