@@ -38,6 +38,18 @@ def test_pruned_experts_are_never_selected_nor_held_and_the_model_round_trips(tm
     torch.testing.assert_close(logits_of(loaded, ids()), logits_of(model, ids()), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("router", ["topk", "threshold", "sigmoid", "null_topk"])
+def test_a_removed_expert_is_never_selected_by_any_router(router):
+    model = tiny_lm(router=router)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    busiest = int(model.moe_layers[0].router(x).selection.top1_expert_S.mode().values)
+    routers = wrap_routers(model, 1)
+    routers[0].alive_E[busiest] = False
+    selection = routers[0](x).selection
+    chosen = selection.expert_idx_SK[selection.wanted_SK]
+    assert busiest not in chosen.tolist() and len(chosen) > 0
+
+
 def test_bad_prune_budgets_and_order_are_named():
     with pytest.raises(CompressionError, match="experts=15 is more than the 14 that can go"):
         compress(tiny_lm(), [("prune", {"experts": 15})], ids())

@@ -7,7 +7,8 @@ probability is zeroed and the rest renormalised before selection (:class:`Pruned
 the kept experts' weights alone are held (a :class:`~xmoe.compression.merge.MergedExperts`
 whose groups are the kept experts). Prune before the other passes.
 
-Shape legend: S tokens, E routed experts, B sequences, T tokens per sequence.
+Shape legend: S tokens, E routed experts, L ranked logits (E, or more with null experts),
+B sequences, T tokens per sequence.
 """
 
 from __future__ import annotations
@@ -29,23 +30,28 @@ from xmoe.compression.merge import MergedExperts
 from xmoe.experts import FFNExperts
 from xmoe.layer import MoELayer
 from xmoe.registry import PASSES
-from xmoe.routing.base import RouterOutput
+from xmoe.routing.base import Router, RouterOutput
 
 
 class PrunedRouter(RouterWrapper):
     """A router that never selects the experts ``alive_E`` marks removed: their probabilities
-    are zeroed and the others renormalised before the wrapped router's selection rule. It adds
-    no training losses (a pruned model is for inference). Buffer: ``alive_E`` (E,) bool."""
+    are zeroed before the wrapped router's selection rule, and a softmax's renormalised over
+    the others (as if the removed experts had never been; independent gates such as sigmoid
+    ones stay as they are). Ranked columns beyond E (null experts) stay. It adds no training
+    losses (a pruned model is for inference). Buffer: ``alive_E`` (E,) bool."""
 
     def __init__(self, inner: nn.Module, num_experts: int) -> None:
         super().__init__(inner)
         self.register_buffer("alive_E", torch.ones(num_experts, dtype=torch.bool))
+        self.renormalize = type(inner).probabilities is Router.probabilities  # a softmax
 
     def forward(self, x_SD: torch.Tensor, state: torch.Tensor | None = None) -> RouterOutput:
-        probs_SE, next_state = self.inner.probabilities_and_state(x_SD, state)
-        probs_SE = probs_SE * self.alive_E
-        probs_SE = probs_SE / probs_SE.sum(dim=-1, keepdim=True)
-        return RouterOutput(probs_SE, self.inner.select(probs_SE), {}, next_state)
+        probs_SL, next_state = self.inner.probabilities_and_state(x_SD, state)
+        extra = probs_SL.shape[1] - self.alive_E.shape[0]  # null experts, never pruned
+        probs_SL = probs_SL * torch.cat([self.alive_E, self.alive_E.new_ones(extra)])
+        if self.renormalize:
+            probs_SL = probs_SL / probs_SL.sum(dim=-1, keepdim=True)
+        return RouterOutput(probs_SL, self.inner.select(probs_SL), {}, next_state)
 
 
 @dataclass(frozen=True)
