@@ -80,3 +80,23 @@ def test_bad_merge_options_are_named():
         compress(tiny_lm(), [("merge", {"groups": 0})], ids())
     with pytest.raises(CompressionError, match="unknown option"):
         compress(tiny_lm(), [("merge", {"group": 2})], ids())
+
+
+def test_the_naive_baselines_are_options():
+    calibration = ids(seed=2)
+    router = compress(tiny_lm(), [("merge", {"groups": 3})], calibration)
+    random = compress(tiny_lm(), [("merge", {"groups": 3, "grouping": "random"})], calibration)
+    router_E, random_E = (m.moe_layers[0].experts.group_E for m in (router, random))
+    assert sorted(random_E.bincount().tolist()) == [2, 3, 3]  # balanced random groups
+    assert not torch.equal(router_E, random_E)
+    plain = compress(
+        tiny_lm(), [("merge", {"groups": 3, "weighting": "uniform", "align": "false"})], calibration
+    )
+    experts = tiny_lm().moe_layers[0].experts
+    plain_E = plain.moe_layers[0].experts.group_E
+    members = plain_E == 0  # the plain average of the group's unaligned members
+    torch.testing.assert_close(
+        plain.moe_layers[0].experts.inner.w1[0], experts.w1[members].mean(dim=0)
+    )
+    with pytest.raises(CompressionError, match="grouping='kmeans' is invalid"):
+        compress(tiny_lm(), [("merge", {"groups": 2, "grouping": "kmeans"})], calibration)

@@ -95,3 +95,10 @@ def test_eight_bits_are_close_and_the_budget_below_two_bits_is_named():
         compress(tiny_lm(), [("quantize", {"bits": "1.5"})], ids())
     with pytest.raises(CompressionError, match="already quantized"):
         compress(model, [("quantize", {"bits": 4})], ids())
+
+
+def test_uniform_allocation_is_the_baseline_option():
+    model = compress(tiny_lm(), [("quantize", {"bits": "3", "allocation": "uniform"})], ids())
+    assert {b for layer in model.moe_layers for b in layer.experts.bits} == {3}
+    with pytest.raises(CompressionError, match=r"bits=2\.5 is invalid with allocation='uniform'"):
+        compress(tiny_lm(), [("quantize", {"bits": 2.5, "allocation": "uniform"})], ids())

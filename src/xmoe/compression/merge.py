@@ -80,15 +80,38 @@ class MergedExperts(ExpertKind):
 
 @dataclass(frozen=True)
 class MergeOptions(PassOptions):
-    """Attributes: groups: merged experts per MoE layer, in [1, num_experts]."""
+    """Attributes:
+    groups: merged experts per MoE layer, in [1, num_experts].
+    grouping: ``"router"`` (MC-SMoE: dominant experts, router-logit similarity) or
+        ``"random"`` (the naive baseline: balanced random groups drawn from ``seed``).
+    weighting: ``"usage"`` (MC-SMoE) or ``"uniform"`` (the plain average).
+    align: align each member's hidden neurons to the group's dominant expert first.
+    seed: of the random grouping (plus the layer's index).
+    """
 
     groups: int
+    grouping: str = "router"
+    weighting: str = "usage"
+    align: bool = True
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise CompressionError(
                 f"merge: groups={self.groups!r} is invalid: it must be an integer >= 1"
             )
+        for name, allowed in (
+            ("grouping", ("router", "random")),
+            ("weighting", ("usage", "uniform")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise CompressionError(
+                    f"merge: {name}={getattr(self, name)!r} is invalid: it must be one of {allowed}"
+                )
+        if not isinstance(self.align, bool):
+            raise CompressionError(f"merge: align={self.align!r} is invalid: it must be a bool")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise CompressionError(f"merge: seed={self.seed!r} is invalid: it must be an integer")
 
 
 @PASSES.register("merge")
@@ -104,8 +127,12 @@ class Merge(CompressionPass):
         for index, layer in enumerate(layers):
             _check_mergeable(index, layer, options.groups)
         routing = collect_routing(model, calibration)
-        for layer, stats in zip(layers, routing, strict=True):
-            layer.experts = merged_experts(layer.experts, stats, options.groups)
+        for index, (layer, stats) in enumerate(zip(layers, routing, strict=True)):
+            if options.grouping == "router":
+                group_E = group_experts(stats, options.groups)
+            else:
+                group_E = random_groups(len(stats.counts_E), options.groups, options.seed + index)
+            layer.experts = merged_experts(layer.experts, stats, group_E, options)
         return model
 
 
@@ -133,6 +160,14 @@ def group_experts(stats: LayerRouting, groups: int) -> torch.Tensor:
     similarity_EG = columns_SE.T @ columns_SE[:, dominant]
     group_E = similarity_EG.argmax(dim=1)
     group_E[dominant] = torch.arange(groups)
+    return group_E
+
+
+def random_groups(num_experts: int, groups: int, seed: int) -> torch.Tensor:
+    """(E,) balanced random groups (sizes differ by at most one), drawn from ``seed``."""
+    order = torch.randperm(num_experts, generator=torch.Generator().manual_seed(seed))
+    group_E = torch.empty(num_experts, dtype=torch.int64)
+    group_E[order] = torch.arange(num_experts) % groups
     return group_E
 
 
@@ -167,10 +202,13 @@ def alignment(reference_HX: torch.Tensor, other_HX: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def merged_experts(experts: FFNExperts, stats: LayerRouting, groups: int) -> MergedExperts:
-    """G merged experts of ``experts``: each group's members aligned to its dominant expert and
-    averaged, weighted by usage (uniformly where no member was used)."""
-    group_E = group_experts(stats, groups)
+def merged_experts(
+    experts: FFNExperts, stats: LayerRouting, group_E: torch.Tensor, options: MergeOptions
+) -> MergedExperts:
+    """The merged experts of ``experts`` in the groups ``group_E`` (E,): each group's members
+    aligned to its most used member (with ``options.align``) and averaged, weighted by usage
+    (uniformly where no member was used, or with ``weighting="uniform"``)."""
+    groups = options.groups
     w1, b1, w2, b2 = (None if t is None else t.detach() for t in experts.weights().tensors())
     inner = FFNExperts(experts.config, groups).to(w1.device, w1.dtype)
     merged = [inner.w1, inner.b1, inner.w2, inner.b2]
@@ -180,11 +218,17 @@ def merged_experts(experts: FFNExperts, stats: LayerRouting, groups: int) -> Mer
         features = neuron_features(w1[reference], _row(b1, reference), w2[reference])
         aligned = []
         for e in members:
-            perm_H = alignment(features, neuron_features(w1[e], _row(b1, e), w2[e]))
+            perm_H = (
+                alignment(features, neuron_features(w1[e], _row(b1, e), w2[e]))
+                if options.align
+                else torch.arange(w2.shape[1])
+            )
             first, bias, second = permute_neurons(w1[e], _row(b1, e), w2[e], perm_H)
             aligned.append((first, bias, second, _row(b2, e)))
         share = stats.counts_E[members].to(w1.dtype)
-        share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1 / len(share))
+        if options.weighting == "uniform" or share.sum() == 0:
+            share = torch.ones_like(share)
+        share = share / share.sum()
         for slot, target in enumerate(merged):
             if target is not None:
                 target[group] = sum(

@@ -236,12 +236,25 @@ class QuantizeOptions(PassOptions):
     """Attributes:
     bits: the average width of the packed expert weights (the budget), in [2, 8].
     group_size: weights per scale and zero, >= 2.
+    allocation: ``"program"`` (MC-MoE's integer program) or ``"uniform"`` (the naive baseline:
+        every expert at ``bits``, one of the widths).
     """
 
     bits: float = 4.0
     group_size: int = 64
+    allocation: str = "program"
 
     def __post_init__(self) -> None:
+        if self.allocation not in ("program", "uniform"):
+            raise CompressionError(
+                f"quantize: allocation={self.allocation!r} is invalid: it must be 'program' or "
+                "'uniform'"
+            )
+        if self.allocation == "uniform" and self.bits not in WIDTHS:
+            raise CompressionError(
+                f"quantize: bits={self.bits} is invalid with allocation='uniform': every expert "
+                f"takes one width from {WIDTHS}"
+            )
         if isinstance(self.bits, bool) or not isinstance(self.bits, int | float):
             raise CompressionError(f"quantize: bits={self.bits!r} is invalid: it must be a number")
         if not min(WIDTHS) <= self.bits <= max(WIDTHS):
@@ -285,7 +298,10 @@ class Quantize(CompressionPass):
         # widths for nothing (among solutions of equal weighted loss)
         weight_J = torch.cat(usage).numpy() + 1e-6
         cost_JB = weight_J[:, None] * np.asarray(cost)
-        bits = allocate_bits(cost_JB, np.asarray(size), WIDTHS, options.bits * sum(size))
+        if options.allocation == "uniform":
+            bits = [int(options.bits)] * len(size)
+        else:
+            bits = allocate_bits(cost_JB, np.asarray(size), WIDTHS, options.bits * sum(size))
         start = 0
         for layer, (experts, _) in zip(layers, targets, strict=True):
             chosen = bits[start : start + experts.num_experts]
