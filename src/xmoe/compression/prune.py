@@ -2,7 +2,8 @@
 the related-systems spec, applied to experts).
 
 ``experts`` times, over every MoE layer's remaining experts, the expert whose removal raises the
-calibration loss least is removed; each layer keeps at least one. A removed expert's router
+calibration loss least is removed; each layer keeps at least one. ``method="magnitude"`` (the
+smallest weights first) and ``method="random"`` are the naive baselines. A removed expert's router
 probability is zeroed and the rest renormalised before selection (:class:`PrunedRouter`), and
 the kept experts' weights alone are held (a :class:`~xmoe.compression.merge.MergedExperts`
 whose groups are the kept experts). Prune before the other passes.
@@ -56,20 +57,36 @@ class PrunedRouter(RouterWrapper):
 
 @dataclass(frozen=True)
 class PruneOptions(PassOptions):
-    """Attributes: experts: how many routed experts to remove over all MoE layers, >= 1."""
+    """Attributes:
+    experts: how many routed experts to remove over all MoE layers, >= 1.
+    method: ``"greedy"`` (by calibration loss), or the naive baselines ``"magnitude"`` (the
+        smallest weight norm first) and ``"random"`` (drawn from ``seed``).
+    seed: of the random method.
+    """
 
     experts: int
+    method: str = "greedy"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.experts, bool) or not isinstance(self.experts, int) or self.experts < 1:
             raise CompressionError(
                 f"prune: experts={self.experts!r} is invalid: it must be an integer >= 1"
             )
+        if self.method not in METHODS:
+            raise CompressionError(
+                f"prune: method={self.method!r} is invalid: it must be one of {METHODS}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise CompressionError(f"prune: seed={self.seed!r} is invalid: it must be an integer")
+
+
+METHODS = ("greedy", "magnitude", "random")
 
 
 @PASSES.register("prune")
 class Prune(CompressionPass):
-    """Greedy expert removal (module docstring); options :class:`PruneOptions`."""
+    """Expert removal (module docstring); options :class:`PruneOptions`."""
 
     Options = PruneOptions
 
@@ -77,13 +94,38 @@ class Prune(CompressionPass):
     @torch.no_grad()
     def apply(cls, model: nn.Module, options: PruneOptions, calibration: torch.Tensor):
         routers = wrap_routers(model, options.experts)
+        generator = torch.Generator().manual_seed(options.seed)
         for _ in range(options.experts):
-            best = min(
-                candidates(routers), key=lambda c: (removal_loss(model, routers, c, calibration), c)
-            )
-            routers[best[0]].alive_E[best[1]] = False
+            choices = candidates(routers)
+            scores = removal_scores(options.method, choices, model, routers, calibration, generator)
+            _, (layer, expert) = min(zip(scores, choices, strict=True))
+            routers[layer].alive_E[expert] = False
         shrink_experts(model)
         return model
+
+
+def removal_scores(
+    method: str,
+    choices: list[tuple[int, int]],
+    model: nn.Module,
+    routers: list[PrunedRouter],
+    calibration: torch.Tensor,
+    generator: torch.Generator,
+) -> list[float]:
+    """A score per ``(layer, expert)`` choice; the lowest goes next (ties to the first layer and
+    expert): the calibration loss without it (greedy), its weights' norm (magnitude), or a
+    draw (random)."""
+    if method == "greedy":
+        return [removal_loss(model, routers, choice, calibration) for choice in choices]
+    if method == "magnitude":
+        experts = [layer.experts for layer in moe_layers(model)]
+        return [expert_norm(experts[layer], expert) for layer, expert in choices]
+    return torch.rand(len(choices), generator=generator, dtype=torch.float64).tolist()
+
+
+def expert_norm(experts: FFNExperts, expert: int) -> float:
+    """The Frobenius norm of one expert's weight matrices (the magnitude baseline's score)."""
+    return float(torch.cat([experts.w1[expert].flatten(), experts.w2[expert].flatten()]).norm())
 
 
 def wrap_routers(model: nn.Module, remove: int) -> list[PrunedRouter]:
