@@ -17,18 +17,24 @@ def run(tmp_path_factory):
     return path
 
 
-def _compress(run, out, *passes: str) -> int:
-    args = ["compress", str(run), "--out", str(out), "--no-progress", "--calibration-tokens", "256"]
-    return main([*args, *(arg for p in passes for arg in ("--pass", p))])
+def _compress(run, out, *passes: str, options: tuple[str, ...] = ()) -> int:
+    command = ["compress", str(run), "--out", str(out), "--no-progress"]
+    command += ["--calibration-tokens", "256", *options]
+    return main([*command, *(arg for p in passes for arg in ("--pass", p))])
 
 
 def test_compress_writes_a_loadable_smaller_model(run, tmp_path, capsys):
     out = tmp_path / "small"
-    assert _compress(run, out, "merge:groups=4", "quantize:bits=3,group_size=32") == 0
+    passes = ("merge:groups=4", "quantize:bits=3,group_size=32", "dynamic-prune:beta=0.9")
+    assert _compress(run, out, *passes, options=("--eval-batches", "1")) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}: expert bytes" in printed and "bytes on disk" in printed
-    model, passes = load_compressed(out)
-    assert [name for name, _ in passes] == ["merge", "quantize"]
+    before, after = (line for line in printed.splitlines() if "validation perplexity" in line)
+    assert "before" in before and "after" in after
+    experts = [float(line.split("experts/token ")[1].split(",")[0]) for line in (before, after)]
+    assert experts[1] < experts[0]  # dynamic pruning computes fewer experts per token
+    model, recorded = load_compressed(out)
+    assert [name for name, _ in recorded] == ["merge", "quantize", "dynamic-prune"]
     assert model.moe_layers[0].experts.inner.num_experts == 4
 
 

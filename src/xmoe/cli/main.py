@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--force", action="store_true", help="write into a non-empty --out")
     squeeze.add_argument("--calibration-tokens", type=int, default=8192, help="tokens (8192)")
     squeeze.add_argument("--seq-len", type=int, default=None, help="window (the run's seq_len)")
+    squeeze.add_argument(
+        "--eval-batches",
+        type=int,
+        default=0,
+        help="validation batches to measure perplexity and active FLOPs before and after (0: none)",
+    )
     squeeze.add_argument("--no-progress", action="store_true")
     squeeze.set_defaults(func=compress_command)
 
