@@ -28,7 +28,8 @@ class PassOptions(DictConfig):
     @classmethod
     def parse(cls, pass_name: str, values: dict[str, Any]) -> PassOptions:
         """The options from ``values``; a string value (from the command line) is read as the
-        type of the field's default (int, float, bool or str)."""
+        field's annotated type (int, float, bool or str; required fields have no default to
+        read a type from, unlike ``key=value`` config overrides)."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
