@@ -28,7 +28,15 @@ _LOW = {
     "experts",
     "layer",
 }
-_BELOW_CLI = _LOW | {"models", "hf", "data", "training", "conversion", "distributed"}
+_BELOW_CLI = _LOW | {
+    "models",
+    "hf",
+    "data",
+    "training",
+    "conversion",
+    "distributed",
+    "compression",
+}
 
 MAY_IMPORT: dict[str, set[str]] = {
     "config": {"registry", "flops"},  # one row with registry (and the FLOP formulas it states)
@@ -44,7 +52,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "training": {"models", "data"},
     "conversion": {"layer", "models", "hf", "training"},
     "experiments": _BELOW_CLI,  # anything below cli
-    "compression": {"layer"},  # layer and below
+    "compression": {"layer", "models", "training", "storage"},  # beside conversion
     "runtime": {"layer"},
     "distributed": {"layer"},
     "cli": _BELOW_CLI | {"experiments", "demos"},  # anything

@@ -100,3 +100,16 @@ FAMILIES: Registry = Registry(
 )
 """transformers causal-LM families that ``xmoe.conversion.sparsify`` converts, by the dense
 model's ``config.model_type`` (``xmoe.conversion.families.Family`` instances)."""
+
+PASSES: Registry = Registry(
+    "compression pass",
+    {
+        "merge": "xmoe.compression.merge",
+        "dynamic-prune": "xmoe.compression.dynamic_prune",
+        "quantize": "xmoe.compression.quantize",
+        "prune": "xmoe.compression.prune",
+    },
+)
+"""Post-training compression passes by the name ``xmoe compress --pass NAME:...`` gives
+(``xmoe.compression.base.CompressionPass`` subclasses), applied in sequence by
+``xmoe.compression.compress``."""

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from xmoe.cli.compress import compress_command
 from xmoe.cli.experiments import demo_command, layer_demo_command, reproduce_command
 from xmoe.cli.options import CommandParser
 from xmoe.cli.sparsify import GRID_EXCLUDE, sparsify_command, sparsify_grid_command
@@ -125,6 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.options_from("xmoe.conversion.eval_settings:EvalSettings", exclude=GRID_EXCLUDE)
     grid.set_defaults(func=sparsify_grid_command)
+
+    squeeze = commands.add_parser(
+        "compress",
+        help="merge, prune or quantise a trained run's experts (passes in sequence)",
+        description="Apply compression passes to RUN's experts in order and write the "
+        "compressed model to --out.",
+    )
+    squeeze.add_argument("run", help="run directory or checkpoint file")
+    squeeze.add_argument(
+        "--pass",
+        dest="passes",
+        action="append",
+        required=True,
+        metavar="NAME[:KEY=VALUE,...]",
+        help="a pass and its options, e.g. merge:groups=8 (repeat to compose)",
+    )
+    squeeze.add_argument("--out", required=True, help="output directory")
+    squeeze.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    squeeze.add_argument("--calibration-tokens", type=int, default=8192, help="tokens (8192)")
+    squeeze.add_argument("--seq-len", type=int, default=None, help="window (the run's seq_len)")
+    squeeze.add_argument(
+        "--eval-batches",
+        type=int,
+        default=0,
+        help="validation batches to measure perplexity and active FLOPs before and after (0: none)",
+    )
+    squeeze.add_argument("--no-progress", action="store_true")
+    squeeze.set_defaults(func=compress_command)
 
     repro = commands.add_parser(
         "reproduce", help="train the paper's family (or every router) over seeds; write the table"

@@ -1,0 +1,130 @@
+"""A compressed model's directory: its weights (packed codes included) in one verified
+safetensors file, with the model config and the structure each pass left in every MoE layer,
+from which :func:`load_compressed` rebuilds the model before loading the weights.
+
+Written into a staging folder and put in place only when complete
+(:func:`xmoe.storage.staged_model_directory`), like ``xmoe export`` and ``xmoe sparsify``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xmoe.compression.base import RouterWrapper, moe_layers
+from xmoe.compression.dynamic_prune import DynamicPruneRouter
+from xmoe.compression.merge import MergedExperts
+from xmoe.compression.prune import PrunedRouter
+from xmoe.compression.quantize import QuantizedExperts
+from xmoe.config import MoEConfig
+from xmoe.experts import ExpertKind, FFNExperts
+from xmoe.models import ModelConfig, TransformerLM
+from xmoe.storage import check_model_target, read_verified, save_verified, staged_model_directory
+
+WEIGHTS_NAME = "model.compressed.safetensors"
+"""The weights file of a compressed model's directory (a weight file to
+:func:`xmoe.storage.is_weight_file`, so it is moved last into an existing directory)."""
+
+
+def experts_spec(experts: ExpertKind) -> dict[str, Any]:
+    """What rebuilds ``experts`` (before its weights are loaded): kind and sizes."""
+    if isinstance(experts, MergedExperts):
+        return {"kind": "merged", "inner": experts_spec(experts.inner)}
+    if isinstance(experts, QuantizedExperts):
+        return {"kind": "quantized", "bits": experts.bits, "group_size": experts.group_size,
+                "num_experts": experts.num_experts}  # fmt: skip
+    if type(experts) is FFNExperts:
+        return {"kind": "ffn", "num_experts": experts.num_experts}
+    raise ValueError(f"cannot save experts of kind {type(experts).__name__}")
+
+
+def build_experts(config: MoEConfig, spec: dict[str, Any]) -> ExpertKind:
+    """The (untrained) experts module ``spec`` describes (:func:`experts_spec`)."""
+    kind = spec["kind"]
+    if kind == "merged":
+        return MergedExperts(config, build_experts(config, spec["inner"]))
+    if kind == "quantized":
+        return QuantizedExperts(config, spec["num_experts"], spec["bits"], spec["group_size"])
+    if kind == "ffn":
+        return FFNExperts(config, spec["num_experts"])
+    raise ValueError(f"unknown compressed experts kind {kind!r}")
+
+
+def router_spec(router: nn.Module) -> list[dict[str, Any]]:
+    """The pass routers wrapped around a layer's router, innermost first."""
+    chain = []
+    while isinstance(router, RouterWrapper):
+        if isinstance(router, DynamicPruneRouter):
+            chain.append({"kind": "dynamic-prune", "beta": router.beta})
+        elif isinstance(router, PrunedRouter):
+            chain.append({"kind": "pruned"})
+        else:
+            raise ValueError(f"cannot save a router wrapped in {type(router).__name__}")
+        router = router.inner
+    return chain[::-1]
+
+
+def wrap_router(router: nn.Module, chain: list[dict[str, Any]], num_experts: int) -> nn.Module:
+    """``router`` wrapped as :func:`router_spec`'s ``chain`` records."""
+    for entry in chain:
+        if entry["kind"] == "dynamic-prune":
+            router = DynamicPruneRouter(router, entry["beta"])
+        else:
+            router = PrunedRouter(router, num_experts)
+    return router
+
+
+def structure(model: nn.Module) -> list[dict[str, Any]]:
+    """Per MoE layer, what the passes left: its experts' and its router's specs."""
+    return [
+        {"experts": experts_spec(layer.experts), "router": router_spec(layer.router)}
+        for layer in moe_layers(model)
+    ]
+
+
+def rebuild(model: nn.Module, layout: list[dict[str, Any]]) -> nn.Module:
+    """``model`` (as built from its config) given the :func:`structure` ``layout``."""
+    layers = moe_layers(model)
+    if len(layers) != len(layout):
+        raise ValueError(
+            f"the structure records {len(layout)} MoE layers; the model has {len(layers)}"
+        )
+    for layer, entry in zip(layers, layout, strict=True):
+        layer.experts = build_experts(layer.config, entry["experts"])
+        layer.router = wrap_router(layer.router, entry["router"], layer.config.num_experts)
+    return model
+
+
+def save_compressed(
+    model: TransformerLM, out: str | os.PathLike, *, passes: list, force: bool = False
+) -> Path:
+    """Write ``model`` as a compressed model directory ``out`` (staged, then put in place);
+    ``passes`` (the ``(name, options)`` applied) are recorded. Returns the directory."""
+    out = Path(out)
+    check_model_target(out, force=force, what="compress target")
+    metadata = {
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "model_config": json.dumps(model.live_config().to_dict()),
+        "structure": json.dumps(structure(model)),
+        "passes": json.dumps([[name, dict(options)] for name, options in passes]),
+    }
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    with staged_model_directory(out, "xmoe compress") as staging:
+        save_verified(staging / WEIGHTS_NAME, tensors, metadata)
+    return out
+
+
+def load_compressed(path: str | os.PathLike) -> tuple[TransformerLM, list]:
+    """``(model in eval mode, passes recorded)`` of a directory :func:`save_compressed` wrote;
+    its weights are verified."""
+    tensors, metadata, _ = read_verified(Path(path) / WEIGHTS_NAME)
+    config = ModelConfig.from_dict(json.loads(metadata["model_config"]))
+    model = rebuild(TransformerLM(config), json.loads(metadata["structure"]))
+    model.to(getattr(torch, metadata["dtype"]))  # the floating tensors; packed codes stay uint8
+    model.load_state_dict(tensors)
+    return model.eval(), json.loads(metadata["passes"])

@@ -1,0 +1,52 @@
+"""``xmoe compress`` end to end on a one-step tiny run."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.training.test_rundir import tiny_config
+from xmoe.cli.main import main
+from xmoe.compression import load_compressed
+from xmoe.training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    train(tiny_config(max_steps=1), path, progress=False)
+    return path
+
+
+def _compress(run, out, *passes: str, options: tuple[str, ...] = ()) -> int:
+    command = ["compress", str(run), "--out", str(out), "--no-progress"]
+    command += ["--calibration-tokens", "256", *options]
+    return main([*command, *(arg for p in passes for arg in ("--pass", p))])
+
+
+def test_compress_writes_a_loadable_smaller_model(run, tmp_path, capsys):
+    out = tmp_path / "small"
+    passes = ("merge:groups=4", "quantize:bits=3,group_size=32", "dynamic-prune:beta=0.9")
+    assert _compress(run, out, *passes, options=("--eval-batches", "1")) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: expert bytes" in printed and "bytes on disk" in printed
+    before, after = (line for line in printed.splitlines() if "validation perplexity" in line)
+    assert "before" in before and "after" in after
+    experts = [float(line.split("experts/token ")[1].split(",")[0]) for line in (before, after)]
+    assert experts[1] < experts[0]  # dynamic pruning computes fewer experts per token
+    model, recorded = load_compressed(out)
+    assert [name for name, _ in recorded] == ["merge", "quantize", "dynamic-prune"]
+    assert model.moe_layers[0].experts.inner.num_experts == 4
+
+
+def test_bad_passes_and_targets_are_one_line_errors(run, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert _compress(run, out, "merge:groups=9") == 1
+    err = capsys.readouterr().err
+    assert "xmoe: error: merge: groups=9 is more than MoE layer 0's num_experts=8" in err
+    assert not out.exists()  # a failed pass leaves no output directory
+    assert _compress(run, out, "quantize:bits=one") == 1
+    assert "bits='one' is invalid: it must be a float" in capsys.readouterr().err
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _compress(run, out, "dynamic-prune:beta=0.3") == 1
+    assert f"compress target {out} is not empty" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.compression.lm import ids, logits_of, tiny_lm
+from xmoe.compression import CompressionError, compress, load_compressed, save_compressed
+from xmoe.compression.prune import calibration_loss, wrap_routers
+
+
+def test_greedy_pruning_loses_no_more_than_random_pruning():
+    calibration = ids(4, 16, seed=2)
+    greedy = compress(tiny_lm(num_experts=4), [("prune", {"experts": 2})], calibration)
+    greedy_loss = calibration_loss(greedy, calibration)
+    baselines = [{"method": "random", "seed": seed} for seed in range(4)] + [
+        {"method": "magnitude"}
+    ]
+    for baseline in baselines:
+        model = compress(
+            tiny_lm(num_experts=4), [("prune", {"experts": 2, **baseline})], calibration
+        )
+        assert greedy_loss <= calibration_loss(model, calibration), baseline
+
+
+def test_pruned_experts_are_never_selected_nor_held_and_the_model_round_trips(tmp_path):
+    passes = [("prune", {"experts": 3, "method": "magnitude"})]
+    model = compress(tiny_lm(), passes, ids(seed=2))
+    alive = [layer.router.alive_E for layer in model.moe_layers]
+    assert sum(int((~a).sum()) for a in alive) == 3
+    x = torch.randn(40, 16, dtype=torch.float64)
+    for layer, alive_E in zip(model.moe_layers, alive, strict=True):
+        selection = layer.router(x).selection
+        assert bool(alive_E[selection.expert_idx_SK[selection.wanted_SK]].all())
+        assert layer.experts.inner.num_experts == int(alive_E.sum())
+    out = save_compressed(model, tmp_path / "out", passes=passes)
+    loaded, _ = load_compressed(out)
+    torch.testing.assert_close(logits_of(loaded, ids()), logits_of(model, ids()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ["topk", "threshold", "sigmoid", "null_topk"])
+def test_a_removed_expert_is_never_selected_by_any_router(router):
+    model = tiny_lm(router=router)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    busiest = int(model.moe_layers[0].router(x).selection.top1_expert_S.mode().values)
+    routers = wrap_routers(model, 1)
+    routers[0].alive_E[busiest] = False
+    selection = routers[0](x).selection
+    chosen = selection.expert_idx_SK[selection.wanted_SK]
+    assert busiest not in chosen.tolist() and len(chosen) > 0
+
+
+def test_bad_prune_budgets_and_order_are_named():
+    with pytest.raises(CompressionError, match="method='oracle' is invalid"):
+        compress(tiny_lm(), [("prune", {"experts": 1, "method": "oracle"})], ids())
+    with pytest.raises(CompressionError, match="experts=15 is more than the 14 that can go"):
+        compress(tiny_lm(), [("prune", {"experts": 15})], ids())
+    merged = compress(tiny_lm(), [("merge", {"groups": 4})], ids())
+    with pytest.raises(CompressionError, match="prune before the other passes"):
+        compress(merged, [("prune", {"experts": 1})], ids())
