@@ -55,23 +55,37 @@ class NeuronMLP(nn.Module):
         """(..., W) bool: which entries of ``value`` at ``site`` score at least its threshold."""
         return self.score(site, value) >= getattr(self, f"threshold_{site}").to(value.dtype)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        sites = self.settings.sites
-        x = hidden_states.to(self.gate_proj.weight.dtype)
-        kept_x = self.keep("gate_up", x) if "gate_up" in sites else None
+    def masked_gate_up(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(kept_x, silu(gate x'), up x')`` on ``x'``, the channels of ``x`` the ``gate_up``
+        site keeps (``kept_x`` None without that site)."""
+        kept_x = self.keep("gate_up", x) if "gate_up" in self.settings.sites else None
         if kept_x is not None:
             x = torch.where(kept_x, x, 0)  # the mask is a constant: gradients reach kept inputs
-        activated = F.silu(self.gate_proj(x))
-        kept_n = self.keep("gate", activated) if "gate" in sites else None
-        h = activated * self.up_proj(x)
-        if "down" in sites:
+        return kept_x, F.silu(self.gate_proj(x)), self.up_proj(x)
+
+    def masked_neurons(
+        self, activated: torch.Tensor, up: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(kept_n, h)``: the neurons the ``gate`` or ``down`` site keeps (None without
+        either), and h = silu(g)·u with the others zeroed."""
+        h = activated * up
+        kept_n = None
+        if "gate" in self.settings.sites:
+            kept_n = self.keep("gate", activated)
+        elif "down" in self.settings.sites:
             kept_n = self.keep("down", h)
-        if kept_n is not None:
-            h = torch.where(kept_n, h, 0)
-        self.flops_fraction = self._flops_fraction(kept_x, kept_n)
+        return kept_n, h if kept_n is None else torch.where(kept_n, h, 0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.gate_proj.weight.dtype)
+        kept_x, activated, up = self.masked_gate_up(x)
+        kept_n, h = self.masked_neurons(activated, up)
+        self.flops_fraction = self.token_flops_fraction(kept_x, kept_n)
         return self.down_proj(h).to(hidden_states.dtype)
 
-    def _flops_fraction(
+    def token_flops_fraction(
         self, kept_x: torch.Tensor | None, kept_n: torch.Tensor | None
     ) -> torch.Tensor:
         """(S,) float64 each token's FFN-FLOP fraction from its masks (``sites`` is never empty,

@@ -16,33 +16,33 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from xmoe.conversion.calibration import spaced_rows
-from xmoe.conversion.config import SITES, SparsifyConfig
+from xmoe.conversion.config import SITES, SparsifyConfig, flops_fraction
 from xmoe.conversion.families import DenseWeights
 from xmoe.conversion.neuron_mlp import NeuronMLP
 
-CALIBRATION_TOKENS = 4096
+CALIBRATION_TOKENS = 2048
 """Calibration tokens per layer the thresholds and the greedy errors read (evenly spaced): the
-greedy allocation runs the MLP a few times per step, and quantiles of 4096 tokens × the FFN
-width are already fine-grained."""
+greedy allocation runs the MLP a few times per step (about 15 s a layer for SmolLM2-135M on two
+busy cores), and quantiles of 2048 tokens × the FFN width are already fine-grained."""
 
 GREEDY_STEP = 0.05
 """Sparsity a greedy step adds to one site (the last step is cut to land on the target)."""
 
-BISECTION_STEPS = 20
-"""Halvings of a sparsity interval when solving for the target (2⁻²⁰ ≈ 1e-6 of sparsity)."""
+BISECTION_STEPS = 16
+"""Halvings of a sparsity interval when solving for the target (2⁻¹⁶ ≈ 2e-5 of sparsity)."""
 
 Levels = dict[str, float]
 """Sparsity per site: the fraction of that site's calibration entries below its threshold."""
 
 
 def quantile_threshold(scores: torch.Tensor, level: float) -> torch.Tensor:
-    """The threshold below which a fraction ``level`` of ``scores`` falls (0-dim, their dtype):
-    0 at level 0 (keeps every entry, scores are >= 0), +inf at 1 (keeps none)."""
+    """The threshold below which ceil(``level`` · N) of the N ``scores`` fall (0-dim, their
+    dtype), so at most 1 - ``level`` of them are kept: 0 at level 0 (keeps every entry, scores
+    are >= 0), +inf at 1 (keeps none)."""
     flat = scores.flatten()
-    skipped = round(level * flat.numel())
+    skipped = math.ceil(round(level * flat.numel(), 9))  # rounded first: 0.3·10 skips 3
     if skipped == 0:
         return flat.new_zeros(())
     if skipped >= flat.numel():
@@ -66,47 +66,70 @@ def set_scales(mlp: NeuronMLP, x_SD: torch.Tensor, scoring: str) -> None:
         mlp.scale_gate.copy_(mean_up_I * mlp.scale_down)
 
 
-def set_thresholds(mlp: NeuronMLP, x_SD: torch.Tensor, levels: Levels) -> None:
-    """Put the quantile thresholds of ``levels`` into ``mlp`` (sites not in ``levels`` keep all)."""
-    with torch.no_grad():
-        for site in SITES:
-            getattr(mlp, f"threshold_{site}").zero_()
-        if "gate_up" in levels:
-            mlp.threshold_gate_up.copy_(
-                quantile_threshold(mlp.score("gate_up", x_SD), levels["gate_up"])
-            )
-            x_SD = torch.where(mlp.keep("gate_up", x_SD), x_SD, 0)
-        for site in {"down", "gate"} & levels.keys():
-            activated = F.silu(mlp.gate_proj(x_SD))
-            value = activated if site == "gate" else activated * mlp.up_proj(x_SD)
-            threshold = quantile_threshold(mlp.score(site, value), levels[site])
-            getattr(mlp, f"threshold_{site}").copy_(threshold)
-
-
 class LayerCalibration:
     """One layer's calibration: its inputs, its dense output, and the measure of a choice of
-    sparsities (the FFN-FLOP fraction and the output error they give on those inputs)."""
+    sparsities (the thresholds they give, set in the MLP, and the FFN-FLOP fraction and output
+    error on those inputs). The gate and up outputs of the last few ``gate_up`` sparsities are
+    kept: the greedy steps and the bisections revisit them."""
+
+    cached_levels = 3
+    """``gate_up`` sparsities whose gate and up outputs are kept (a greedy step compares two)."""
 
     def __init__(self, mlp: NeuronMLP, x_SD: torch.Tensor) -> None:
         self.mlp = mlp
         self.x_SD = x_SD
         self.sites = mlp.settings.sites
-        set_thresholds(mlp, x_SD, {})
+        self._gate_up: dict[float, tuple] = {}
         with torch.no_grad():
+            for site in SITES:
+                getattr(mlp, f"threshold_{site}").zero_()
             self.dense_SD = mlp(x_SD)
         self.dense_energy = float(self.dense_SD.double().square().sum()) or 1.0
 
-    def measure(self, levels: Levels) -> tuple[float, float]:
-        """(FFN-FLOP fraction, relative squared output error) with ``levels`` set in the MLP."""
-        set_thresholds(self.mlp, self.x_SD, levels)
+    def gate_up(self, level: float) -> tuple:
+        """``(threshold, kept_x, activated, up)`` of the ``gate_up`` site at sparsity ``level``."""
+        if level not in self._gate_up:
+            if len(self._gate_up) >= self.cached_levels:
+                del self._gate_up[next(iter(self._gate_up))]  # the oldest
+            threshold = quantile_threshold(self.mlp.score("gate_up", self.x_SD), level)
+            self.mlp.threshold_gate_up.copy_(threshold)
+            self._gate_up[level] = (threshold, *self.mlp.masked_gate_up(self.x_SD))
+        return self._gate_up[level]
+
+    def measure(self, levels: Levels, error: bool = True) -> tuple[float, float]:
+        """Set the thresholds of ``levels`` (a site not in it keeps all) in the MLP; returns
+        (FFN-FLOP fraction, relative squared output error, or NaN without ``error``)."""
+        mlp = self.mlp
         with torch.no_grad():
-            out_SD = self.mlp(self.x_SD)
-        error = float((out_SD - self.dense_SD).double().square().sum()) / self.dense_energy
-        return float(self.mlp.flops_fraction.mean()), error
+            threshold, kept_x, activated, up = self.gate_up(levels.get("gate_up", 0.0))
+            mlp.threshold_gate_up.copy_(threshold)
+            for site in ("down", "gate"):
+                buffer, level = getattr(mlp, f"threshold_{site}"), levels.get(site, 0.0)
+                if level == 0:
+                    buffer.zero_()  # keeps all, without scoring
+                    continue
+                value = activated if site == "gate" else activated * up
+                buffer.copy_(quantile_threshold(mlp.score(site, value), level))
+            kept_n, h = mlp.masked_neurons(activated, up)
+            fraction = float(mlp.token_flops_fraction(kept_x, kept_n).mean())
+            if not error:
+                return fraction, math.nan
+            difference = (mlp.down_proj(h) - self.dense_SD).double()
+        return fraction, float(difference.square().sum()) / self.dense_energy
+
+    def fraction(self, levels: Levels) -> float:
+        """The FFN-FLOP fraction of ``levels`` on the calibration inputs. Gate-first, measured
+        (its up runs on the kept neurons of the kept channels: a per-token product); otherwise
+        the formula on 1 - level per site, which bounds the measure from above (each site keeps
+        at most that much) and is within one entry of it."""
+        if "gate" in self.sites:
+            return self.measure(levels, error=False)[0]
+        kept_x, kept_n = (1 - levels.get(site, 0.0) for site in ("gate_up", "down"))
+        return flops_fraction(self.sites, kept_x, kept_n)
 
     def solve(self, levels: Levels, sites: tuple[str, ...], target: float) -> Levels:
         """``levels`` with ``sites`` raised together, from where they are, just far enough that
-        the fraction is at most ``target`` (bisection on the measured fraction)."""
+        the fraction is at most ``target`` (bisection on :meth:`fraction`)."""
 
         def raised(t: float) -> Levels:
             return levels | {s: levels[s] + t * (1 - levels[s]) for s in sites}
@@ -114,7 +137,7 @@ class LayerCalibration:
         low, high = 0.0, 1.0
         for _ in range(BISECTION_STEPS):
             middle = (low + high) / 2
-            if self.measure(raised(middle))[0] <= target:
+            if self.fraction(raised(middle)) <= target:
                 high = middle
             else:
                 low = middle
@@ -124,7 +147,7 @@ class LayerCalibration:
 def uniform_levels(layer: LayerCalibration, target: float) -> Levels:
     """The same sparsity at every site, the least that reaches ``target``."""
     start = dict.fromkeys(layer.sites, 0.0)
-    if layer.measure(start)[0] <= target:
+    if layer.fraction(start) <= target:
         return start
     return layer.solve(start, layer.sites, target)
 
@@ -171,5 +194,5 @@ def convert_layer(
     layer = LayerCalibration(mlp, x_SD)
     allocate = greedy_levels if settings.allocation == "greedy" else uniform_levels
     levels = allocate(layer, settings.target_flops)
-    set_thresholds(mlp, x_SD, levels)
+    layer.measure(levels, error=False)  # its thresholds in the MLP
     return levels
