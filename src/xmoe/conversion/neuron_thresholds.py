@@ -24,8 +24,9 @@ from xmoe.conversion.neuron_mlp import NeuronMLP
 
 CALIBRATION_TOKENS = 2048
 """Calibration tokens per layer the thresholds and the greedy errors read (evenly spaced): the
-greedy allocation runs the MLP a few times per step (about 15 s a layer for SmolLM2-135M on two
-busy cores), and quantiles of 2048 tokens × the FFN width are already fine-grained."""
+greedy allocation runs the MLP a few times per step (20-30 s a layer of SmolLM2-135M's shape on
+two busy cores; uniform, 1-8 s), and quantiles of 2048 tokens × the FFN width are already
+fine-grained."""
 
 GREEDY_STEP = 0.05
 """Sparsity a greedy step adds to one site (the last step is cut to land on the target)."""
@@ -39,8 +40,8 @@ Levels = dict[str, float]
 
 def quantile_threshold(scores: torch.Tensor, level: float) -> torch.Tensor:
     """The threshold below which ceil(``level`` · N) of the N ``scores`` fall (0-dim, their
-    dtype), so at most 1 - ``level`` of them are kept: 0 at level 0 (keeps every entry, scores
-    are >= 0), +inf at 1 (keeps none)."""
+    dtype), so at most 1 - ``level`` of them are kept (but for ties at the threshold, which are
+    kept): 0 at level 0 (keeps every entry, scores are >= 0), +inf at 1 (keeps none)."""
     flat = scores.flatten()
     skipped = math.ceil(round(level * flat.numel(), 9))  # rounded first: 0.3·10 skips 3
     if skipped == 0:
