@@ -69,3 +69,16 @@ def test_layer_statistics_count_what_the_layer_computes(activation, capacity_fac
     assert counted == pairs * config.expert_flops + 24 * config.router_flops
     if capacity_factor is not None:  # the case proves that dropped pairs are not counted
         assert pairs < int(stats.wanted_per_token.sum())
+
+
+@pytest.mark.parametrize("gate_first", [False, True])
+def test_masked_swiglu_fraction_is_what_the_kept_rows_count(gate_first):
+    """Gate and up on the kept channels (up on the kept neurons too, gate-first), down on the
+    kept neurons: the matmuls of the compacted weights, counted by torch."""
+    d_model, d_hidden, kept_in, kept_neurons = 16, 24, 12, 6
+    x, gate = torch.randn(1, kept_in), torch.randn(kept_in, d_hidden)
+    up = torch.randn(kept_in, kept_neurons if gate_first else d_hidden)
+    down = torch.randn(kept_neurons, d_model)
+    counted = _counted(lambda: (x @ gate, x @ up, torch.randn(1, kept_neurons) @ down))
+    fraction = flops.masked_swiglu_fraction(kept_in / d_model, kept_neurons / d_hidden, gate_first)
+    assert counted == pytest.approx(fraction * flops.ffn_flops(d_model, d_hidden, gated=True))

@@ -25,6 +25,15 @@ def ffn_flops(d_model: int, d_hidden: int, gated: bool) -> int:
     return 2 * ffn_params(d_model, d_hidden, gated)
 
 
+def masked_swiglu_fraction(kept_inputs, kept_neurons, gate_first: bool):
+    """The fraction of a gated FFN's forward FLOPs left when a token keeps a fraction
+    ``kept_inputs`` of the channels entering gate/up and ``kept_neurons`` of the neurons (floats,
+    or tensors of them elementwise). The gate and up read the kept channels and down the kept
+    neurons; gate-first, the gate runs on every kept channel and up only for the kept neurons."""
+    up = kept_inputs * kept_neurons if gate_first else kept_inputs
+    return (kept_inputs + up + kept_neurons) / 3
+
+
 def router_flops(d_model: int, num_experts: int) -> int:
     """Forward FLOPs of a linear router (one (E, D) matrix) on one token."""
     return 2 * d_model * num_experts

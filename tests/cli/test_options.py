@@ -40,7 +40,9 @@ def _names(cls: type) -> set[str]:
 def test_sparsify_options_are_the_config_fields():
     options = _dests(_command("sparsify"))
     assert set(options) == _names(SparsifyConfig) | SPARSIFY_OWN
-    assert options["expert_size"].required and options["expert_size"].type is int
+    assert not options["expert_size"].required and options["expert_size"].type is int
+    assert options["sites"].choices == ("gate_up", "down", "gate") and options["sites"].nargs == "*"
+    assert options["mode"].choices == ("experts", "neurons")
     assert options["partition"].choices == ("contiguous", "clustered")
     assert options["combine"].choices == ("unweighted", "weighted")
     docs = field_docs(SparsifyConfig)

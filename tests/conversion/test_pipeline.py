@@ -160,3 +160,22 @@ def test_a_failure_mid_write_leaves_no_output_and_no_temporaries(dense_dir, tmp_
         assert _sparsify(dense_dir, out, "--force") == 1
     assert _snapshot(out) == before and not _temporaries(out)  # the earlier output intact
     assert sorted(os.listdir(parent)) == ["sparse"]
+
+
+def test_default_calibration_covers_both_domains(dense_dir, monkeypatch):
+    """Without a text file the windows come half from each domain's training documents (the
+    documents are sorted KJV first, so the first tokens alone would be KJV only)."""
+    import xmoe.data.corpus as corpus
+    from xmoe.conversion.pipeline import calibration_windows
+
+    def documents(domain: str, word: str, names: tuple[str, ...]) -> list[corpus.Document]:
+        held_out = [corpus.Document(name, domain, "w1 w2") for name in names]
+        return [*held_out, corpus.Document("train", domain, " ".join([word] * 400))]
+
+    kjv = documents(corpus.KJV, "w3", corpus.VALIDATION_BOOKS)
+    shakespeare = documents(corpus.SHAKESPEARE, "w4", corpus.VALIDATION_WORKS)
+    monkeypatch.setattr(corpus, "load_documents", lambda: kjv + shakespeare)
+    windows = calibration_windows(dense_dir, 160, 32, None)
+    assert windows.shape == (5, 32)
+    assert sorted(windows[:, 0].tolist()) == [3, 3, 3, 4, 4]  # each window from one domain
+    assert all(len(set(window.tolist())) == 1 for window in windows)

@@ -206,7 +206,6 @@ def test_report_from_cells(tmp_path):
     [
         (["sparsify-grid", "--threshold", "0.5"], "unrecognized arguments: --threshold 0.5"),
         (["sparsify", "--expert-size", "4", "--out", "x"], "arguments are required: model"),
-        (["sparsify", "m", "--out", "x"], "arguments are required: --expert-size"),
         (["sparsify", "m", "--expert-size", "4", "--out", "x", "--eval-tokens", "8"],
          "unrecognized arguments: --eval-tokens 8"),
         (["sparsify-grid", "--recover", "16-clustered"], "'16-clustered' is not INT:STR:FLOAT"),

@@ -351,7 +351,9 @@ def test_cli_error_path(tmp_path, capsys):
     assert "xmoe: error: calibration needs the tokenizer" in capsys.readouterr().err
 
 
-def test_cli_sparsify_end_to_end(tmp_path, capsys):
+def dense_directory(tmp_path):
+    """A saved tiny fp32 Llama with a word-level tokenizer, and a calibration text file in its
+    words: ``(model directory, text file)``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -364,7 +366,11 @@ def test_cli_sparsify_end_to_end(tmp_path, capsys):
     text = tmp_path / "calibration.txt"
     gen = torch.Generator().manual_seed(0)
     text.write_text(" ".join(words[i] for i in torch.randint(0, VOCAB - 1, (600,), generator=gen)))
+    return model_dir, text
 
+
+def test_cli_sparsify_end_to_end(tmp_path, capsys):
+    model_dir, text = dense_directory(tmp_path)
     out = tmp_path / "sparse"
     argv = ["sparsify", str(model_dir), "--out", str(out), "--expert-size", "16"]
     argv += ["--partition", "clustered", "--threshold", "0.7", "--calibration-text", str(text)]

@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify = commands.add_parser(
         "sparsify",
         help=f"convert a dense causal LM directory ({'/'.join(FAMILIES)}) into neuron-group "
-        "MoE MLPs",
-        description="Convert MODEL into neuron-group MoE MLPs written to --out.",
+        "MoE MLPs (or threshold-sparse ones: --mode neurons)",
+        description="Convert MODEL into neuron-group MoE MLPs (--mode experts, --expert-size H) "
+        "or MLPs that skip inputs below calibrated thresholds (--mode neurons, --target-flops F), "
+        "written to --out.",
     )
     sparsify.add_argument("model", help="directory with a transformers causal LM")
     sparsify.add_argument("--out", required=True, help="output model directory")

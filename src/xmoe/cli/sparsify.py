@@ -1,4 +1,5 @@
-"""``xmoe sparsify``: a dense causal LM directory converted into neuron-group MoE MLPs; and
+"""``xmoe sparsify``: a dense causal LM directory converted into neuron-group MoE MLPs (or, with
+``--mode neurons``, threshold-sparse MLPs); and
 ``xmoe sparsify-grid``: the SmolLM2-135M quality/compute grid. Their settings options come from
 :class:`~xmoe.conversion.SparsifyConfig` and :class:`~xmoe.conversion.evaluation.EvalSettings`
 (:mod:`xmoe.cli.options`)."""
@@ -27,7 +28,7 @@ def sparsify_grid_command(args: argparse.Namespace) -> int:
 
 
 def sparsify_command(args: argparse.Namespace) -> int:
-    from xmoe.conversion import SparsifyConfig, sparse_mlps
+    from xmoe.conversion import SparsifyConfig, neuron_mlps, sparse_mlps
     from xmoe.conversion.pipeline import REAL_MODEL_HINT, real_model_available, sparsify_directory
 
     settings = from_options(SparsifyConfig, args)  # a bad value is named before any loading
@@ -44,6 +45,13 @@ def sparsify_command(args: argparse.Namespace) -> int:
         **pipeline,
         **options,
     )
+    if settings.mode == "neurons":
+        print(
+            f"{len(neuron_mlps(sparse))} MLPs -> neuron thresholds at sites "
+            f"{'+'.join(settings.sites)} ({settings.scoring} scoring, {settings.allocation} "
+            f"allocation, target {settings.target_flops:g} of the FFN FLOPs) -> {args.out}"
+        )
+        return 0
     modules = sparse_mlps(sparse)
     rule = (
         f"threshold {settings.threshold}"

@@ -55,3 +55,10 @@ def collect_mlp_inputs(
         for handle in handles:
             handle.remove()
     return [torch.cat(chunks) for chunks in captured]
+
+
+def spaced_rows(x_SD: torch.Tensor, count: int) -> torch.Tensor:
+    """At most ``count`` evenly spaced rows of ``x_SD`` (deterministic subsample)."""
+    if x_SD.shape[0] <= count:
+        return x_SD
+    return x_SD[torch.linspace(0, x_SD.shape[0] - 1, count).long()]

@@ -3,9 +3,11 @@
 A sparsified model of each family in ``xmoe.registry.FAMILIES`` is its own ``model_type``
 (``xmoe_sparse_llama``, ``xmoe_sparse_qwen2``, ...): the config is the base config plus
 ``xmoe_sparsify`` (the :class:`~xmoe.conversion.SparsifyConfig` fields), and the model class is
-the base class whose MLPs are :class:`~xmoe.conversion.SparseMLP`; :func:`sparse_classes` makes
-both from the family's entry. A fresh ``model_type`` keeps ``AutoModelForCausalLM`` from silently
-loading the directory as a dense model with missing MLP weights.
+the base class whose MLPs are :class:`~xmoe.conversion.SparseMLP` (or, in the ``neurons`` mode,
+:class:`~xmoe.conversion.neuron_mlp.NeuronMLP`, its thresholds buffers saved with the weights);
+:func:`sparse_classes` makes both from the family's entry. A fresh ``model_type`` keeps
+``AutoModelForCausalLM`` from silently loading the directory as a dense model with missing MLP
+weights.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from xmoe.config import ConfigError
 from xmoe.conversion.architecture import SPARSE_PREFIX
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.families import Family
+from xmoe.conversion.neuron_mlp import NeuronMLP
 from xmoe.conversion.sparse_mlp import SEPARATE_UP_KEY, SparseMLP
 from xmoe.hf.verified import VerifiedWeightsMixin
 from xmoe.registry import FAMILIES
@@ -34,18 +37,20 @@ WEIGHT_CONFIG_FIELDS = frozenset(
     {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"}
     | {"num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps"}
     | {"rope_theta", "rope_parameters", "rope_scaling", "tie_word_embeddings", "attention_bias"}
-    | {"mlp_bias", f"{SETTINGS_KEY}.expert_size"}
+    | {"mlp_bias", f"{SETTINGS_KEY}.expert_size", f"{SETTINGS_KEY}.mode"}
+    | {f"{SETTINGS_KEY}.{name}" for name in ("target_flops", "scoring", "allocation", "sites")}
 )
 """config.json fields that decide how a sparsified model's weights are read (a change refuses
-the load; the selection rule, router and combine may change with a warning)."""
+the load; the selection rule, router and combine may change with a warning). The neurons mode's
+settings are among them: its threshold buffers were calibrated for them."""
 
 
 class SavesModuleSettingsMixin:
-    """``save_pretrained`` records ``xmoe_sparsify`` from the SparseMLPs' settings as they are
+    """``save_pretrained`` records ``xmoe_sparsify`` from the sparse MLPs' settings as they are
     now (``set_threshold`` and the other knobs change the modules, never the config)."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        held = [m.settings for m in self.modules() if isinstance(m, SparseMLP)]
+        held = [m.settings for m in self.modules() if isinstance(m, (SparseMLP, NeuronMLP))]
         if any(settings != held[0] for settings in held):
             raise ConfigError(
                 "the SparseMLPs hold different settings: one config records a single "
@@ -81,13 +86,18 @@ def _sparse_classes(name: str, family: Family) -> tuple[type, type]:
         def __init__(self, config: Any) -> None:
             super().__init__(config)
             settings = SparsifyConfig.from_dict(getattr(config, SETTINGS_KEY))
-            num_experts = settings.num_experts(config.intermediate_size)
-            width = config.hidden_size
-            _replace_mlps(self, family, lambda: SparseMLP(width, settings, num_experts))
+            width, ffn = config.hidden_size, config.intermediate_size
+            if settings.mode == "neurons":
+                _replace_mlps(self, family, lambda: NeuronMLP(width, ffn, settings))
+            else:
+                num_experts = settings.num_experts(ffn)
+                _replace_mlps(self, family, lambda: SparseMLP(width, settings, num_experts))
 
     for cls, base in ((SparseConfig, family.config_cls), (SparseForCausalLM, family.model_cls)):
         cls.__name__ = cls.__qualname__ = f"Sparse{base.__name__}"  # as save_pretrained records
-        cls.__doc__ = f"``{base.__name__}`` whose MLPs are SparseMLPs (``{SETTINGS_KEY}``)."
+        cls.__doc__ = (
+            f"``{base.__name__}`` whose MLPs are SparseMLPs or NeuronMLPs (``{SETTINGS_KEY}``)."
+        )
     return SparseConfig, SparseForCausalLM
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.real_model import INSTALL_HINT as REAL_MODEL_HINT
 from xmoe.conversion.real_model import real_model_available
 from xmoe.storage import check_model_target, staged_model_directory
@@ -24,9 +25,10 @@ def has_tokenizer(directory: Path) -> bool:
 def calibration_windows(
     source: Path, tokens: int, seq_len: int, text_file: str | os.PathLike[str] | None
 ) -> torch.Tensor:
-    """(B, T) int64 calibration windows: ``text_file`` (else the project's Shakespeare+KJV
-    training documents) tokenised with the tokenizer saved in ``source``, cut into
-    ``tokens // seq_len`` consecutive windows of ``seq_len`` tokens.
+    """(B, T) int64 calibration windows: ``text_file`` (else the project's training documents,
+    half the windows from the Shakespeare works and half from the KJV books, so the calibration
+    sees both domains) tokenised with the tokenizer saved in ``source``, cut into
+    ``tokens // seq_len`` windows of ``seq_len`` consecutive tokens.
 
     Raises:
         ValueError: no tokenizer in ``source``, or too little text for one window.
@@ -40,27 +42,37 @@ def calibration_windows(
         )
     tokenizer = AutoTokenizer.from_pretrained(source)
     if text_file is not None:
-        text = Path(text_file).read_text(encoding="utf-8")
+        texts = [Path(text_file).read_text(encoding="utf-8")]
     else:
-        from xmoe.data.corpus import load_documents, split_documents
+        from xmoe.data.corpus import DOMAINS, load_documents, split_documents
 
         train_docs, _ = split_documents(load_documents())
-        text = "\n\n".join(doc.text for doc in train_docs)
+        texts = [
+            "\n\n".join(doc.text for doc in train_docs if doc.domain == domain)
+            for domain in DOMAINS
+        ]
     windows = max(1, tokens // seq_len)
+    counts = [windows // len(texts) + (i < windows % len(texts)) for i in range(len(texts))]
+    parts = [_windows(tokenizer, t, n, seq_len) for t, n in zip(texts, counts, strict=True) if n]
+    return torch.cat(parts)
+
+
+def _windows(tokenizer, text: str, count: int, seq_len: int) -> torch.Tensor:
+    """Up to ``count`` windows of ``seq_len`` consecutive tokens from the start of ``text``."""
     # tokenise only what the windows need (about 4 characters per token, with a margin)
-    ids = tokenizer(text[: windows * seq_len * 8], add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text[: count * seq_len * 8], add_special_tokens=False)["input_ids"]
     if len(ids) < seq_len:
         raise ValueError(
             f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}"
         )
-    windows = min(windows, len(ids) // seq_len)
-    return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).view(windows, seq_len)
+    count = min(count, len(ids) // seq_len)
+    return torch.tensor(ids[: count * seq_len], dtype=torch.int64).view(count, seq_len)
 
 
 def sparsify_directory(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    expert_size: int,
+    expert_size: int | None,
     calibration_tokens: int = 16384,
     seq_len: int = 256,
     calibration_text: str | os.PathLike[str] | None = None,
@@ -77,8 +89,9 @@ def sparsify_directory(
 
     Args:
         force: write into a non-empty ``out`` (replacing the model files there).
-        settings: ``partition``, ``router``, ``active_fraction``, ``threshold``, and the other
-            :class:`~xmoe.conversion.SparsifyConfig` fields.
+        expert_size: neurons per expert (experts mode; None in the neurons mode).
+        settings: ``partition``, ``router``, ``active_fraction``, ``threshold``, ``mode``, and
+            the other :class:`~xmoe.conversion.SparsifyConfig` fields.
 
     Returns:
         the sparsified model.
@@ -103,10 +116,9 @@ def sparsify_directory(
             f"calibration_tokens={calibration_tokens} and seq_len={seq_len} must be >= 1"
         )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    needs_data = settings.get("partition") == "clustered" or settings.get("router") != "oracle"
     calibration = (
         calibration_windows(source, calibration_tokens, seq_len, calibration_text)
-        if needs_data
+        if SparsifyConfig(expert_size=expert_size, **settings).needs_calibration
         else None
     )
     sparse = sparsify(model, expert_size, calibration=calibration, progress=progress, **settings)

@@ -1,5 +1,6 @@
 """sparsify: a dense causal LM of a registered family (``xmoe.registry.FAMILIES``: Llama,
-Mistral, Qwen2, ...) -> the same model with neuron-group MoE MLPs.
+Mistral, Qwen2, ...) -> the same model with neuron-group MoE MLPs, or (``mode="neurons"``) with
+MLPs that skip input channels and neurons below calibrated thresholds.
 
 Shape legend: I FFN width, D hidden size, E experts, H = expert_size, S calibration tokens.
 """
@@ -15,11 +16,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xmoe.conversion.architecture import supported_mlps
-from xmoe.conversion.calibration import collect_mlp_inputs
+from xmoe.conversion.calibration import collect_mlp_inputs, spaced_rows
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
 from xmoe.conversion.families import DenseWeights
 from xmoe.conversion.modeling import SETTINGS_KEY, sparse_classes
+from xmoe.conversion.neuron_thresholds import convert_layer
 from xmoe.conversion.partition import clustered_partition, contiguous_partition
 from xmoe.conversion.router_training import train_router
 from xmoe.conversion.sparse_mlp import SparseMLP
@@ -40,16 +42,9 @@ def _expert_weights(
     return w_gate, w_up, w_down
 
 
-def _spaced(x_SD: torch.Tensor, count: int) -> torch.Tensor:
-    """At most ``count`` evenly spaced rows of ``x_SD`` (deterministic subsample)."""
-    if x_SD.shape[0] <= count:
-        return x_SD
-    return x_SD[torch.linspace(0, x_SD.shape[0] - 1, count).long()]
-
-
 def sparsify(
     model: nn.Module,
-    expert_size: int,
+    expert_size: int | None = None,
     partition: str = "contiguous",
     calibration: torch.Tensor | None = None,
     router: str = "learned",
@@ -61,17 +56,24 @@ def sparsify(
     **options: Any,
 ) -> nn.Module:
     """Convert a dense causal LM into one whose MLPs are unweighted neuron-group
-    MoEs (MoEfication / XMoE-on-dense). The input model is left unchanged.
+    MoEs (MoEfication / XMoE-on-dense), or with ``mode="neurons"`` threshold-sparse MLPs
+    (:class:`~xmoe.conversion.neuron_mlp.NeuronMLP`: TEAL / WINA / CHESS, no router). The input
+    model is left unchanged.
 
     Per decoder layer: partition the I neurons into E = I / H experts of H neurons
     (``contiguous`` slices or ``clustered`` co-activation groups), bake the permutation into the
     weights, and (``router="learned"``) fit a linear router to each expert's share of the true
     output norm on the calibration MLP inputs (:mod:`xmoe.conversion.router_training`).
 
+    Neurons mode, per decoder layer: copy the dense weights, then calibrate each site's
+    threshold on the calibration MLP inputs so that the layer computes ``target_flops`` of its
+    dense FFN FLOPs (:mod:`xmoe.conversion.neuron_thresholds`).
+
     Args:
         model: a causal LM of a family in ``xmoe.registry.FAMILIES`` (transformers'
             ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``) with SwiGLU MLPs.
-        expert_size: H, neurons per expert; must divide ``intermediate_size``.
+        expert_size: H, neurons per expert; must divide ``intermediate_size`` (experts mode,
+            where it is required).
         partition: ``"contiguous"`` or ``"clustered"``.
         calibration: (B, T) int64 token ids; needed by the clustered partition and the learned
             router.
@@ -84,7 +86,8 @@ def sparsify(
             :func:`~xmoe.conversion.calibration.collect_mlp_inputs` returns them; given instead
             of ``calibration`` to convert one model several ways without re-running it.
         options: other :class:`SparsifyConfig` fields (``router_steps``, ``router_lr``,
-            ``cluster_iters``, ``cluster_tokens``, ``seed``).
+            ``cluster_iters``, ``cluster_tokens``, ``seed``; ``mode``, and the neurons mode's
+            ``target_flops``, ``scoring``, ``allocation``, ``sites``).
 
     Returns:
         the family's sparse class (``SparseLlamaForCausalLM`` for a Llama, see
@@ -95,7 +98,8 @@ def sparsify(
     Raises:
         UnsupportedModelError: the model is not a supported architecture.
         ConfigError: a bad setting (``expert_size`` not dividing the FFN width, a fraction
-            outside (0, 1], ...), or calibration missing where needed.
+            outside (0, 1], an unknown site or scoring, ...).
+        ValueError: calibration missing where needed.
     """
     settings = SparsifyConfig(
         expert_size=expert_size,
@@ -107,13 +111,16 @@ def sparsify(
     )
     name, mlps = supported_mlps(model)
     family = FAMILIES[name]
-    settings.num_experts(model.config.intermediate_size)  # fail before calibrating
-    needs_data = settings.partition == "clustered" or settings.router == "learned"
+    if settings.mode == "experts":
+        settings.num_experts(model.config.intermediate_size)  # fail before calibrating
+    needs_data = settings.needs_calibration
     if needs_data and calibration is None and mlp_inputs is None:
-        raise ValueError(
-            f"partition={settings.partition!r} with router={settings.router!r} needs "
-            "calibration token ids (B, T)"
+        what = (
+            "mode='neurons'"
+            if settings.mode == "neurons"
+            else f"partition={settings.partition!r} with router={settings.router!r}"
         )
+        raise ValueError(f"{what} needs calibration token ids (B, T)")
     if mlp_inputs is not None and len(mlp_inputs) != len(mlps):
         raise ValueError(f"mlp_inputs holds {len(mlp_inputs)} layers, the model {len(mlps)}")
     inputs = mlp_inputs
@@ -137,11 +144,15 @@ def sparsify(
     sparse.generation_config = copy.deepcopy(model.generation_config)
 
     layers = tqdm(mlps, desc="layers", disable=not progress)
+    if settings.mode == "neurons":
+        for index, (dense_mlp, mlp) in enumerate(zip(layers, family.mlps(sparse), strict=True)):
+            convert_layer(mlp, family.dense_weights(dense_mlp), inputs[index], settings)
+        return sparse.eval()
     for index, (dense_mlp, sparse_mlp) in enumerate(zip(layers, family.mlps(sparse), strict=True)):
         dense = family.dense_weights(dense_mlp)  # (gate_ID, up_ID, down_DI)
         if settings.partition == "clustered":
             perm_I = clustered_partition(
-                _spaced(inputs[index], settings.cluster_tokens),
+                spaced_rows(inputs[index], settings.cluster_tokens),
                 *dense[:2],
                 settings.expert_size,
                 settings.cluster_iters,

@@ -1,0 +1,117 @@
+"""NeuronMLP: a dense SwiGLU MLP that skips, per token, the input channels and neurons whose
+score falls below a calibrated threshold (the ``neurons`` mode of ``sparsify``: TEAL, WINA,
+CHESS). No router, so no router FLOPs: a skipped input is one compare away.
+
+Shape legend: S tokens, D hidden size, I FFN width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmoe.conversion.config import SITES, SparsifyConfig, flops_fraction
+
+
+class NeuronMLP(nn.Module):
+    """Drop-in replacement of a transformers ``LlamaMLP``: (..., D) -> (..., D), computing
+    ``down(silu(gate x) · up x)`` with masked inputs.
+
+    Per site (:data:`~xmoe.conversion.config.SITES`), an input entry is kept when
+    ``|value| · scale >= threshold``, else it is zeroed: ``gate_up`` masks the channels x_j
+    (``scale_gate_up`` (D,)), ``down`` the neurons h_i entering down (``scale_down`` (I,)),
+    ``gate`` (gate-first) the neurons by |silu(g_i)| (``scale_gate`` (I,), CHESS's E|u_i|),
+    before up and down. The scales fold in the scoring (WINA's column norms); they and the 0-dim
+    thresholds are buffers, saved with the weights and fixed when the weights are fine-tuned.
+    Every site has its buffers whatever ``settings.sites`` holds (one weight layout for every
+    choice); a site not in ``settings.sites`` is not applied. A zero threshold keeps every entry,
+    so the module is then exactly the dense MLP.
+
+    After each forward: ``flops_fraction`` (S,), each token's fraction of the dense FFN FLOPs
+    that its kept inputs need (:func:`~xmoe.conversion.config.flops_fraction`).
+
+    Parameters: ``gate_proj``, ``up_proj`` (D -> I) and ``down_proj`` (I -> D), bias-free
+    ``nn.Linear`` as in the dense MLP.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, settings: SparsifyConfig) -> None:
+        super().__init__()
+        self.settings = settings
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        widths = {"gate_up": hidden_size, "down": intermediate_size, "gate": intermediate_size}
+        for site in SITES:
+            self.register_buffer(f"scale_{site}", torch.ones(widths[site]))
+            self.register_buffer(f"threshold_{site}", torch.zeros(()))
+        self.flops_fraction: torch.Tensor | None = None
+
+    def score(self, site: str, value: torch.Tensor) -> torch.Tensor:
+        """(..., W) the scores of ``value``'s entries at ``site``: |value| · scale."""
+        return value.abs() * getattr(self, f"scale_{site}").to(value.dtype)
+
+    def keep(self, site: str, value: torch.Tensor) -> torch.Tensor:
+        """(..., W) bool: which entries of ``value`` at ``site`` score at least its threshold."""
+        return self.score(site, value) >= getattr(self, f"threshold_{site}").to(value.dtype)
+
+    def masked_gate_up(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(kept_x, silu(gate x'), up x')`` on ``x'``, the channels of ``x`` the ``gate_up``
+        site keeps (``kept_x`` None without that site)."""
+        kept_x = self.keep("gate_up", x) if "gate_up" in self.settings.sites else None
+        if kept_x is not None:
+            x = torch.where(kept_x, x, 0)  # the mask is a constant: gradients reach kept inputs
+        return kept_x, F.silu(self.gate_proj(x)), self.up_proj(x)
+
+    def masked_neurons(
+        self, activated: torch.Tensor, up: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(kept_n, h)``: the neurons the ``gate`` or ``down`` site keeps (None without
+        either), and h = silu(g)·u with the others zeroed."""
+        h = activated * up
+        kept_n = None
+        if "gate" in self.settings.sites:
+            kept_n = self.keep("gate", activated)
+        elif "down" in self.settings.sites:
+            kept_n = self.keep("down", h)
+        return kept_n, h if kept_n is None else torch.where(kept_n, h, 0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.gate_proj.weight.dtype)
+        kept_x, activated, up = self.masked_gate_up(x)
+        kept_n, h = self.masked_neurons(activated, up)
+        self.flops_fraction = self.token_flops_fraction(kept_x, kept_n)
+        return self.down_proj(h).to(hidden_states.dtype)
+
+    def token_flops_fraction(
+        self, kept_x: torch.Tensor | None, kept_n: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(S,) float64 each token's FFN-FLOP fraction from its masks (``sites`` is never empty,
+        so at least one mask is there; a missing one keeps all)."""
+        with torch.no_grad():
+            share_x = 1.0 if kept_x is None else kept_x.flatten(0, -2).double().mean(dim=-1)
+            share_n = 1.0 if kept_n is None else kept_n.flatten(0, -2).double().mean(dim=-1)
+            return flops_fraction(self.settings.sites, share_x, share_n)
+
+
+def neuron_mlps(model: nn.Module) -> list[NeuronMLP]:
+    """The :class:`NeuronMLP` modules of ``model``, in order."""
+    return [m for m in model.modules() if isinstance(m, NeuronMLP)]
+
+
+def ffn_flops_fraction(model: nn.Module) -> float:
+    """Mean FFN-FLOP fraction per token over the NeuronMLPs of ``model``'s last forward (every
+    layer has the same FFN, so this is the model's fraction of its dense FFN FLOPs).
+
+    Raises:
+        ValueError: the model has no NeuronMLP, or none has run.
+    """
+    fractions = [m.flops_fraction for m in neuron_mlps(model) if m.flops_fraction is not None]
+    if not fractions:
+        raise ValueError(
+            f"{type(model).__name__} has no NeuronMLP that has run: convert it with "
+            "sparsify(mode='neurons') and run a forward first"
+        )
+    return sum(float(f.mean()) for f in fractions) / len(fractions)
