@@ -21,6 +21,7 @@ from xmoe import flops
 from xmoe.conversion.architecture import layer_mlps
 from xmoe.conversion.eval_data import DOMAINS
 from xmoe.conversion.eval_settings import EvalSettings
+from xmoe.conversion.neuron_mlp import neuron_mlps
 from xmoe.conversion.sparsify import sparse_mlps
 from xmoe.routing.stats import layer_mean
 
@@ -34,6 +35,11 @@ def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: E
     expert plus the router's 2·D·E (none for the oracle, which is not a deployable router: its
     ranking costs a dense FFN), per layer, averaged over the evaluated tokens.
     """
+    if neuron_mlps(model):  # its FLOPs are not the experts' count: refuse, never report dense
+        raise ValueError(
+            f"{type(model).__name__} is sparsified in the neurons mode: the sparsify grid "
+            "measures expert-mode models only (ffn_flops_fraction gives a neurons-mode FLOP share)"
+        )
     config = model.config
     modules = sparse_mlps(model)
     selected = [0.0] * len(modules)
