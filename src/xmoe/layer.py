@@ -188,7 +188,7 @@ class MoELayer(nn.Module):
         are any; returned in ``x_SD``'s dtype outside autocast.
 
         ``routed`` comes from :meth:`route` on the same S tokens (it may be reused)."""
-        num_tokens = routed.pairs.plan.num_tokens
+        num_tokens = routed.pairs.kept_SK.shape[0]  # the plan is built only if a path reads it
         if tuple(x_SD.shape) != (num_tokens, self.config.d_model):
             raise ValueError(
                 f"x_SD.shape={tuple(x_SD.shape)} is invalid: the routed pairs are of "

@@ -5,7 +5,9 @@ Shape legend: S tokens, K ranked experts per token, E experts, N kept pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -20,21 +22,54 @@ class RoutedPairs:
     Attributes:
         selection: the ranked experts per token the pairs come from (its ``wanted_SK`` is
             before capacity).
+        num_experts: E.
+        kept_SK: (S, K) bool, pairs that survived capacity.
+        capacity: the per-expert capacity C applied, or None (dropless).
+        renormalize: whether ``weight_N`` are each token's kept weights divided by their sum.
         plan: the kept pairs grouped by expert (:class:`~xmoe.dispatch.DispatchPlan`); within
             an expert by token (dropless) or by capacity priority, or token-major when not
             ``plan.sorted_by_expert`` (see ``route_pairs``'s ``max_unsorted_pairs``).
         weight_N: (N,) combine weights of the plan's rows (the selection's ``weight_SK``).
-        kept_SK: (S, K) bool, pairs that survived capacity.
-        capacity: the per-expert capacity C applied, or None (dropless).
-        renormalize: whether ``weight_N`` are each token's kept weights divided by their sum.
+
+    ``plan`` and ``weight_N`` are built on first read: a decode-sized call whose dispatcher reads
+    the selection alone (:func:`xmoe.experts.decode.decode_path`) never pays their dozen small
+    ops, and ``weight_N`` joins the autograd graph where the compute reads it.
     """
 
     selection: Selection
-    plan: DispatchPlan
-    weight_N: torch.Tensor
+    num_experts: int
     kept_SK: torch.Tensor
     capacity: int | None
     renormalize: bool
+    _rows: Callable[[], tuple[torch.Tensor, torch.Tensor, bool]] = field(repr=False)
+    """() -> (flat_N, expert_N, sorted_by_expert): the kept pairs' flat (token, rank) indices
+    into the selection, in plan order, and their experts."""
+
+    @cached_property
+    def _kept_rows(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        return self._rows()
+
+    @cached_property
+    def plan(self) -> DispatchPlan:
+        flat_N, expert_N, sorted_by_expert = self._kept_rows
+        num_tokens, num_ranks = self.kept_SK.shape
+        token_N = torch.div(flat_N, num_ranks, rounding_mode="floor")
+        counts_E = expert_counts(expert_N, self.num_experts)
+        return DispatchPlan(token_N, expert_N, counts_E, num_tokens, sorted_by_expert)
+
+    @cached_property
+    def weight_N(self) -> torch.Tensor:
+        flat_N = self._kept_rows[0]
+        weight_N = self.selection.weight_SK.reshape(-1).index_select(0, flat_N)
+        if not self.renormalize:
+            return weight_N
+        token_N = self.plan.token_idx_N
+        total_S = torch.zeros(
+            self.kept_SK.shape[0], dtype=weight_N.dtype, device=weight_N.device
+        ).index_add(0, token_N, weight_N)
+        # a token whose surviving weights are all zero keeps zeros instead of 0/0
+        total_S = total_S.clamp_min(torch.finfo(total_S.dtype).tiny)
+        return weight_N / total_S.index_select(0, token_N)
 
     @property
     def wanted_SK(self) -> torch.Tensor:
@@ -73,47 +108,45 @@ def route_pairs(
             decode-sized calls are dominated by the count of small ops.
     """
     wanted_SK = selection.wanted_SK
+    if capacity is None:  # nothing dropped: the plan waits until a dispatcher reads it
+        return RoutedPairs(
+            selection,
+            num_experts,
+            wanted_SK,
+            None,
+            renormalize,
+            lambda: _dropless_rows(selection, max_unsorted_pairs),
+        )
     num_ranks = wanted_SK.shape[1]
     flat_N = wanted_SK.reshape(-1).nonzero().squeeze(1)  # token-major, rank-minor
     expert_N = selection.expert_idx_SK.reshape(-1).index_select(0, flat_N)
+    prob_N = selection.probs_SK.detach().reshape(-1).index_select(0, flat_N)
+    by_prob_N = torch.sort(prob_N, descending=True, stable=True).indices
+    rank_N = flat_N % num_ranks
+    group_N = (expert_N * num_ranks + rank_N).index_select(0, by_prob_N)
+    order_N = by_prob_N.index_select(0, torch.sort(group_N, stable=True).indices)
+    sorted_expert_N = expert_N.index_select(0, order_N)
+    wanted_counts_E = expert_counts(sorted_expert_N, num_experts)
+    starts_E = wanted_counts_E.cumsum(0) - wanted_counts_E
+    position_N = torch.arange(order_N.numel(), device=order_N.device) - starts_E.index_select(
+        0, sorted_expert_N
+    )
+    order_N = order_N[position_N < capacity]
+    flat_N, expert_N = flat_N.index_select(0, order_N), expert_N.index_select(0, order_N)
+    kept_SK = torch.zeros_like(wanted_SK)
+    kept_SK.view(-1)[flat_N] = True
+    rows = (flat_N, expert_N, True)
+    return RoutedPairs(selection, num_experts, kept_SK, capacity, renormalize, lambda: rows)
 
-    unsorted = capacity is None and flat_N.shape[0] <= max_unsorted_pairs
-    if unsorted:
-        order_N = None
-    elif capacity is None:
-        order_N = torch.sort(expert_N, stable=True).indices
-    else:
-        prob_N = selection.probs_SK.detach().reshape(-1).index_select(0, flat_N)
-        by_prob_N = torch.sort(prob_N, descending=True, stable=True).indices
-        rank_N = flat_N % num_ranks
-        group_N = (expert_N * num_ranks + rank_N).index_select(0, by_prob_N)
-        order_N = by_prob_N.index_select(0, torch.sort(group_N, stable=True).indices)
-        sorted_expert_N = expert_N.index_select(0, order_N)
-        wanted_counts_E = expert_counts(sorted_expert_N, num_experts)
-        starts_E = wanted_counts_E.cumsum(0) - wanted_counts_E
-        position_N = torch.arange(order_N.numel(), device=order_N.device) - starts_E.index_select(
-            0, sorted_expert_N
-        )
-        order_N = order_N[position_N < capacity]
 
-    if order_N is not None:
-        flat_N = flat_N.index_select(0, order_N)
-        expert_N = expert_N.index_select(0, order_N)
-    token_N = torch.div(flat_N, num_ranks, rounding_mode="floor")
-    weight_N = selection.weight_SK.reshape(-1).index_select(0, flat_N)
-    if renormalize:
-        total_S = torch.zeros(
-            wanted_SK.shape[0], dtype=weight_N.dtype, device=weight_N.device
-        ).index_add(0, token_N, weight_N)
-        # a token whose surviving weights are all zero keeps zeros instead of 0/0
-        total_S = total_S.clamp_min(torch.finfo(total_S.dtype).tiny)
-        weight_N = weight_N / total_S.index_select(0, token_N)
-
-    if capacity is None:
-        kept_SK = wanted_SK
-    else:
-        kept_SK = torch.zeros_like(wanted_SK)
-        kept_SK.view(-1)[flat_N] = True
-    counts_E = expert_counts(expert_N, num_experts)
-    plan = DispatchPlan(token_N, expert_N, counts_E, wanted_SK.shape[0], not unsorted)
-    return RoutedPairs(selection, plan, weight_N, kept_SK, capacity, renormalize)
+def _dropless_rows(
+    selection: Selection, max_unsorted_pairs: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Every wanted pair's flat index and expert, sorted by expert (stable: by token within
+    one), or token-major when there are at most ``max_unsorted_pairs``."""
+    flat_N = selection.wanted_SK.reshape(-1).nonzero().squeeze(1)  # token-major, rank-minor
+    expert_N = selection.expert_idx_SK.reshape(-1).index_select(0, flat_N)
+    if flat_N.shape[0] <= max_unsorted_pairs:
+        return flat_N, expert_N, False
+    order_N = torch.sort(expert_N, stable=True).indices
+    return flat_N.index_select(0, order_N), expert_N.index_select(0, order_N), True

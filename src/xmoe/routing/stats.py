@@ -6,8 +6,8 @@ router's decisions are kept and each statistic is derived when read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import cached_property
+from collections.abc import Callable, Sequence
+from functools import cached_property, partial
 
 import torch
 
@@ -21,6 +21,14 @@ def layer_mean(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("layer_mean needs at least one layer's value, got none")
     return sum(values) / len(values)
+
+
+def wanted_load(expert_idx_SK: torch.Tensor, wanted_SK: torch.Tensor, num_experts: int):
+    """(E,) int64 wanted pairs per expert, without a host read (ids of unwanted choices, which
+    may be null experts outside the E, add nothing)."""
+    ids_N = torch.where(wanted_SK, expert_idx_SK, 0).reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids_N.device)
+    return counts_E.index_add_(0, ids_N, wanted_SK.reshape(-1).long())
 
 
 class RoutingStats:
@@ -48,21 +56,32 @@ class RoutingStats:
         self,
         wanted_SK: torch.Tensor,
         kept_SK: torch.Tensor,
-        expert_load_E: torch.Tensor,
+        expert_load_E: torch.Tensor | Callable[[], torch.Tensor],
         top1_expert_S: torch.Tensor,
         expert_flops: int | torch.Tensor,
         dense_flops: int,
-        top1_kept_S: torch.Tensor | None = None,
+        top1_kept_S: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self._wanted_SK = wanted_SK.detach()
         self._kept_SK = kept_SK.detach()
         self._top1_expert_S = top1_expert_S.detach()
         # whether each token's top-1 choice escaped capacity (one the rule sends to no expert,
-        # a null expert, cannot be dropped); None: its rank-0 pair survived
-        self._top1_kept_S = None if top1_kept_S is None else top1_kept_S.detach()
-        self.expert_load = expert_load_E.detach()
+        # a null expert, cannot be dropped); None: its rank-0 pair survived. It and the load
+        # may be given as functions, called when first read.
+        self._top1_kept = top1_kept_S
+        self._expert_load = expert_load_E
         self._expert_flops = expert_flops
         self._dense_flops = dense_flops
+
+    @cached_property
+    def expert_load(self) -> torch.Tensor:
+        load = self._expert_load
+        return (load() if callable(load) else load).detach()
+
+    @cached_property
+    def _top1_kept_S(self) -> torch.Tensor | None:
+        kept = self._top1_kept
+        return (kept() if callable(kept) else kept).detach() if kept is not None else None
 
     @classmethod
     def from_pairs(
@@ -72,14 +91,22 @@ class RoutingStats:
         :meth:`~xmoe.routing.Selection.top1_of`); ``expert_flops``: per pair, or (E,) per expert
         of the layer's kind."""
         selection = pairs.selection
+        if pairs.capacity is None:  # nothing dropped: load and top-1 from the selection, later
+            # (closing over no tensor with an autograd graph: the statistics outlive the call)
+            expert_idx_SK, wanted_SK = selection.expert_idx_SK, pairs.wanted_SK
+            load = partial(wanted_load, expert_idx_SK, wanted_SK, pairs.num_experts)
+            top1_kept = partial(torch.ones_like, wanted_SK[:, 0])
+        else:
+            load = pairs.plan.counts_E
+            top1_kept = selection.top1_of(pairs.kept_SK | ~pairs.wanted_SK)
         return cls(
             pairs.wanted_SK,
             pairs.kept_SK,
-            pairs.plan.counts_E,
+            load,
             selection.top1_expert_S,
             expert_flops,
             dense_flops,
-            selection.top1_of(pairs.kept_SK | ~pairs.wanted_SK),
+            top1_kept,
         )
 
     @cached_property
