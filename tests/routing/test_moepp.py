@@ -13,7 +13,7 @@ from xmoe.distributed.sharding import expert_parameter_names
 from xmoe.models import TransformerLM
 from xmoe.training.config import apply_overrides
 
-from helpers import assert_engines_agree, compare_with_reference, make_layer
+from helpers import assert_engines_agree, compare_with_reference, hf_tiny_round_trip, make_layer
 from reference import _expert, layer_params
 
 POOL = {"constant_experts": 2, "copy_experts": 1, "zero_experts": 1}
@@ -242,28 +242,5 @@ def test_overrides_switch_the_pool_and_set_its_counts():
 
 def test_hf_save_load_and_cached_generation(tmp_path):
     pytest.importorskip("transformers")
-    from xmoe.hf import XMoEConfig, XMoEForCausalLM
-
     moe = {"d_model": 16, "num_experts": 8, "d_expert": 8, "router": "moepp", "top_k": 2}
-    moe |= {"experts": "moepp", "renormalize": True}
-    config = XMoEConfig(
-        vocab_size=40,
-        d_model=16,
-        num_layers=2,
-        num_heads=2,
-        max_seq_len=32,
-        d_ff=32,
-        moe=moe,
-        moe_every=1,
-    )
-    torch.manual_seed(0)
-    model = XMoEForCausalLM(config).eval()
-    for layer in model.model.lm.moe_layers:  # peaked routers, so the choice matters
-        torch.nn.init.normal_(layer.router.weight, std=1.0)
-    model.save_pretrained(tmp_path)
-    loaded = XMoEForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, 40, (2, 7))
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
-    common = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    cached = loaded.generate(ids, use_cache=True, **common)
-    assert torch.equal(cached, loaded.generate(ids, use_cache=False, **common))
+    hf_tiny_round_trip(tmp_path, moe | {"experts": "moepp", "renormalize": True}, router_std=1.0)

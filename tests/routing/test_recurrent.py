@@ -12,7 +12,7 @@ from xmoe import ConfigError, MoEConfig, MoELayer
 from xmoe.models import ModelConfig, TransformerLM
 from xmoe.routing.threshold import normalized_logits
 
-from helpers import assert_engines_agree, compare_with_reference, make_layer
+from helpers import assert_engines_agree, compare_with_reference, hf_tiny_round_trip, make_layer
 
 BASE = dict(d_model=12, num_experts=8, d_expert=5, top_k=2, router="recurrent")
 STATE = 6
@@ -171,27 +171,5 @@ def test_flops_and_bad_options():
 
 def test_hf_save_load_and_cached_generation(tmp_path):
     pytest.importorskip("transformers")
-    from xmoe.hf import XMoEConfig, XMoEForCausalLM
-
     moe = {**BASE, "d_model": 16, "d_expert": 8, "router_options": {"state_dim": 4}}
-    config = XMoEConfig(
-        vocab_size=40,
-        d_model=16,
-        num_layers=2,
-        num_heads=2,
-        max_seq_len=32,
-        d_ff=32,
-        moe=moe,
-        moe_every=1,
-    )
-    torch.manual_seed(0)
-    model = XMoEForCausalLM(config).eval()
-    for layer in model.model.lm.moe_layers:  # peaked routers, so the choice matters
-        torch.nn.init.normal_(layer.router.weight, std=3.0)
-    model.save_pretrained(tmp_path)
-    loaded = XMoEForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, 40, (2, 7))
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
-    common = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    cached = loaded.generate(ids, use_cache=True, **common)
-    assert torch.equal(cached, loaded.generate(ids, use_cache=False, **common))
+    hf_tiny_round_trip(tmp_path, moe, router_std=3.0)
