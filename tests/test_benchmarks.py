@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -99,3 +101,26 @@ def test_sparse_decode_benchmark_reads_a_models_hidden_states():
     torch.testing.assert_close(stack.tokens[1], seen[0])
     x_threshold, _ = stack.thresholds[0.5][1]
     assert (stack.tokens[1].abs() > x_threshold).sum() == model.config.hidden_size // 2
+
+
+def test_layer_call_benchmark_quick(monkeypatch):
+    from benchmarks.layer_call import main as layer_call_main
+
+    threads = torch.get_num_threads()
+    try:
+        line = layer_call_main(["--label", "x", "--tokens", "1", "--batches", "1", "--calls", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert line.startswith("x T=1: ") and line.endswith("us")
+
+
+def test_compare_logs_finds_equal_and_different_runs(tmp_path, capsys):
+    from benchmarks.compare_logs import main as compare_main
+
+    for name, loss in (("a", 1.5), ("b", 1.5), ("c", 1.25)):
+        (tmp_path / name).mkdir()
+        row = {"step": 5, "loss": loss, "tokens_per_second": hash(name) % 1000}
+        (tmp_path / name / "log.jsonl").write_text(json.dumps(row) + "\n")
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+    assert "differ" in capsys.readouterr().out
