@@ -12,6 +12,7 @@ from xmoe import ConfigError, MoEConfig, MoELayer
 from xmoe.distributed.sharding import expert_parameter_names
 from xmoe.models import TransformerLM
 from xmoe.training.config import apply_overrides
+from xmoe.training.step import StepLoss, train_step
 
 from helpers import assert_engines_agree, compare_with_reference, hf_tiny_round_trip, make_layer
 from reference import _expert, layer_params
@@ -138,6 +139,33 @@ def test_tau_weights_the_zero_computation_experts_in_the_balance_loss():
     assert losses[1.0] == pytest.approx(switch_loss, rel=1e-12)
     assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-12)
     assert losses[0.0] < losses[1.0]
+
+
+def _zero_computation_share(tau: float, steps: int = 30) -> float:
+    """Share of fresh tokens whose top-1 expert is zero-computation, after ``steps`` seeded Adam
+    steps (the trainer's step) of a pool of 8 FFN + 4 zero-computation experts (MoE++'s
+    0.6B/(8+4)E) whose router fits the heterogeneous balance loss alone."""
+    config = _pool_config(num_experts=12, aux_loss_coef=1.0, router_options={"tau": tau})
+    layer = make_layer(config, seed=0, router_std=0.3)
+    optimizer = torch.optim.Adam(layer.router.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(64, 12, dtype=torch.float64, generator=generator)
+        train_step(layer, optimizer, [x], lambda x: StepLoss(layer(x).aux_loss))
+    x = torch.randn(512, 12, dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        top1_S = layer.router.probabilities(x).argmax(dim=-1)
+    return float((top1_S >= 8).double().mean())
+
+
+def test_a_smaller_tau_sends_more_tokens_to_zero_computation_experts():
+    """τ's defining property (MoE++ §3.3: "a smaller τ means that more tokens are assigned to
+    the zero-computation experts"): the balance loss settles where η_e·f_e is equal, so the
+    zero-computation experts take N_ZC / (τ·N_FFN + N_ZC) of the (top-1) tokens, the paper's
+    Table 1 ratio: 2/3 at τ = 1/4, 1/3 at τ = 1 (measured 0.69 and 0.33)."""
+    shares = {tau: _zero_computation_share(tau) for tau in (0.25, 1.0)}
+    assert shares[0.25] == pytest.approx(4 / (0.25 * 8 + 4), abs=0.08)
+    assert shares[1.0] == pytest.approx(4 / (1.0 * 8 + 4), abs=0.08)
 
 
 def test_bad_options_are_named():
