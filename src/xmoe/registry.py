@@ -105,6 +105,7 @@ PASSES: Registry = Registry(
     "compression pass",
     {
         "merge": "xmoe.compression.merge",
+        "reduce": "xmoe.compression.reduce",
         "dynamic-prune": "xmoe.compression.dynamic_prune",
         "quantize": "xmoe.compression.quantize",
         "prune": "xmoe.compression.prune",
