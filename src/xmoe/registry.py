@@ -107,6 +107,7 @@ PASSES: Registry = Registry(
         "merge": "xmoe.compression.merge",
         "reduce": "xmoe.compression.reduce",
         "dynamic-prune": "xmoe.compression.dynamic_prune",
+        "residual": "xmoe.compression.residual",
         "quantize": "xmoe.compression.quantize",
         "prune": "xmoe.compression.prune",
     },

@@ -249,6 +249,31 @@ def merged_experts(
     return module
 
 
+def ffn_experts_of(
+    pass_name: str, index: int, experts: ExpertKind
+) -> tuple[FFNExperts, torch.Tensor]:
+    """The FFN experts a pass compresses in MoE layer ``index`` (a merged layer's inner ones)
+    and the (E,) map from routed experts to them; experts already compressed are refused."""
+    if isinstance(experts, MergedExperts):
+        inner, group_E = experts.inner, experts.group_E.cpu()
+    else:
+        inner, group_E = experts, torch.arange(experts.num_experts)
+    if type(inner) is not FFNExperts:
+        raise CompressionError(
+            f"{pass_name}: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
+            "(already quantized or residual-compressed?)"
+        )
+    return inner, group_E
+
+
+def replace_inner(layer: MoELayer, experts: ExpertKind) -> None:
+    """Put ``experts`` in place of the FFN experts :func:`ffn_experts_of` gave for ``layer``."""
+    if isinstance(layer.experts, MergedExperts):
+        layer.experts.inner = experts
+    else:
+        layer.experts = experts
+
+
 def group_dominant(stats: LayerRouting, members: list[int]) -> int:
     """The most used member (ties to the lower id): the expert the others are aligned to."""
     return min(members, key=lambda e: (-float(stats.counts_E[e]), e))
