@@ -98,6 +98,8 @@ def test_bad_residual_options_are_named():
         compress(tiny_lm(), [("residual", {"method": "prune", "keep": "0"})], ids())
     with pytest.raises(CompressionError, match="barycentre='mean' is invalid: it must be one of"):
         compress(tiny_lm(), [("residual", {"rank": 2, "barycentre": "mean"})], ids())
+    with pytest.raises(CompressionError, match="iterations=0 is invalid: it must be an integer"):
+        compress(tiny_lm(), [("residual", {"rank": 2, "iterations": 0})], ids())
     with pytest.raises(CompressionError, match="method='lowrank' is invalid"):
         compress(tiny_lm(), [("residual", {"method": "lowrank"})], ids())
     once = compress(tiny_lm(), [("residual", {"rank": 1, "barycentre": "zero"})], ids())

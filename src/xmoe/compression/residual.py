@@ -174,12 +174,13 @@ class ResidualOptions(PassOptions):
                     f"residual: {name}={getattr(self, name)!r} is invalid: it must be one of "
                     f"{allowed}"
                 )
-        for name, low in (("rank", 1 if self.method == "svd" else 0), ("iterations", 1)):
+        rank = ("rank", 1, f" with method={self.method!r}") if self.method == "svd" else None
+        for name, low, context in filter(None, (rank, ("iterations", 1, ""))):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise CompressionError(
-                    f"residual: {name}={value!r} is invalid with method={self.method!r}: it must "
-                    f"be an integer >= {low}"
+                    f"residual: {name}={value!r} is invalid{context}: it must be an integer "
+                    f">= {low}"
                 )
         valid = isinstance(self.keep, int | float) and not isinstance(self.keep, bool)
         if not valid or not 0 < self.keep <= 1:
