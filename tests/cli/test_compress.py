@@ -50,3 +50,15 @@ def test_bad_passes_and_targets_are_one_line_errors(run, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert _compress(run, out, "dynamic-prune:beta=0.3") == 1
     assert f"compress target {out} is not empty" in capsys.readouterr().err
+
+
+def test_reduce_calibrates_on_the_named_domain_of_the_run_data(run, tmp_path, capsys):
+    out = tmp_path / "reduced"
+    assert _compress(run, out, "reduce:groups=2,domain=synthetic") == 0
+    model, recorded = load_compressed(out)
+    assert recorded == [["reduce", {"groups": "2", "domain": "synthetic"}]]
+    assert model.moe_layers[0].experts.inner.num_experts == 2
+    assert _compress(run, tmp_path / "bad", "reduce:groups=2,domain=kjv") == 1
+    err = capsys.readouterr().err
+    assert "xmoe: error: reduce: domain='kjv' is invalid: the calibration data has domains" in err
+    assert "['synthetic']" in err and not (tmp_path / "bad").exists()

@@ -7,8 +7,6 @@ import argparse
 
 
 def compress_command(args: argparse.Namespace) -> int:
-    import torch
-
     from xmoe.compression import compress, model_size, parse_pass, save_compressed
     from xmoe.training.rundir import RunDir
     from xmoe.training.trainer import load_token_data
@@ -24,12 +22,16 @@ def compress_command(args: argparse.Namespace) -> int:
     if args.eval_batches < 0:
         raise ValueError(f"--eval-batches={args.eval_batches} is invalid: it must be >= 0")
     data = load_token_data(config, progress=not args.no_progress)
-    train = data.train
-    windows = min(args.calibration_tokens, len(train)) // seq_len
-    calibration = train[: windows * seq_len].astype("int64").reshape(windows, seq_len)
+    calibration = _windows(data.train, args.calibration_tokens, seq_len)
+    # a pass with a domain option (reduce) calibrates on that domain's first windows alone
+    domains = {
+        name: _windows(data.train[start:end], args.calibration_tokens, seq_len)
+        for name, (start, end) in (data.train_domains or {}).items()
+        if end - start >= seq_len
+    }
     before = model_size(model).expert_bytes
     quality = _validation(model, config, data.val, args.eval_batches)
-    model = compress(model, passes, torch.from_numpy(calibration), progress=not args.no_progress)
+    model = compress(model, passes, calibration, domains=domains, progress=not args.no_progress)
     out = save_compressed(model, args.out, passes=passes, force=args.force)
     size = model_size(model, out)
     print(
@@ -45,6 +47,15 @@ def compress_command(args: argparse.Namespace) -> int:
                 f"{result.moe_flops_per_token / 1e6:.3f}"
             )
     return 0
+
+
+def _windows(tokens, count: int, seq_len: int):
+    """(B, seq_len) int64 tensor: the first ``count`` of ``tokens`` (fewer if there are fewer)
+    in whole windows."""
+    import torch
+
+    windows = min(count, len(tokens)) // seq_len
+    return torch.from_numpy(tokens[: windows * seq_len].astype("int64").reshape(windows, seq_len))
 
 
 def _validation(model, config, tokens, batches: int):

@@ -1,6 +1,6 @@
 """Post-training compression of a trained MoE LM's experts: passes from
-:data:`xmoe.registry.PASSES` (``merge``, ``dynamic-prune``, ``quantize``, ``prune``) applied in
-sequence.
+:data:`xmoe.registry.PASSES` (``merge``, ``reduce``, ``residual``, ``dynamic-prune``,
+``quantize``, ``prune``) applied in sequence.
 
 ``compress(model, [("merge", {"groups": 4}), ("quantize", {"bits": 3})], calibration)``
 changes ``model`` in place and returns it; :func:`save_compressed` / :func:`load_compressed`
@@ -42,11 +42,13 @@ def compress(
     passes: Sequence[PassSpec],
     calibration: torch.Tensor,
     *,
+    domains: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> nn.Module:
     """Apply ``passes`` to ``model`` (an xmoe ``TransformerLM``) in order, in place, given
-    ``calibration`` (B, T) token ids; returns the model in eval mode. Every pass's options are
-    checked before the first one runs."""
+    ``calibration`` (B, T) token ids; returns the model in eval mode. A pass with a ``domain``
+    option (``reduce``) calibrates on ``domains[domain]`` (B, T) alone: the windows of one corpus
+    domain. Every pass's options are checked before the first one runs."""
     moe_layers(model)
     check_calibration(calibration)
     resolved = []
@@ -54,11 +56,28 @@ def compress(
         if name not in PASSES:
             raise CompressionError(f"unknown compression pass {name!r}; registered: {list(PASSES)}")
         entry = PASSES[name]
-        resolved.append((entry, entry.Options.parse(name, dict(options))))
+        parsed = entry.Options.parse(name, dict(options))
+        resolved.append((entry, parsed, _calibration_of(name, parsed, calibration, domains or {})))
     model.eval()
-    for entry, options in tqdm(resolved, desc="compress", disable=not progress):
-        model = entry.apply(model, options, calibration)
+    for entry, options, windows in tqdm(resolved, desc="compress", disable=not progress):
+        model = entry.apply(model, options, windows)
     return model
+
+
+def _calibration_of(
+    name: str, options: Any, calibration: torch.Tensor, domains: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """The windows pass ``name`` calibrates on: its ``domain``'s, if it has that option."""
+    domain = getattr(options, "domain", None)
+    if domain is None:
+        return calibration
+    if domain not in domains:
+        raise CompressionError(
+            f"{name}: domain={domain!r} is invalid: the calibration data has domains "
+            f"{sorted(domains)}"
+        )
+    check_calibration(domains[domain])
+    return domains[domain]
 
 
 __all__ = [

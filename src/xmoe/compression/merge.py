@@ -13,6 +13,7 @@ H d_expert, F the first layer's width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -89,6 +90,9 @@ class MergeOptions(PassOptions):
     seed: of the random grouping (plus the layer's index).
     """
 
+    pass_name: ClassVar[str] = "merge"
+    """The pass the errors name (a pass that merges too, ``reduce``, sets its own)."""
+
     groups: int
     grouping: str = "router"
     weighting: str = "usage"
@@ -98,7 +102,7 @@ class MergeOptions(PassOptions):
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise CompressionError(
-                f"merge: groups={self.groups!r} is invalid: it must be an integer >= 1"
+                f"{self.pass_name}: groups={self.groups!r} is invalid: it must be an integer >= 1"
             )
         for name, allowed in (
             ("grouping", ("router", "random")),
@@ -106,12 +110,17 @@ class MergeOptions(PassOptions):
         ):
             if getattr(self, name) not in allowed:
                 raise CompressionError(
-                    f"merge: {name}={getattr(self, name)!r} is invalid: it must be one of {allowed}"
+                    f"{self.pass_name}: {name}={getattr(self, name)!r} is invalid: it must be "
+                    f"one of {allowed}"
                 )
         if not isinstance(self.align, bool):
-            raise CompressionError(f"merge: align={self.align!r} is invalid: it must be a bool")
+            raise CompressionError(
+                f"{self.pass_name}: align={self.align!r} is invalid: it must be a bool"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise CompressionError(f"merge: seed={self.seed!r} is invalid: it must be an integer")
+            raise CompressionError(
+                f"{self.pass_name}: seed={self.seed!r} is invalid: it must be an integer"
+            )
 
 
 @PASSES.register("merge")
@@ -125,7 +134,7 @@ class Merge(CompressionPass):
     def apply(cls, model: nn.Module, options: MergeOptions, calibration: torch.Tensor):
         layers = moe_layers(model)
         for index, layer in enumerate(layers):
-            _check_mergeable(index, layer, options.groups)
+            _check_mergeable(index, layer, options)
         routing = collect_routing(model, calibration)
         for index, (layer, stats) in enumerate(zip(layers, routing, strict=True)):
             if options.grouping == "router":
@@ -136,15 +145,16 @@ class Merge(CompressionPass):
         return model
 
 
-def _check_mergeable(index: int, layer: MoELayer, groups: int) -> None:
+def _check_mergeable(index: int, layer: MoELayer, options: MergeOptions) -> None:
+    groups = options.groups
     if type(layer.experts) is not FFNExperts:
         raise CompressionError(
-            f"merge: MoE layer {index} holds {type(layer.experts).__name__}, not FFN experts; "
-            "merge before any pass that replaces the experts"
+            f"{options.pass_name}: MoE layer {index} holds {type(layer.experts).__name__}, "
+            "not FFN experts; merge before any pass that replaces the experts"
         )
     if groups > layer.config.num_experts:
         raise CompressionError(
-            f"merge: groups={groups} is more than MoE layer {index}'s "
+            f"{options.pass_name}: groups={groups} is more than MoE layer {index}'s "
             f"num_experts={layer.config.num_experts}"
         )
 
@@ -237,6 +247,31 @@ def merged_experts(
     module = MergedExperts(experts.config, inner).to(w1.device)
     module.group_E.copy_(group_E)
     return module
+
+
+def ffn_experts_of(
+    pass_name: str, index: int, experts: ExpertKind
+) -> tuple[FFNExperts, torch.Tensor]:
+    """The FFN experts a pass compresses in MoE layer ``index`` (a merged layer's inner ones)
+    and the (E,) map from routed experts to them; experts already compressed are refused."""
+    if isinstance(experts, MergedExperts):
+        inner, group_E = experts.inner, experts.group_E.cpu()
+    else:
+        inner, group_E = experts, torch.arange(experts.num_experts)
+    if type(inner) is not FFNExperts:
+        raise CompressionError(
+            f"{pass_name}: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
+            "(already quantized or residual-compressed?)"
+        )
+    return inner, group_E
+
+
+def replace_inner(layer: MoELayer, experts: ExpertKind) -> None:
+    """Put ``experts`` in place of the FFN experts :func:`ffn_experts_of` gave for ``layer``."""
+    if isinstance(layer.experts, MergedExperts):
+        layer.experts.inner = experts
+    else:
+        layer.experts = experts
 
 
 def group_dominant(stats: LayerRouting, members: list[int]) -> int:

@@ -31,7 +31,7 @@ from xmoe.compression.base import (
     collect_routing,
     moe_layers,
 )
-from xmoe.compression.merge import MergedExperts
+from xmoe.compression.merge import ffn_experts_of, replace_inner
 from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan
 from xmoe.experts import ExpertKind, FFNExperts
@@ -279,7 +279,7 @@ class Quantize(CompressionPass):
     @torch.no_grad()
     def apply(cls, model: nn.Module, options: QuantizeOptions, calibration: torch.Tensor):
         layers = moe_layers(model)
-        targets = [_ffn_experts(index, layer.experts) for index, layer in enumerate(layers)]
+        targets = [ffn_experts_of("quantize", i, layer.experts) for i, layer in enumerate(layers)]
         routing = collect_routing(model, calibration)
         usage, cost, size = [], [], []
         for (experts, group_E), stats in zip(targets, routing, strict=True):
@@ -309,24 +309,5 @@ class Quantize(CompressionPass):
             quantized = QuantizedExperts(
                 experts.config, experts.num_experts, chosen, options.group_size, experts.w1.dtype
             ).to(experts.w1.device)
-            quantized.load_from(experts)
-            if isinstance(layer.experts, MergedExperts):
-                layer.experts.inner = quantized
-            else:
-                layer.experts = quantized
+            replace_inner(layer, quantized.load_from(experts))
         return model
-
-
-def _ffn_experts(index: int, experts: ExpertKind) -> tuple[FFNExperts, torch.Tensor]:
-    """The FFN experts to quantise in a layer (a merged layer's inner ones) and the (E,) map from
-    routed experts to them."""
-    if isinstance(experts, MergedExperts):
-        inner, group_E = experts.inner, experts.group_E.cpu()
-    else:
-        inner, group_E = experts, torch.arange(experts.num_experts)
-    if type(inner) is not FFNExperts:
-        raise CompressionError(
-            f"quantize: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
-            "(already quantized?)"
-        )
-    return inner, group_E
