@@ -50,3 +50,27 @@ def test_bad_passes_and_targets_are_one_line_errors(run, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert _compress(run, out, "dynamic-prune:beta=0.3") == 1
     assert f"compress target {out} is not empty" in capsys.readouterr().err
+
+
+def test_compress_grid_measures_a_given_run_and_writes_the_report(tmp_path, capsys, monkeypatch):
+    from xmoe.experiments import compression_report
+
+    run = tmp_path / "top2"
+    train(tiny_config(max_steps=1, preset="top2"), run, progress=False)  # reused as top-2
+    monkeypatch.setattr(compression_report, "plot_compression", lambda records, path: None)
+    out = tmp_path / "grid"
+    command = ["compress-grid", "--quick", "--runs", str(run), "--models", "top2", "--methods",
+               "merge", "--fractions", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(command) == 0
+    assert f"wrote {out / 'docs' / 'compression.md'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "cells" / "top2").iterdir()) == [
+        "merge-groups4.json",
+        "uncompressed.json",
+    ]
+
+
+def test_compress_grid_names_a_bad_option(capsys):
+    assert main(["compress-grid", "--fractions", "0.5", "1.5"]) == 1
+    assert "xmoe: error: fractions=(0.5, 1.5) is invalid: give numbers in (0, 1)" in (
+        capsys.readouterr().err
+    )
