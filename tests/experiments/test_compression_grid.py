@@ -5,6 +5,7 @@ cell is never measured again, a crash mid-cell loses that cell alone) and the re
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,11 @@ def test_a_byte_fraction_maps_to_each_pass_options():
     plain = compression_grid._rank(EXPERTS, 0.5, barycentre=False)
     assert 64 * bary["rank"] * EXPERTS.rank_cost + EXPERTS.weights <= 0.5 * 64 * EXPERTS.weights
     assert plain["rank"] > bary["rank"]
+    # biases are held as trained: they take their share of the bytes first
+    biased = replace(EXPERTS, kept=EXPERTS.weights // 4)  # 20% of each expert's elements
+    assert compression_grid._bits(EXPERTS, 0.3)["bits"] == 8
+    assert compression_grid._bits(biased, 0.3) == {"bits": 3, "group_size": 64}
+    assert compression_grid._rank(biased, 0.5, barycentre=False)["rank"] < plain["rank"]
 
 
 def test_cells_come_from_the_registry_with_a_note_for_each_skipped_row(monkeypatch):

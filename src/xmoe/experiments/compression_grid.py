@@ -62,6 +62,7 @@ class Experts:
         rank_cost: weights one rank of a factorised expert takes (both matrices' rows + cols).
         element_bits: bits of one weight as trained (32 for fp32).
         domain: the corpus domain a domain-calibrated pass (``reduce``) reduces for.
+        kept: elements of one expert that quantize and residual hold as trained (its biases).
     """
 
     num_experts: int
@@ -70,6 +71,12 @@ class Experts:
     rank_cost: int
     element_bits: int
     domain: str
+    kept: int = 0
+
+    def budget(self, fraction: float) -> float:
+        """Elements of one expert's matrices that fit ``fraction`` of its bytes beside the
+        elements held as trained."""
+        return fraction * (self.weights + self.kept) - self.kept
 
 
 def _groups(experts: Experts, fraction: float) -> dict[str, Any]:
@@ -88,7 +95,8 @@ def _bits(experts: Experts, fraction: float, group_size: int = 64) -> dict[str, 
     fraction (None when even 2 bits do not)."""
     from xmoe.compression.quantize import WIDTHS
 
-    budget = fraction * experts.element_bits - 2 * experts.element_bits / group_size
+    bits = experts.element_bits
+    budget = experts.budget(fraction) * bits / experts.weights - 2 * bits / group_size
     fitting = [width for width in WIDTHS if width <= budget]
     return {"bits": max(fitting), "group_size": group_size} if fitting else None
 
@@ -97,7 +105,7 @@ def _rank(experts: Experts, fraction: float, barycentre: bool) -> dict[str, Any]
     """The residual rank whose factors (plus, with ``barycentre``, one full expert per layer)
     fit the fraction (None when no rank >= 1 does)."""
     shared = experts.weights if barycentre else 0
-    budget = fraction * experts.num_experts * experts.weights - shared
+    budget = experts.num_experts * experts.budget(fraction) - shared
     rank = math.floor(budget / (experts.num_experts * experts.rank_cost))
     return {"rank": rank} if rank >= 1 else None
 
@@ -151,8 +159,9 @@ METHODS: tuple[Method, ...] = (
 """Every method and naive baseline of the table. A pass at a fraction: merge and reduce keep
 ``floor(f·E)`` experts per layer, prune ``floor(f·E·layers)`` in all, quantize the widest width
 whose codes and group scales fit ``f`` of the fp32 bytes (8 bits take 28%: quantize reaches
-only 25%, at 4 bits), residual the rank whose factors (and barycentre) fit ``f``.
-Measured bytes, not these formulas, are what the table reports."""
+only 25%, at 4 bits), residual the rank whose factors (and barycentre) fit ``f``; the biases
+these two hold as trained take their share first. Measured bytes, not these formulas, are what
+the table reports."""
 
 REFERENCE = "uncompressed"
 """The row of each model as trained."""
@@ -269,7 +278,8 @@ def experts_of(model: nn.Module, domains: list[str]) -> Experts:
     """The :class:`Experts` of ``model``'s first MoE layer; ``reduce`` takes the KJV when the
     data has it (UNCURL reduces for one task), else the data's first domain."""
     layers = moe_layers(model)
-    w1, w2 = layers[0].experts.w1, layers[0].experts.w2
+    experts = layers[0].experts
+    w1, w2 = experts.w1, experts.w2
     num_experts, rows1, cols1 = w1.shape
     _, rows2, cols2 = w2.shape
     return Experts(
@@ -279,6 +289,7 @@ def experts_of(model: nn.Module, domains: list[str]) -> Experts:
         rank_cost=rows1 + cols1 + rows2 + cols2,
         element_bits=w1.element_size() * 8,
         domain="kjv" if "kjv" in domains else domains[0],
+        kept=sum(b[0].numel() for b in (experts.b1, experts.b2) if b is not None),
     )
 
 
