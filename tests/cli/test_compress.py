@@ -67,6 +67,10 @@ def test_compress_grid_measures_a_given_run_and_writes_the_report(tmp_path, caps
         "merge-groups4.json",
         "uncompressed.json",
     ]
+    assert main([*command, "--models", "xmoe-64"]) == 1
+    assert f"xmoe: error: runs: {run} is a run of 'top2', not one of models=('xmoe-64',)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_compress_grid_names_a_bad_option(capsys):

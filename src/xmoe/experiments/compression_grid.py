@@ -254,16 +254,32 @@ def model_config(name: str, settings: CompressionGridSettings) -> TrainConfig:
     return replace(tiny, model=replace(tiny.model, moe=preset_moe(name, dims)), preset=name)
 
 
+def given_runs(settings: CompressionGridSettings) -> dict[str, Path]:
+    """``settings.runs`` by the preset each was trained as (its checkpoint's config); a run of
+    a model the grid does not compress, or a second run of one, is refused by name."""
+    runs: dict[str, Path] = {}
+    for path in settings.runs:
+        name = RunDir(path).load_checkpoint(parts=()).meta["train_config"]["preset"]
+        if name in runs:
+            raise ValueError(f"runs: {runs[name]} and {path} are both runs of {name!r}: give one")
+        if name not in settings.models:
+            raise ValueError(
+                f"runs: {path} is a run of {name!r}, not one of models={settings.models}"
+            )
+        runs[name] = Path(path)
+    return runs
+
+
 def trained_model(
     name: str, settings: CompressionGridSettings, data: TokenData
 ) -> tuple[nn.Module, TrainConfig, Path]:
     """``(model in eval mode, its config, its run directory)``: the run of ``settings.runs``
-    whose preset is ``name``, else the one in ``<out>/models/<name>/seed0``, trained (or its
+    trained as ``name``, else the one in ``<out>/models/<name>/seed0``, trained (or its
     training finished) first."""
-    for path in settings.runs:
-        model, config, _ = RunDir(path).load_model()
-        if config.preset == name:
-            return model, config, Path(path)
+    given = given_runs(settings).get(name)
+    if given is not None:
+        model, config, _ = RunDir(given).load_model()
+        return model, config, given
     config = model_config(name, settings)
     run = RunDir(settings.out / "models" / name / f"seed{SEED}")
     done = run.has_checkpoint and run.load_checkpoint(parts=()).meta["step"] >= config.max_steps
@@ -373,10 +389,8 @@ class CompressionGrid:
         path = self.folder() / f"{cell.name}.json"
         try:
             record = read_verified_json(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, DamagedFileError):  # a damaged cell is measured again
             return None
-        except DamagedFileError:
-            return None  # a damaged cell is measured again
         return record if record.get("key") == self.key else None
 
     def measure(self, cell: Cell) -> dict[str, Any]:
