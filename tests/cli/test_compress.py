@@ -71,6 +71,12 @@ def test_compress_grid_measures_a_given_run_and_writes_the_report(tmp_path, caps
     assert f"xmoe: error: runs: {run} is a run of 'top2', not one of models=('xmoe-64',)" in (
         capsys.readouterr().err
     )
+    unfinished = tmp_path / "unfinished"
+    train(tiny_config(max_steps=2, preset="top2"), unfinished, progress=False, stop_after=1)
+    assert main([*command[:3], str(unfinished), *command[4:]]) == 1
+    assert f"runs: {unfinished} is at step 1 of 2: finish its training first" in (
+        capsys.readouterr().err
+    )
 
 
 def test_compress_grid_names_a_bad_option(capsys):

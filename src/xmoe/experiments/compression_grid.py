@@ -255,11 +255,17 @@ def model_config(name: str, settings: CompressionGridSettings) -> TrainConfig:
 
 
 def given_runs(settings: CompressionGridSettings) -> dict[str, Path]:
-    """``settings.runs`` by the preset each was trained as (its checkpoint's config); a run of
-    a model the grid does not compress, or a second run of one, is refused by name."""
+    """``settings.runs`` by the preset each was trained as (its checkpoint's config); a run
+    still training, a run of a model the grid does not compress, or a second run of one, is
+    refused by name."""
     runs: dict[str, Path] = {}
     for path in settings.runs:
-        name = RunDir(path).load_checkpoint(parts=()).meta["train_config"]["preset"]
+        meta = RunDir(path).load_checkpoint(parts=()).meta
+        name, steps = meta["train_config"]["preset"], meta["train_config"]["max_steps"]
+        if meta["step"] < steps:
+            raise ValueError(
+                f"runs: {path} is at step {meta['step']} of {steps}: finish its training first"
+            )
         if name in runs:
             raise ValueError(f"runs: {runs[name]} and {path} are both runs of {name!r}: give one")
         if name not in settings.models:
