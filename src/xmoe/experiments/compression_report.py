@@ -143,13 +143,12 @@ def target_lines(records: list[Record], fractions: tuple[float, ...]) -> list[st
 
 
 def _passes(record: Record) -> str:
-    return (
-        " → ".join(
-            name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
-            for name, options in record["passes"]
-        )
-        or "–"
-    )
+    """``merge:groups=8 → quantize:bits=4`` (options in name order, as a cell's JSON has them)."""
+    texts = []
+    for name, options in record["passes"]:
+        values = ",".join(f"{key}={value}" for key, value in sorted(options.items()))
+        texts.append(f"{name}:{values}" if values else name)
+    return " → ".join(texts) or "–"
 
 
 def model_table(records: list[Record], model: str) -> list[str]:
