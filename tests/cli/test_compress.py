@@ -62,3 +62,37 @@ def test_reduce_calibrates_on_the_named_domain_of_the_run_data(run, tmp_path, ca
     err = capsys.readouterr().err
     assert "xmoe: error: reduce: domain='kjv' is invalid: the calibration data has domains" in err
     assert "['synthetic']" in err and not (tmp_path / "bad").exists()
+
+
+def test_compress_grid_measures_a_given_run_and_writes_the_report(tmp_path, capsys, monkeypatch):
+    from xmoe.experiments import compression_report
+
+    run = tmp_path / "top2"
+    train(tiny_config(max_steps=1, preset="top2"), run, progress=False)  # reused as top-2
+    monkeypatch.setattr(compression_report, "plot_compression", lambda records, path: None)
+    out = tmp_path / "grid"
+    command = ["compress-grid", "--quick", "--runs", str(run), "--models", "top2", "--methods",
+               "merge", "--fractions", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(command) == 0
+    assert f"wrote {out / 'docs' / 'compression.md'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "cells" / "top2").iterdir()) == [
+        "merge-groups4.json",
+        "uncompressed.json",
+    ]
+    assert main([*command, "--models", "xmoe-64"]) == 1
+    assert f"xmoe: error: runs: {run} is a run of 'top2', not one of models=('xmoe-64',)" in (
+        capsys.readouterr().err
+    )
+    unfinished = tmp_path / "unfinished"
+    train(tiny_config(max_steps=2, preset="top2"), unfinished, progress=False, stop_after=1)
+    assert main([*command[:3], str(unfinished), *command[4:]]) == 1
+    assert f"runs: {unfinished} is at step 1 of 2: finish its training first" in (
+        capsys.readouterr().err
+    )
+
+
+def test_compress_grid_names_a_bad_option(capsys):
+    assert main(["compress-grid", "--fractions", "0.5", "1.5"]) == 1
+    assert "xmoe: error: fractions=(0.5, 1.5) is invalid: give numbers in (0, 1)" in (
+        capsys.readouterr().err
+    )

@@ -1,9 +1,37 @@
 """``xmoe compress``: a trained run's experts merged, pruned or quantised by passes from
-:data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete)."""
+:data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete);
+and ``xmoe compress-grid``: the compression table (``docs/results/compression.md``), its options
+from :class:`~xmoe.experiments.compression_grid.CompressionGridSettings`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from xmoe.cli.options import from_options
+
+GRID_EXCLUDE = ("command",)
+"""CompressionGridSettings fields that are no option: the CLI records the command line itself."""
+
+QUICK = {"calibration_tokens": 512, "eval_batches": 2}
+"""``--quick``: tiny models, and calibration and evaluation to match (minutes, not hours)."""
+
+
+def compress_grid_command(args: argparse.Namespace) -> int:
+    from xmoe.experiments.compression_grid import CompressionGridSettings
+    from xmoe.experiments.compression_report import compression_table
+
+    recorded = {"command": "xmoe " + " ".join(sys.argv[1:])} if sys.argv[1:] else {}
+    settings = from_options(CompressionGridSettings, args, exclude=GRID_EXCLUDE, **recorded)
+    if settings.quick:  # into its own folders unless told, so it never touches the real table
+        out = Path(args.out or "runs/compression-grid-quick")
+        given = {name: getattr(settings, name) for name in QUICK if getattr(args, name) is not None}
+        docs = Path(args.docs) if args.docs else out / "docs"
+        settings = replace(settings, **(QUICK | given), out=out, docs=docs)
+    print(f"wrote {compression_table(settings)} (and compression.png beside it)")
+    return 0
 
 
 def compress_command(args: argparse.Namespace) -> int:
