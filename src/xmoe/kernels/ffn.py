@@ -120,6 +120,7 @@ class TritonFFN(ExpertFFN):
         "the Triton kernels need triton and CUDA with fp32/bf16/fp16 (on CPU, fp32/float64 "
         "under TRITON_INTERPRET=1)"
     )
+    auto_devices: ClassVar[frozenset[str]] = frozenset({"cuda"})  # the interpreter: by name
 
     @classmethod
     def supports(cls, dtype, device, num_pairs, d_model, d_expert) -> bool:
