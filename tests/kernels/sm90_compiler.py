@@ -23,6 +23,9 @@ GPU_CONFIGS = {
 }
 
 _INDEX = "*i64"
+WIDTH = 2048
+"""The reduction width (a constexpr of the GEMM and row-dot kernels): the largest d_model of
+the issue's benchmark sizes."""
 
 
 def _gathered_mm(tiles: Tiles, dtype: str, activation: str = ""):
@@ -36,7 +39,7 @@ def _gathered_mm(tiles: Tiles, dtype: str, activation: str = ""):
     block_n = tiles.block_n // 2 if activation == "swiglu" else tiles.block_n
     constexprs = dict(
         GATHER_A=True, SCATTER_C=not activation, HAS_BIAS=True, HAS_SCALE=not activation,
-        STORE_C=True, ACTIVATION=activation, ACC=tl.float32, PRECISION="ieee",
+        STORE_C=True, ACTIVATION=activation, ACC=tl.float32, PRECISION="ieee", K=WIDTH,
         BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k,
     )  # fmt: skip
     return ops._gathered_mm_kernel, pointers, constexprs
@@ -70,7 +73,7 @@ def _rowdot(tiles: Tiles, dtype: str):
     pointers = dict.fromkeys(("x_ptr", "y_ptr"), f"*{dtype}") | {"out_ptr": "*fp32"}
     pointers |= dict.fromkeys(("x_idx_ptr", "y_idx_ptr"), _INDEX)
     constexprs = dict(
-        GATHER_X=True, GATHER_Y=True, ACCUMULATE=True, ACC=tl.float32,
+        GATHER_X=True, GATHER_Y=True, ACCUMULATE=True, ACC=tl.float32, K=WIDTH,
         BLOCK_R=ops.COLUMN_BLOCK // 4, BLOCK_K=ops.COLUMN_BLOCK,
     )  # fmt: skip
     return ops._rowdot_kernel, pointers, constexprs

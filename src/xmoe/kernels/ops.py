@@ -12,8 +12,10 @@
 * :func:`combine`: ``out[s] = Σ_{slots j of s} y[j]``, pairs grouped per token (no atomics).
 
 Loops whose bounds are loaded from memory are ``while`` loops: triton 3.6's interpreter refuses
-``range`` over loaded bounds. Accumulation is in fp32 (float64 for float64 operands, which the
-interpreter runs).
+``range`` over loaded bounds. The reduction widths ``K`` of the ``range`` loops are constexprs:
+3.6's interpreter cannot take a runtime bound either (with numpy 2.4), and a width is fixed per
+model, so a kernel compiles once per layer shape, never per batch size. Accumulation is in fp32
+(float64 for float64 operands, which the interpreter runs).
 
 Shape legend: S tokens, N grouped rows, E experts, K reduction width, M output width.
 """
@@ -52,7 +54,7 @@ def _activation(h, h_up, ACTIVATION: tl.constexpr):
 def _gathered_mm_kernel(
     a_ptr, a_idx_ptr, b_ptr, bias_ptr, scale_ptr, c_ptr, c_idx_ptr, act_ptr,
     tile_expert_ptr, tile_row_ptr, bounds_ptr,
-    K, M,
+    M, K: tl.constexpr,
     stride_am, stride_ak, stride_be, stride_bk, stride_bm, stride_bias_e, stride_cm, stride_cn,
     stride_act,
     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -163,7 +165,7 @@ def _grouped_wgrad_kernel(
 @triton.jit(do_not_specialize=["N"])
 def _rowdot_kernel(
     x_ptr, x_idx_ptr, y_ptr, y_idx_ptr, out_ptr,
-    N, K, stride_x, stride_y,
+    N, stride_x, stride_y, K: tl.constexpr,
     GATHER_X: tl.constexpr, GATHER_Y: tl.constexpr, ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -298,7 +300,7 @@ def _launch_gathered_mm(
     _gathered_mm_kernel[grid](
         a, schedule.token_N, b_EKM, bias_EM, scale_N, c, schedule.slot_N, act_out,
         schedule.tile_expert_T, schedule.tile_row_T, schedule.bounds_E1,
-        depth, width,
+        width, depth,
         a.stride(0), a.stride(1), *b_EKM.stride(),
         0 if bias_EM is None else bias_EM.stride(0), c.stride(0), c.stride(1),
         0 if act_out is None else act_out.stride(0),
@@ -365,7 +367,7 @@ def rowdot(
     grid = (triton.cdiv(num_rows, COLUMN_BLOCK // 4),)
     _rowdot_kernel[grid](
         x, x_idx_N, y, y_idx_N, out_N,
-        num_rows, x.shape[1], x.stride(0), y.stride(0),
+        num_rows, x.stride(0), y.stride(0), x.shape[1],
         GATHER_X=x_idx_N is not None, GATHER_Y=y_idx_N is not None, ACCUMULATE=accumulate,
         ACC=_acc(x.dtype), BLOCK_R=COLUMN_BLOCK // 4, BLOCK_K=COLUMN_BLOCK,
     )  # fmt: skip
