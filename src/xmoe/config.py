@@ -244,7 +244,8 @@ class MoEConfig(DictConfig):
         backend: one of :data:`BACKENDS`.
         expert_ffn: the fused expert FFN that computes FFN experts over the kept pairs, one of
             :data:`EXPERT_FFNS` (``"xmoe"``: xmoe's autograd function over the ``backend``
-            engine; ``"auto"``: the Triton kernels on CUDA with triton installed, else ``"xmoe"``).
+            engine; ``"auto"``: the Triton kernels on CUDA with triton installed, else ``"xmoe"``,
+            and ``"xmoe"`` whenever ``backend`` names an engine).
         check_finite: raise on NaN/inf in the layer's input (costs a reduction per call).
         experts: the kind of the routed experts, a name in :data:`xmoe.registry.EXPERT_KINDS`
             (``"ffn"``: the FFN experts above).

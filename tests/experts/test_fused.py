@@ -132,8 +132,8 @@ class _AutoPairLoopFFN(_PairLoopFFN):
 
 def test_the_layer_runs_what_auto_chooses_unless_a_name_overrides_it(monkeypatch):
     """``"auto"`` is the default: the layer runs an implementation preferred on its device when
-    it supports the call (float64 here), else ``"xmoe"`` (float32); ``expert_ffn="xmoe"`` runs
-    the plain path even where another is preferred."""
+    it supports the call (float64 here), else ``"xmoe"`` (float32); ``expert_ffn="xmoe"``, or
+    an engine named in ``backend``, runs the plain path even where another is preferred."""
     register_for_test(monkeypatch, EXPERT_FFN, "pairloop", _AutoPairLoopFFN)
     _AutoPairLoopFFN.calls = 0
     config = MoEConfig(d_model=12, num_experts=6, d_expert=6)
@@ -143,4 +143,5 @@ def test_the_layer_runs_what_auto_chooses_unless_a_name_overrides_it(monkeypatch
     assert _AutoPairLoopFFN.calls == 1
     make_layer(config).float()(x.float())
     make_layer(dataclasses.replace(config, expert_ffn="xmoe"))(x)
+    make_layer(dataclasses.replace(config, backend="loop"))(x)
     assert _AutoPairLoopFFN.calls == 1

@@ -9,7 +9,8 @@ autograd function of :mod:`xmoe.experts.ffn_function` over a grouped-matmul engi
 import: that makes it an ``MoEConfig.expert_ffn`` choice and a subject of the conformance tests
 in ``tests/experts/test_fused.py``. ``"auto"`` (the default) picks one per call
 (:func:`choose_expert_ffn`): an implementation whose :attr:`ExpertFFN.auto_devices` hold the
-device and that supports the call (the Triton kernels on CUDA), else ``"xmoe"``.
+device and that supports the call (the Triton kernels on CUDA), else ``"xmoe"``; and ``"xmoe"``
+whenever ``backend`` names one of its engines.
 
 Shape legend: S tokens, N kept pairs, D d_model, H d_expert.
 """
@@ -97,15 +98,18 @@ def expert_ffn(
     Args:
         x_SD: (S, D) tokens, in the dtype of ``weights``. weights: the experts.
         plan: the grouped rows (N pairs). weight_N: (N,) routing weight per grouped row.
-        impl: a name in :data:`xmoe.registry.EXPERT_FFN`, or :data:`AUTO`.
+        impl: a name in :data:`xmoe.registry.EXPERT_FFN`, or :data:`AUTO` (with an engine
+            named in ``backend``, ``"xmoe"`` on that engine).
         backend: ``"auto"`` or an engine name, passed on to the implementation.
 
     Returns:
         (S, D) ``Σ_{pairs of s} weight · FFN_e(x_s)``; tokens with no pair get zeros.
     """
     d_expert, d_model = weights.w2.shape[1], weights.w2.shape[2]
-    if impl == AUTO:
+    if impl == AUTO and backend == "auto":
         impl = choose_expert_ffn(x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert)
+    elif impl == AUTO:  # an engine named: xmoe's path runs on it
+        impl = FALLBACK
     ffn = EXPERT_FFN[impl]
     if not ffn.supports(x_SD.dtype, x_SD.device, plan.num_pairs, d_model, d_expert):
         raise ValueError(
