@@ -80,7 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device != "cuda" and not args.quick:
+        parser.error(f"--device={args.device} runs the kernels under triton's interpreter: "
+                     "only the --quick sizes")  # fmt: skip
+    return args
 
 
 def build_variants(size: Size, device: torch.device, dtype: torch.dtype) -> dict[str, Variant]:

@@ -88,7 +88,8 @@ def triton_ffn(
 
 @triton_ffn.register_fake
 def _(x_SD, weight_N, w1, b1, w2, b2, schedule, activation, tiles, keep_pre):
-    num_tokens, num_pairs = schedule[6].shape[0] - 1, schedule[0].shape[0]
+    # the schedule's first tensor is token_N (N,), its last rowptr_S1 (S + 1,)
+    num_tokens, num_pairs = schedule[-1].shape[0] - 1, schedule[0].shape[0]
     pre_NF = x_SD.new_empty(num_pairs if keep_pre else 0, w1.shape[2])
     return x_SD.new_empty(num_tokens, x_SD.shape[1]), pre_NF
 
