@@ -35,8 +35,8 @@ step() { # step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, logged
 
 if [[ $MODE == --cpu-smoke ]]; then
     QUICK=(--quick --rounds 1 --warmup 0 --out "$LOGS")
-    step kernels-quick 300 "$PY" -m benchmarks.kernels --device cpu "${QUICK[@]}"
-    step layer-quick 300 "$PY" -m benchmarks.layer --device cpu --no-memory "${QUICK[@]}"
+    step kernels-quick 900 "$PY" -m benchmarks.kernels --device cpu "${QUICK[@]}"
+    step layer-quick 900 "$PY" -m benchmarks.layer --device cpu --no-memory "${QUICK[@]}"
     exit $failed
 fi
 if [[ $MODE != run && $MODE != --dry-run ]]; then
