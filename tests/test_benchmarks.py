@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +127,16 @@ def test_compare_logs_finds_equal_and_different_runs(tmp_path, capsys):
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
     assert "differ" in capsys.readouterr().out
+
+
+def test_gpu_session_script_lists_its_steps(tmp_path):
+    """``benchmarks/gpu_session.sh --dry-run`` parses and names its steps, running none (its
+    ``--cpu-smoke`` runs the benchmarks' quick modes, the kernels under the interpreter: about
+    a minute, so not a test)."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh"
+    env = {**os.environ, "OUT": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, check=True
+    )
+    steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("== ")]
+    assert steps == ["env", "test-gpu", "test", "kernels", "layer"]

@@ -21,25 +21,33 @@ INITS = ("independent", "identical")
 of expert 0, as in the XMoE reference code (the router then breaks the symmetry)."""
 
 
-class _Backends(Collection[str]):
-    """``auto`` and the names in :data:`ENGINES`, read on each use: registering an engine is
-    all it takes to make it a valid ``backend``."""
+class _AutoOr(Collection[str]):
+    """``auto`` and the names in ``registry``, read on each use: registering an engine (or an
+    expert FFN) is all it takes to make it a valid ``backend`` (``expert_ffn``)."""
+
+    def __init__(self, registry: Mapping[str, Any]) -> None:
+        self._registry = registry
 
     def __contains__(self, name: object) -> bool:
-        return name == "auto" or name in ENGINES
+        return name == "auto" or name in self._registry
 
     def __iter__(self) -> Iterator[str]:
-        return iter(("auto", *ENGINES))
+        return iter(("auto", *self._registry))
 
     def __len__(self) -> int:
-        return 1 + len(ENGINES)
+        return 1 + len(self._registry)
 
 
-BACKENDS: Collection[str] = _Backends()
+BACKENDS: Collection[str] = _AutoOr(ENGINES)
 """How the kept (token, expert) pairs are multiplied: ``grouped`` uses ``F.grouped_mm``, ``loop``
 is a per-expert ``torch.mm`` loop with a hand-written backward (any dtype, any size), ``batched``
 gathers one weight copy per pair (fast for a handful of tokens), any other registered engine by
 its name, and ``auto`` picks per call."""
+
+EXPERT_FFNS: Collection[str] = _AutoOr(EXPERT_FFN)
+"""The fused expert FFNs by name (:data:`xmoe.registry.EXPERT_FFN`), and ``auto``: the Triton
+kernels on CUDA where triton is installed, ``xmoe`` elsewhere
+(:func:`xmoe.experts.fused.choose_expert_ffn`)."""
 
 
 class ConfigError(ValueError):
@@ -234,9 +242,10 @@ class MoEConfig(DictConfig):
         init: one of :data:`INITS`.
         init_std: standard deviation of the normal init of router and expert weights (> 0).
         backend: one of :data:`BACKENDS`.
-        expert_ffn: the fused expert FFN that computes FFN experts over the kept pairs, a name
-            in :data:`xmoe.registry.EXPERT_FFN` (``"xmoe"``: xmoe's autograd function over the
-            ``backend`` engine).
+        expert_ffn: the fused expert FFN that computes FFN experts over the kept pairs, one of
+            :data:`EXPERT_FFNS` (``"xmoe"``: xmoe's autograd function over the ``backend``
+            engine; ``"auto"``: the Triton kernels on CUDA with triton installed, else ``"xmoe"``,
+            and ``"xmoe"`` whenever ``backend`` names an engine).
         check_finite: raise on NaN/inf in the layer's input (costs a reduction per call).
         experts: the kind of the routed experts, a name in :data:`xmoe.registry.EXPERT_KINDS`
             (``"ffn"``: the FFN experts above).
@@ -264,7 +273,7 @@ class MoEConfig(DictConfig):
     init: str = "independent"
     init_std: float = 0.02
     backend: str = "auto"
-    expert_ffn: str = "xmoe"
+    expert_ffn: str = "auto"
     check_finite: bool = False
     experts: str = "ffn"
     num_shared_experts: int = 0
@@ -317,7 +326,7 @@ class MoEConfig(DictConfig):
             "a finite number > 0",
         )
         _require_choice("backend", self.backend, BACKENDS)
-        _require_choice("expert_ffn", self.expert_ffn, EXPERT_FFN)
+        _require_choice("expert_ffn", self.expert_ffn, EXPERT_FFNS)
         _require_bool("check_finite", self.check_finite)
         _require_choice("experts", self.experts, EXPERT_KINDS)
         kind_options = EXPERT_KINDS[self.experts].Options

@@ -4,6 +4,7 @@ entry, chosen by name in the config."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import pytest
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from xmoe import MoEConfig
 from xmoe.experts import ExpertFFN
+from xmoe.experts.fused import choose_expert_ffn
+from xmoe.kernels import ffn as kernel_ffn
 from xmoe.registry import EXPERT_FFN
 
 from helpers import assert_close_grads, make_layer, register_for_test, run_both
@@ -100,5 +103,45 @@ def test_a_registered_expert_ffn_is_chosen_by_name_used_and_under_test(monkeypat
 
 
 def test_an_unknown_expert_ffn_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"expert_ffn.*'nope'.*one of \['triton', 'xmoe'\]"):
+    with pytest.raises(
+        ValueError, match=r"expert_ffn.*'nope'.*one of \('auto', 'triton', 'xmoe'\)"
+    ):
         MoEConfig(d_model=12, num_experts=6, d_expert=6, expert_ffn="nope")
+
+
+def test_auto_takes_the_triton_kernels_on_cuda_where_triton_is_installed(monkeypatch):
+    """The selection rule with a faked device and availability (no GPU, no triton needed):
+    CUDA with triton and a dtype the kernels run; the plain path for any other call, the CPU
+    included even where the interpreter would run the kernels."""
+    cuda, cpu, sizes = torch.device("cuda"), torch.device("cpu"), (8, 24, 10)
+    monkeypatch.setattr(kernel_ffn, "triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose_expert_ffn(torch.bfloat16, cuda, *sizes) == "triton"
+    assert choose_expert_ffn(torch.float32, cuda, *sizes) == "triton"
+    assert choose_expert_ffn(torch.float64, cuda, *sizes) == "xmoe"  # not a kernel dtype
+    assert choose_expert_ffn(torch.float64, cpu, *sizes) == "xmoe"
+    monkeypatch.setattr(kernel_ffn, "triton_available", lambda: False)
+    assert choose_expert_ffn(torch.bfloat16, cuda, *sizes) == "xmoe"
+
+
+class _AutoPairLoopFFN(_PairLoopFFN):
+    """The toy pair loop, preferred by ``"auto"`` on the CPU."""
+
+    auto_devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+
+
+def test_the_layer_runs_what_auto_chooses_unless_a_name_overrides_it(monkeypatch):
+    """``"auto"`` is the default: the layer runs an implementation preferred on its device when
+    it supports the call (float64 here), else ``"xmoe"`` (float32); ``expert_ffn="xmoe"``, or
+    an engine named in ``backend``, runs the plain path even where another is preferred."""
+    register_for_test(monkeypatch, EXPERT_FFN, "pairloop", _AutoPairLoopFFN)
+    _AutoPairLoopFFN.calls = 0
+    config = MoEConfig(d_model=12, num_experts=6, d_expert=6)
+    assert config.expert_ffn == "auto"
+    x = torch.randn(5, 12, dtype=torch.float64)
+    make_layer(config)(x)
+    assert _AutoPairLoopFFN.calls == 1
+    make_layer(config).float()(x.float())
+    make_layer(dataclasses.replace(config, expert_ffn="xmoe"))(x)
+    make_layer(dataclasses.replace(config, backend="loop"))(x)
+    assert _AutoPairLoopFFN.calls == 1

@@ -23,19 +23,36 @@ GPU_CONFIGS = {
 }
 
 _INDEX = "*i64"
+WIDTH = 2048
+"""The reduction width (a constexpr of the GEMM and row-dot kernels): the largest d_model of
+the issue's benchmark sizes."""
 
 
-def _gathered_mm(tiles: Tiles, dtype: str):
-    """The forward's second GEMM: every option on (gather, bias, scale, scatter)."""
-    pointers = dict.fromkeys(("a_ptr", "b_ptr", "bias_ptr", "c_ptr"), f"*{dtype}")
+def _gathered_mm(tiles: Tiles, dtype: str, activation: str = ""):
+    """The forward's second GEMM: every option on (gather, bias, scale, scatter); with an
+    ``activation``, the first GEMM (gathered, bias, the activation in its epilogue), with the
+    columns per product that :func:`ops.gathered_mm_act` launches it with."""
+    pointers = dict.fromkeys(("a_ptr", "b_ptr", "bias_ptr", "c_ptr", "act_ptr"), f"*{dtype}")
     pointers |= {"scale_ptr": "*fp32"} | dict.fromkeys(
         ("a_idx_ptr", "c_idx_ptr", "tile_expert_ptr", "tile_row_ptr", "bounds_ptr"), _INDEX
     )
+    block_n = tiles.block_n // 2 if activation == "swiglu" else tiles.block_n
     constexprs = dict(
-        GATHER_A=True, SCATTER_C=True, HAS_BIAS=True, HAS_SCALE=True, ACC=tl.float32,
-        PRECISION="ieee", BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        GATHER_A=True, SCATTER_C=not activation, HAS_BIAS=True, HAS_SCALE=not activation,
+        STORE_C=True, ACTIVATION=activation, ACC=tl.float32, PRECISION="ieee", K=WIDTH,
+        BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_K=tiles.block_k,
     )  # fmt: skip
     return ops._gathered_mm_kernel, pointers, constexprs
+
+
+def _gathered_mm_gelu(tiles: Tiles, dtype: str):
+    """The forward's first GEMM, plain experts (every elementwise activation compiles alike)."""
+    return _gathered_mm(tiles, dtype, "gelu")
+
+
+def _gathered_mm_swiglu(tiles: Tiles, dtype: str):
+    """The forward's first GEMM, gated experts: two accumulators, gate and up."""
+    return _gathered_mm(tiles, dtype, "swiglu")
 
 
 def _grouped_wgrad(tiles: Tiles, dtype: str):
@@ -56,7 +73,7 @@ def _rowdot(tiles: Tiles, dtype: str):
     pointers = dict.fromkeys(("x_ptr", "y_ptr"), f"*{dtype}") | {"out_ptr": "*fp32"}
     pointers |= dict.fromkeys(("x_idx_ptr", "y_idx_ptr"), _INDEX)
     constexprs = dict(
-        GATHER_X=True, GATHER_Y=True, ACCUMULATE=True, ACC=tl.float32,
+        GATHER_X=True, GATHER_Y=True, ACCUMULATE=True, ACC=tl.float32, K=WIDTH,
         BLOCK_R=ops.COLUMN_BLOCK // 4, BLOCK_K=ops.COLUMN_BLOCK,
     )  # fmt: skip
     return ops._rowdot_kernel, pointers, constexprs
@@ -84,7 +101,7 @@ def compile_for_sm90(config: str, kernel) -> int:
 
 
 if __name__ == "__main__":
-    kernels = (_gathered_mm, _grouped_wgrad)
+    kernels = (_gathered_mm, _gathered_mm_gelu, _gathered_mm_swiglu, _grouped_wgrad)
     shared = {
         f"{config}/{kernel.__name__}": compile_for_sm90(config, kernel)
         for config in GPU_CONFIGS

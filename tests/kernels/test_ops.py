@@ -12,6 +12,7 @@ import torch
 
 from xmoe.dispatch.engines import LoopEngine
 from xmoe.dispatch.plan import DispatchPlan
+from xmoe.experts.activations import ACTIVATION_FNS
 from xmoe.kernels.configs import TILES, Tiles, interpreting
 from xmoe.kernels.schedule import build_schedule
 
@@ -124,6 +125,30 @@ def test_gathered_mm_reads_a_transposed_weight_in_small_tiles():
         w2_EHD.double().transpose(1, 2)[plan.expert_idx_N],
     ).squeeze(1)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "swiglu"])
+@pytest.mark.parametrize("case", ["uneven", "all_dropped"])
+def test_the_activation_in_the_epilogue_matches_the_reference(case, activation):
+    """The first layer in one kernel: the gathered GEMM with bias and, in its epilogue, the
+    activation (``swiglu`` on the fused ``[gate | up]`` layout, gate and up columns of a tile in
+    one program), the pre-activations written or not (inference)."""
+    plan, num_tokens, num_experts, d_model, width = _case_tensors(case)
+    tiles = TILES["interpreter"]
+    schedule = build_schedule(plan, tiles.block_m)
+    x_SK, w1_EKF = _randn(num_tokens, d_model, seed=1), _randn(num_experts, d_model, width, seed=2)
+    b1_EF = _randn(num_experts, width, seed=3)
+    args = (padded(x_SK), padded(w1_EKF), schedule, tiles, activation)
+    pre, act = ops.gathered_mm_act(*args, bias_EF=padded(b1_EF))
+
+    expected_pre = torch.bmm(x_SK[plan.token_idx_N].unsqueeze(1), w1_EKF[plan.expert_idx_N])
+    expected_pre = expected_pre.squeeze(1) + b1_EF[plan.expert_idx_N]
+    expected_act = ACTIVATION_FNS[activation].forward(expected_pre)
+    torch.testing.assert_close(pre, expected_pre, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(act, expected_act, rtol=1e-12, atol=1e-12)
+    no_pre, act_only = ops.gathered_mm_act(*args, bias_EF=padded(b1_EF), keep_pre=False)
+    assert no_pre is None
+    torch.testing.assert_close(act_only, expected_act, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

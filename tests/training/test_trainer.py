@@ -24,7 +24,7 @@ from xmoe.training.evaluate import evaluate
 from xmoe.training.presets import PRESETS, preset
 from xmoe.training.rundir import LOG_NAME
 from xmoe.training.step import DivergenceError, StepLoss, train_step
-from xmoe.training.trainer import learning_rate, load_model, train
+from xmoe.training.trainer import comparable_config, learning_rate, load_model, train
 
 
 def _tiny(**overrides):
@@ -74,6 +74,19 @@ def test_existing_run_needs_resume_and_same_config(tmp_path):
         train(_tiny(max_steps=2), tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="different config"):
         train(_tiny(max_steps=3), tmp_path, progress=False, resume=True)
+
+
+def test_runs_written_before_expert_ffn_auto_still_compare_equal():
+    """A run's recorded config holds ``expert_ffn="xmoe"`` (the default before ``"auto"``): it
+    resumes and its cached results are reused under the new default; other fields still count."""
+    config = _tiny().to_dict()
+    assert config["model"]["moe"]["expert_ffn"] == "auto"
+    recorded = json.loads(json.dumps(config))
+    recorded["model"]["moe"]["expert_ffn"] = "xmoe"
+    recorded["device"] = "cuda"
+    assert comparable_config(recorded) == comparable_config(config)
+    recorded["model"]["moe"]["top_k"] += 1
+    assert comparable_config(recorded) != comparable_config(config)
 
 
 def test_eval_is_deterministic(tmp_path):

@@ -34,7 +34,7 @@ from xmoe.training.config import TrainConfig, apply_overrides
 from xmoe.training.evaluate import evaluate
 from xmoe.training.presets import ABLATIONS, preset
 from xmoe.training.rundir import RunDir
-from xmoe.training.trainer import load_token_data, train
+from xmoe.training.trainer import comparable_config, load_token_data, train
 
 SUITES = ("lm", "routers")
 FAMILY = ("dense", "switch", "top2", "xmoe-16", "xmoe-32", "xmoe-64")
@@ -159,7 +159,7 @@ def run_one(name: str, seed: int, settings: ReproduceSettings, data: TokenData) 
     results_path = run.path / "results.json"
     if results_path.exists():
         cached = json.loads(results_path.read_text())
-        if cached["train_config"] == config.to_dict():
+        if comparable_config(cached["train_config"]) == comparable_config(config.to_dict()):
             return cached
     started = time.perf_counter()
     progress = settings.progress and settings.jobs == 1

@@ -16,6 +16,7 @@ import torch
 from xmoe.device import host_reads_cheap
 from xmoe.experts.activations import ACTIVATION_FNS
 from xmoe.experts.ffn import FFNExperts
+from xmoe.experts.fused import AUTO, FALLBACK
 from xmoe.experts.kind import ExpertKind
 from xmoe.experts.weights import ExpertWeights
 
@@ -47,12 +48,13 @@ def decode_path(experts: ExpertKind, x_SD: torch.Tensor, pairs) -> torch.Tensor 
 
 def use_decode_path(experts: ExpertKind, x_SD: torch.Tensor, capacity: int | None) -> bool:
     """Whether this call runs :func:`decode_ffn`: FFN experts, ``auto`` back-end, the ``xmoe``
-    expert FFN (a named one runs every call), few tokens, dropless, no gradient wanted, and host
-    reads that cost no sync."""
+    or ``auto`` expert FFN (another named one runs every call; ``auto`` is ``xmoe`` where host
+    reads are cheap), few tokens, dropless, no gradient wanted, and host reads that cost no
+    sync."""
     return (
         isinstance(experts, FFNExperts)
         and experts.config.backend == "auto"
-        and experts.config.expert_ffn == "xmoe"
+        and experts.config.expert_ffn in (AUTO, FALLBACK)
         and 0 < x_SD.shape[0] <= DECODE_MAX_TOKENS
         and capacity is None
         and not (torch.is_grad_enabled() and _needs_grad(x_SD, experts))

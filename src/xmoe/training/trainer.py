@@ -69,9 +69,16 @@ def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
-def _comparable(config_dict: dict) -> dict:
-    """A config as compared on resume: where it runs does not change the run."""
-    return {k: v for k, v in config_dict.items() if k != "device"}
+def comparable_config(config_dict: dict) -> dict:
+    """A config as compared on resume and for reuse: where it runs does not change the run,
+    nor does the expert FFN implementation, which follows from it (``"auto"`` picks per device;
+    runs written before ``"auto"`` became the default hold ``"xmoe"``)."""
+    comparable = {k: v for k, v in config_dict.items() if k != "device"}
+    moe = comparable["model"].get("moe")
+    if moe is not None:
+        moe = {k: v for k, v in moe.items() if k != "expert_ffn"}
+        comparable["model"] = {**comparable["model"], "moe": moe}
+    return comparable
 
 
 def _routing_summary(routing: list[RoutingStats]) -> dict[str, float]:
@@ -156,7 +163,7 @@ def _resume_state(
         )
     else:
         state = _load_full_state(run, par)
-    if _comparable(state.meta["train_config"]) != _comparable(config.to_dict()):
+    if comparable_config(state.meta["train_config"]) != comparable_config(config.to_dict()):
         raise CheckpointError(
             f"{run.checkpoint_path} was written by a different config; resume with the "
             "same settings"
