@@ -1,5 +1,6 @@
 """``xmoe compress``: a trained run's experts merged, pruned or quantised by passes from
-:data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete)."""
+:data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete)
+that ``xmoe eval`` and ``xmoe generate`` read like the run."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import argparse
 def compress_command(args: argparse.Namespace) -> int:
     import torch
 
-    from xmoe.compression import compress, model_size, parse_pass, save_compressed
+    from xmoe.compression import compress, model_size, parse_pass
+    from xmoe.compression.saving import save_compressed_lm
     from xmoe.training.rundir import RunDir
     from xmoe.training.trainer import load_token_data
 
     passes = [parse_pass(text) for text in args.passes]
-    model, config, _ = RunDir(args.run).load_model()
+    run = RunDir(args.run)
+    model, config, meta = run.load_model()
     seq_len = args.seq_len or config.seq_len
     if args.calibration_tokens < seq_len:
         raise ValueError(
@@ -30,7 +33,11 @@ def compress_command(args: argparse.Namespace) -> int:
     before = model_size(model).expert_bytes
     quality = _validation(model, config, data.val, args.eval_batches)
     model = compress(model, passes, torch.from_numpy(calibration), progress=not args.no_progress)
-    out = save_compressed(model, args.out, passes=passes, force=args.force)
+    # the run's record and tokenizer go along: xmoe eval and xmoe generate read the output
+    tokenizer = run.tokenizer_path if run.tokenizer_path.is_file() else None
+    out = save_compressed_lm(
+        model, args.out, passes=passes, force=args.force, run_meta=meta, tokenizer_file=tokenizer
+    )
     size = model_size(model, out)
     print(
         f"wrote {out}: expert bytes {before:,} -> {size.expert_bytes:,} resident "

@@ -1,14 +1,18 @@
 """Post-training compression of a trained MoE LM's experts: passes from
 :data:`xmoe.registry.PASSES` (``merge``, ``dynamic-prune``, ``quantize``, ``prune``) applied in
-sequence.
+sequence, to a model of a family in :data:`xmoe.registry.COMPRESS_FAMILIES` (an xmoe
+``TransformerLM``, or transformers' XMoE, Mixtral, Qwen3-MoE and OLMoE causal LMs).
 
 ``compress(model, [("merge", {"groups": 4}), ("quantize", {"bits": 3})], calibration)``
-changes ``model`` in place and returns it; :func:`save_compressed` / :func:`load_compressed`
-write and read it, and :func:`model_size` measures it.
+returns the compressed model (a TransformerLM changed in place; a transformers model as its
+family's compressed class); :func:`save_compressed` / :func:`load_compressed` write and read
+it as its family does, and :func:`model_size` measures it. The families (and transformers) load
+on first use (PEP 562), so reading a compressed run directory stays light.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +21,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xmoe.compression.base import CompressionError, check_calibration, moe_layers
-from xmoe.compression.saving import load_compressed, save_compressed
 from xmoe.compression.size import ModelSize, model_size
 from xmoe.registry import PASSES
 
@@ -44,9 +47,15 @@ def compress(
     *,
     progress: bool = False,
 ) -> nn.Module:
-    """Apply ``passes`` to ``model`` (an xmoe ``TransformerLM``) in order, in place, given
-    ``calibration`` (B, T) token ids; returns the model in eval mode. Every pass's options are
-    checked before the first one runs."""
+    """Apply ``passes`` to ``model`` (of a family in :data:`~xmoe.registry.COMPRESS_FAMILIES`)
+    in order, given ``calibration`` (B, T) token ids; returns the compressed model in eval mode
+    (a TransformerLM changed in place; a transformers model as its family's compressed class, a
+    compressed one as it is, so that compress calls compose). Every pass's options are checked
+    before the first one runs."""
+    from xmoe.compression.families import family_of
+
+    _, family = family_of(model)
+    model = family.prepare(model)
     moe_layers(model)
     check_calibration(calibration)
     resolved = []
@@ -56,9 +65,21 @@ def compress(
         entry = PASSES[name]
         resolved.append((entry, entry.Options.parse(name, dict(options))))
     model.eval()
+    view = family.view(model)  # called as a TransformerLM; its MoE layers are the model's
     for entry, options in tqdm(resolved, desc="compress", disable=not progress):
-        model = entry.apply(model, options, calibration)
+        view = entry.apply(view, options, calibration)
     return model
+
+
+_LAZY = {name: "xmoe.compression.families" for name in ("load_compressed", "save_compressed")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'xmoe.compression' has no attribute {name!r}")
 
 
 __all__ = [

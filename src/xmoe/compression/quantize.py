@@ -31,7 +31,7 @@ from xmoe.compression.base import (
     collect_routing,
     moe_layers,
 )
-from xmoe.compression.merge import MergedExperts
+from xmoe.compression.merge import MergedExperts, held_ffn_experts
 from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan
 from xmoe.experts import ExpertKind, FFNExperts
@@ -279,7 +279,7 @@ class Quantize(CompressionPass):
     @torch.no_grad()
     def apply(cls, model: nn.Module, options: QuantizeOptions, calibration: torch.Tensor):
         layers = moe_layers(model)
-        targets = [_ffn_experts(index, layer.experts) for index, layer in enumerate(layers)]
+        targets = [held_ffn_experts("quantize", i, layer.experts) for i, layer in enumerate(layers)]
         routing = collect_routing(model, calibration)
         usage, cost, size = [], [], []
         for (experts, group_E), stats in zip(targets, routing, strict=True):
@@ -315,18 +315,3 @@ class Quantize(CompressionPass):
             else:
                 layer.experts = quantized
         return model
-
-
-def _ffn_experts(index: int, experts: ExpertKind) -> tuple[FFNExperts, torch.Tensor]:
-    """The FFN experts to quantise in a layer (a merged layer's inner ones) and the (E,) map from
-    routed experts to them."""
-    if isinstance(experts, MergedExperts):
-        inner, group_E = experts.inner, experts.group_E.cpu()
-    else:
-        inner, group_E = experts, torch.arange(experts.num_experts)
-    if type(inner) is not FFNExperts:
-        raise CompressionError(
-            f"quantize: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
-            "(already quantized?)"
-        )
-    return inner, group_E
