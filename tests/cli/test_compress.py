@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.training.test_rundir import tiny_config
 from xmoe.cli.main import main
@@ -50,3 +51,34 @@ def test_bad_passes_and_targets_are_one_line_errors(run, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert _compress(run, out, "dynamic-prune:beta=0.3") == 1
     assert f"compress target {out} is not empty" in capsys.readouterr().err
+
+
+def test_eval_and_generate_read_the_compressed_run(run, tmp_path, capsys):
+    from xmoe.compression import compress
+    from xmoe.hf.generation import sample
+    from xmoe.training.rundir import RunDir
+
+    out = tmp_path / "small"
+    # neither pass depends on the calibration tokens: the same passes in memory are the same model
+    passes = ("quantize:bits=4,group_size=32,allocation=uniform", "dynamic-prune:beta=0.9")
+    assert _compress(run, out, *passes) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--batches", "1", "--no-progress"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    prompt = ["--prompt", "1 2 3", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(["generate", str(out), *prompt]) == 0
+    printed = capsys.readouterr().out.split()
+    lm = RunDir(run).load_model()[0]
+    specs = [("quantize", {"bits": 4, "group_size": 32, "allocation": "uniform"})]
+    lm = compress(lm, [*specs, ("dynamic-prune", {"beta": 0.9})], torch.zeros(1, 2).long())
+    expected, _ = sample(lm, [1, 2, 3], max_new_tokens=5, temperature=0.0)
+    assert printed == [str(i) for i in expected]
+
+
+def test_a_compressed_model_without_its_run_record_is_no_run(tmp_path, capsys):
+    from tests.compression.lm import tiny_lm
+    from xmoe.compression import save_compressed
+
+    out = save_compressed(tiny_lm(), tmp_path / "bare", passes=[])
+    assert main(["eval", str(out), "--no-progress"]) == 1
+    assert "compressed without its run's record" in capsys.readouterr().err
