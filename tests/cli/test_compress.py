@@ -82,3 +82,36 @@ def test_a_compressed_model_without_its_run_record_is_no_run(tmp_path, capsys):
     out = save_compressed(tiny_lm(), tmp_path / "bare", passes=[])
     assert main(["eval", str(out), "--no-progress"]) == 1
     assert "compressed without its run's record" in capsys.readouterr().err
+
+
+def _word_tokenizer():
+    """A 32-word whitespace tokenizer made here (no download), as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0} | {f"w{i}": i + 1 for i in range(31)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
+def test_compress_takes_a_transformers_directory_and_writes_one(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.compression.test_families import tiny
+
+    source, out, text = tmp_path / "mixtral", tmp_path / "small", tmp_path / "text.txt"
+    tiny("mixtral").save_pretrained(source)
+    _word_tokenizer().save_pretrained(source)
+    text.write_text(" ".join(f"w{(7 * i) % 31}" for i in range(400)))
+    command = ["compress", str(source), "--out", str(out), "--no-progress", "--seq-len", "16"]
+    command += ["--calibration-tokens", "64", "--calibration-text", str(text)]
+    passes = ["--pass", "prune:experts=2,method=magnitude", "--pass", "merge:groups=3"]
+    assert main([*command, *passes, "--eval-batches", "1"]) == 1
+    assert "--eval-batches needs a run directory" in capsys.readouterr().err
+    assert main([*command, *passes]) == 0
+    assert f"wrote {out}: expert bytes" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "CompressedMixtralForCausalLM"
+    prompt = AutoTokenizer.from_pretrained(out)("w1 w2 w3", return_tensors="pt").input_ids
+    assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 6)

@@ -1,24 +1,34 @@
 """``xmoe compress``: a trained run's experts merged, pruned or quantised by passes from
 :data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete)
-that ``xmoe eval`` and ``xmoe generate`` read like the run."""
+that ``xmoe eval`` and ``xmoe generate`` read like the run; or a transformers model directory of
+a compression family (:data:`xmoe.registry.COMPRESS_FAMILIES`), written as a transformers
+directory that ``from_pretrained`` loads."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+HF_SEQ_LEN = 256
+"""Calibration window length for a transformers directory when ``--seq-len`` is not given."""
 
 
 def compress_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from xmoe.compression import compress, model_size, parse_pass
-    from xmoe.compression.saving import save_compressed_lm
+    from xmoe.compression import parse_pass
     from xmoe.training.rundir import RunDir
-    from xmoe.training.trainer import load_token_data
 
     passes = [parse_pass(text) for text in args.passes]
     run = RunDir(args.run)
-    model, config, meta = run.load_model()
-    seq_len = args.seq_len or config.seq_len
+    if not run.has_checkpoint and (run.path / "config.json").is_file():
+        return _compress_transformers(args, passes)
+    if args.calibration_text is not None:
+        raise ValueError(
+            "--calibration-text is for transformers directories: a run calibrates on its corpus"
+        )
+    return _compress_run(args, passes, run)
+
+
+def _check_sizes(args: argparse.Namespace, seq_len: int) -> None:
     if args.calibration_tokens < seq_len:
         raise ValueError(
             f"--calibration-tokens={args.calibration_tokens} is invalid: it must be at least "
@@ -26,6 +36,66 @@ def compress_command(args: argparse.Namespace) -> int:
         )
     if args.eval_batches < 0:
         raise ValueError(f"--eval-batches={args.eval_batches} is invalid: it must be >= 0")
+
+
+def _compress_transformers(args: argparse.Namespace, passes: list) -> int:
+    """A transformers directory compressed, calibrated on ``--calibration-text`` (else the
+    project's corpus) in its own tokenizer; its tokenizer goes along."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xmoe.compression import compress, model_size, save_compressed
+    from xmoe.compression.families import family_of
+    from xmoe.conversion.pipeline import calibration_windows, has_tokenizer
+
+    source = Path(args.run)
+    seq_len = args.seq_len or HF_SEQ_LEN
+    _check_sizes(args, seq_len)
+    if args.eval_batches:
+        raise ValueError(
+            "--eval-batches needs a run directory (its validation data); a transformers "
+            "directory has none"
+        )
+    if not has_tokenizer(source):
+        raise ValueError(
+            f"calibration needs the tokenizer of {source}, and it holds none: save it next to "
+            "the model"
+        )
+    text = args.calibration_text
+    calibration = calibration_windows(source, args.calibration_tokens, seq_len, text)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    _, family = family_of(model)  # a model of no family is named before any work
+    model = family.prepare(model)  # its MoE layers as xmoe's, measured before the passes
+    before = model_size(model).expert_bytes
+    model = compress(model, passes, calibration, progress=not args.no_progress)
+    out = save_compressed(
+        model, args.out, passes=passes, force=args.force,
+        tokenizer=AutoTokenizer.from_pretrained(source),
+    )  # fmt: skip
+    _print_size(model, before, out)
+    return 0
+
+
+def _print_size(model, before: int, out: Path) -> None:
+    """The measured expert bytes before (``before``) and after, and the output's bytes on disk."""
+    from xmoe.compression import model_size
+
+    size = model_size(model, out)
+    print(
+        f"wrote {out}: expert bytes {before:,} -> {size.expert_bytes:,} resident "
+        f"({size.expert_bytes / before:.1%}); {size.disk_bytes:,} bytes on disk"
+    )
+
+
+def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
+    import torch
+
+    from xmoe.compression import compress, model_size
+    from xmoe.compression.saving import save_compressed_lm
+    from xmoe.training.trainer import load_token_data
+
+    model, config, meta = run.load_model()
+    seq_len = args.seq_len or config.seq_len
+    _check_sizes(args, seq_len)
     data = load_token_data(config, progress=not args.no_progress)
     train = data.train
     windows = min(args.calibration_tokens, len(train)) // seq_len
@@ -38,11 +108,7 @@ def compress_command(args: argparse.Namespace) -> int:
     out = save_compressed_lm(
         model, args.out, passes=passes, force=args.force, run_meta=meta, tokenizer_file=tokenizer
     )
-    size = model_size(model, out)
-    print(
-        f"wrote {out}: expert bytes {before:,} -> {size.expert_bytes:,} resident "
-        f"({size.expert_bytes / before:.1%}); {size.disk_bytes:,} bytes on disk"
-    )
+    _print_size(model, before, out)
     if quality is not None:
         after = _validation(model, config, data.val, args.eval_batches)
         for name, result in (("before", quality), ("after", after)):

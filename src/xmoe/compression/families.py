@@ -154,8 +154,10 @@ class LMFamily:
     def view(self, model: nn.Module) -> nn.Module:
         return model
 
-    def save(self, model: nn.Module, out: Path, *, passes: list, force: bool) -> Path:
-        return save_compressed_lm(model, out, passes=passes, force=force)
+    def save(self, model: nn.Module, out: Path, *, passes: list, force: bool, **extra) -> Path:
+        """:func:`~xmoe.compression.saving.save_compressed_lm` (``extra``: ``run_meta``,
+        ``tokenizer_file``)."""
+        return save_compressed_lm(model, out, passes=passes, force=force, **extra)
 
 
 @dataclass(frozen=True)
@@ -188,14 +190,19 @@ class TransformersFamily:
     def view(self, model: nn.Module) -> nn.Module:
         return CausalLMView(model)
 
-    def save(self, model: nn.Module, out: Path, *, passes: list, force: bool) -> Path:
-        """``model.save_pretrained`` into a staging folder put in place as ``out`` when complete,
-        the passes' structure and record in ``config.xmoe_compression``."""
+    def save(
+        self, model: nn.Module, out: Path, *, passes: list, force: bool, tokenizer: Any = None
+    ) -> Path:
+        """``model.save_pretrained`` (and ``tokenizer``'s, if given) into a staging folder put in
+        place as ``out`` when complete, the passes' structure and record in
+        ``config.xmoe_compression``."""
         check_model_target(out, force=force, what="compress target")
         layout = {"structure": structure(model), "passes": [[n, dict(o)] for n, o in passes]}
         setattr(model.config, SETTINGS_KEY, layout)
         with staged_model_directory(out, "xmoe compress") as staging:
             model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         return out
 
 
@@ -284,13 +291,14 @@ def register() -> None:
 
 
 def save_compressed(
-    model: nn.Module, out: str | os.PathLike, *, passes: list, force: bool = False
+    model: nn.Module, out: str | os.PathLike, *, passes: list, force: bool = False, **extra
 ) -> Path:
     """Write a model ``compress`` returned into the directory ``out``, as its family saves
     (staged, put in place only when complete); ``passes`` (``(name, options)`` applied) are
-    recorded. Returns the directory."""
+    recorded, ``extra`` goes to the family's ``save`` (a transformers family's ``tokenizer``;
+    a TransformerLM's ``run_meta`` and ``tokenizer_file``). Returns the directory."""
     _, family = family_of(model)
-    return family.save(model, Path(out), passes=passes, force=force)
+    return family.save(model, Path(out), passes=passes, force=force, **extra)
 
 
 def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, list]:
