@@ -151,7 +151,7 @@ def held_ffn_experts(
     if type(inner) is not FFNExperts:
         raise CompressionError(
             f"{pass_name}: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
-            f"(already quantized? {pass_name} before quantize)"
+            "(already quantized?): quantize last"
         )
     return inner, routed_E
 
