@@ -199,16 +199,14 @@ def reference_forward(
         aux = probs.sum() * 0.0
     elif config.router.startswith("deepseek"):
         aux = _deepseek_aux(config, probs, wanted)
+    elif config.router == "moepp" and set(roles) != {"ffn"}:
+        aux = _moepp_aux(config, probs, wanted, roles)
     else:
         top1 = [ranked[s][0] for s in range(num_tokens)]
         fraction = torch.tensor(
             [top1.count(e) / num_tokens for e in range(num_ranked)], dtype=probs.dtype
         )
-        # MoE++: zero-computation experts' terms weighted by tau
-        tau = config.router_options.tau if config.router == "moepp" else 1.0
-        eta = [1.0 if e >= num_experts or roles[e] == "ffn" else tau for e in range(num_ranked)]
-        eta = torch.tensor(eta, dtype=probs.dtype)
-        aux = config.aux_loss_coef * num_ranked * (eta * probs.mean(dim=0) * fraction).sum()
+        aux = config.aux_loss_coef * num_ranked * (probs.mean(dim=0) * fraction).sum()
     if sigmoid:
         aux = aux + config.router_options.sparsity_coef * probs.mean()
 
@@ -242,6 +240,24 @@ def _deepseek_aux(config: MoEConfig, probs: torch.Tensor, wanted: list[list[int]
             group_p = sum(mean_p[i] for i in members)
             aux = aux + options.device_balance_coef * group_f * group_p
     return aux
+
+
+def _moepp_aux(
+    config: MoEConfig, probs: torch.Tensor, wanted: list[list[int]], roles: tuple[str, ...]
+):
+    """MoE++'s heterogeneous balance loss as its paper writes it (Eq. 7): ``α Σ_i η_i f_i P_i``
+    with ``f_i = N/(kT) · #{t selects i}`` (kT: all selected pairs, before capacity),
+    ``P_i = mean_t p_{t,i}`` and η_i 1 for FFN experts, τ for zero-computation ones."""
+    num_experts = config.num_experts
+    pairs = [e for chosen in wanted for e in chosen]
+    mean_p = probs.mean(dim=0)
+    tau = config.router_options.tau
+    terms = []
+    for i in range(num_experts):
+        f_i = num_experts * pairs.count(i) / len(pairs)
+        eta_i = 1.0 if roles[i] == "ffn" else tau
+        terms.append(eta_i * f_i * mean_p[i])
+    return config.aux_loss_coef * sum(terms)
 
 
 def layer_params(layer: MoELayer, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:

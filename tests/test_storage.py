@@ -174,3 +174,16 @@ def test_disk_full_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch,
     line = _one_error_line(capsys)
     assert "No space left on device" in line and str(run / CHECKPOINT_NAME) in line
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_a_verified_json_record_reads_back_and_a_damaged_one_is_named(tmp_path):
+    from xmoe.storage import DamagedFileError, read_verified_json, write_verified_json
+
+    path = write_verified_json(tmp_path / "cell.json", {"ppl": 12.5, "bytes": 1000})
+    assert read_verified_json(path) == {"ppl": 12.5, "bytes": 1000}
+    path.write_text(path.read_text().replace("12.5", "11.5"))
+    with pytest.raises(DamagedFileError, match=r"cell.json is damaged \(the CRC-32"):
+        read_verified_json(path)
+    path.write_text('{"crc32": ')
+    with pytest.raises(DamagedFileError, match=r"cell.json is damaged"):
+        read_verified_json(path)

@@ -105,7 +105,9 @@ PASSES: Registry = Registry(
     "compression pass",
     {
         "merge": "xmoe.compression.merge",
+        "reduce": "xmoe.compression.reduce",
         "dynamic-prune": "xmoe.compression.dynamic_prune",
+        "residual": "xmoe.compression.residual",
         "quantize": "xmoe.compression.quantize",
         "prune": "xmoe.compression.prune",
     },

@@ -8,6 +8,8 @@
   load, naming the damaged tensor. The parser itself refuses a length that does not fit, and
   data offsets that do not tile the data exactly; an offset edited within those rules moves
   bytes from one tensor to another, which the CRC-32s catch.
+* :func:`write_verified_json` / :func:`read_verified_json` do the same for a JSON record (one
+  cell of a resumable grid) with a CRC-32 of its text.
 * :func:`sweep_stale_temporaries` removes temporary files whose writer process is gone.
 * :class:`DirectoryLock` gives one process at a time a directory (``flock``, released by the
   kernel when the holder dies, so a crash never leaves a stale lock).
@@ -264,6 +266,25 @@ def read_verified(
         raise DamagedFileError(f"{path}: tensors missing {missing}, unexpected {extra}")
     _check_tensors(path, tensors, digests)
     return tensors, metadata, True
+
+
+def write_verified_json(target: str | os.PathLike, record: dict) -> Path:
+    """``record`` as JSON with a CRC-32 of its text, written with :func:`atomic_write`."""
+    text = json.dumps(record, indent=1, sort_keys=True)
+    return atomic_write_text(target, json.dumps({"crc32": _text_crc32(text), "record": text}))
+
+
+def read_verified_json(path: str | os.PathLike) -> dict:
+    """The record :func:`write_verified_json` wrote; :class:`DamagedFileError` when the file
+    does not parse or its text does not match its CRC-32 (``FileNotFoundError`` when absent)."""
+    try:
+        stored = json.loads(Path(path).read_text())
+        text = stored["record"]
+        if stored["crc32"] != _text_crc32(text):
+            raise ValueError("the CRC-32 recorded when it was written does not match")
+        return json.loads(text)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise DamagedFileError(f"{path} is damaged ({error})") from None
 
 
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], digests: dict) -> None:

@@ -115,3 +115,49 @@ def test_compress_takes_a_transformers_directory_and_writes_one(tmp_path, capsys
     assert type(model).__name__ == "CompressedMixtralForCausalLM"
     prompt = AutoTokenizer.from_pretrained(out)("w1 w2 w3", return_tensors="pt").input_ids
     assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_reduce_calibrates_on_the_named_domain_of_the_run_data(run, tmp_path, capsys):
+    out = tmp_path / "reduced"
+    assert _compress(run, out, "reduce:groups=2,domain=synthetic") == 0
+    model, recorded = load_compressed(out)
+    assert recorded == [["reduce", {"groups": "2", "domain": "synthetic"}]]
+    assert model.moe_layers[0].experts.inner.num_experts == 2
+    assert _compress(run, tmp_path / "bad", "reduce:groups=2,domain=kjv") == 1
+    err = capsys.readouterr().err
+    assert "xmoe: error: reduce: domain='kjv' is invalid: the calibration data has domains" in err
+    assert "['synthetic']" in err and not (tmp_path / "bad").exists()
+
+
+def test_compress_grid_measures_a_given_run_and_writes_the_report(tmp_path, capsys, monkeypatch):
+    from xmoe.experiments import compression_report
+
+    run = tmp_path / "top2"
+    train(tiny_config(max_steps=1, preset="top2"), run, progress=False)  # reused as top-2
+    monkeypatch.setattr(compression_report, "plot_compression", lambda records, path: None)
+    out = tmp_path / "grid"
+    command = ["compress-grid", "--quick", "--runs", str(run), "--models", "top2", "--methods",
+               "merge", "--fractions", "0.5", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(command) == 0
+    assert f"wrote {out / 'docs' / 'compression.md'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "cells" / "top2").iterdir()) == [
+        "merge-groups4.json",
+        "uncompressed.json",
+    ]
+    assert main([*command, "--models", "xmoe-64"]) == 1
+    assert f"xmoe: error: runs: {run} is a run of 'top2', not one of models=('xmoe-64',)" in (
+        capsys.readouterr().err
+    )
+    unfinished = tmp_path / "unfinished"
+    train(tiny_config(max_steps=2, preset="top2"), unfinished, progress=False, stop_after=1)
+    assert main([*command[:3], str(unfinished), *command[4:]]) == 1
+    assert f"runs: {unfinished} is at step 1 of 2: finish its training first" in (
+        capsys.readouterr().err
+    )
+
+
+def test_compress_grid_names_a_bad_option(capsys):
+    assert main(["compress-grid", "--fractions", "0.5", "1.5"]) == 1
+    assert "xmoe: error: fractions=(0.5, 1.5) is invalid: give numbers in (0, 1)" in (
+        capsys.readouterr().err
+    )

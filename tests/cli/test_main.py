@@ -19,7 +19,7 @@ def test_help_lists_commands():
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     names = ("demo", "layer-demo", "train", "eval", "generate", "export", "sparsify",
-             "sparsify-grid", "compress", "reproduce")  # fmt: skip
+             "sparsify-grid", "compress", "compress-grid", "reproduce")  # fmt: skip
     assert tuple(commands.choices) == names
     assert "{" + ",".join(names) + "}" in parser.format_help()
 

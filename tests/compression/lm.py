@@ -33,3 +33,11 @@ def ids(batch: int = 4, length: int = 16, seed: int = 1) -> torch.Tensor:
 def logits_of(model: TransformerLM, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids).logits
+
+
+def greedy(model: TransformerLM, prompt: list[int], steps: int = 5) -> list[int]:
+    """``prompt`` extended by ``steps`` greedy tokens (full forward per token, no cache)."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(logits_of(model, torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens

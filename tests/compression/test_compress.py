@@ -19,7 +19,7 @@ from xmoe.registry import PASSES
 
 
 def test_every_pass_is_registered():
-    assert {"merge", "dynamic-prune", "quantize", "prune"} <= set(PASSES)
+    assert {"merge", "reduce", "residual", "dynamic-prune", "quantize", "prune"} <= set(PASSES)
 
 
 def test_pass_text_is_parsed():

@@ -23,6 +23,7 @@ from tests.compression.lm import ids, tiny_lm
 from xmoe.compression import CompressionError, compress, load_compressed, save_compressed
 from xmoe.compression.families import MoEBlock, compress_family
 from xmoe.compression.prune import PrunedRouter
+from xmoe.compression.residual import ResidualExperts
 from xmoe.hf.export import hf_model_from_lm
 from xmoe.registry import COMPRESS_FAMILIES
 
@@ -138,6 +139,22 @@ def test_prune_then_merge_to_fewer_groups_holds_the_groups_and_runs():
         assert experts.inner.num_experts == 2 and experts.inner.w1.shape[0] == 2
         assert set(experts.group_E.tolist()) <= {0, 1}
     assert torch.isfinite(logits(model, calibration)).all()
+
+
+def test_reduce_and_residual_compose_after_prune_on_a_transformers_family(tmp_path):
+    # both merged branches' passes on a family: reduce calibrates on its domain's windows, and
+    # residual compresses the FFN experts the pruned and reduced layers hold
+    passes = [("prune", {"experts": 2, "method": "magnitude"})]
+    passes += [("reduce", {"groups": 3, "domain": "a"})]
+    passes += [("residual", {"method": "prune", "keep": 0.5, "iterations": 2})]
+    domains = {"a": ids(seed=4), "b": ids(seed=5)}
+    model = compress(tiny("qwen3_moe"), passes, ids(seed=2), domains=domains)
+    for block in _blocks(model):
+        assert type(block.moe.experts.inner) is ResidualExperts
+        assert block.moe.experts.inner.num_experts == 3
+    loaded, _ = load_compressed(save_compressed(model, tmp_path / "out", passes=passes))
+    torch.testing.assert_close(logits(loaded, ids()), logits(model, ids()), rtol=0, atol=0)
+    assert torch.isfinite(logits(model, ids())).all()
 
 
 def _blocks(model):

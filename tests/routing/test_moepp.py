@@ -12,6 +12,7 @@ from xmoe import ConfigError, MoEConfig, MoELayer
 from xmoe.distributed.sharding import expert_parameter_names
 from xmoe.models import TransformerLM
 from xmoe.training.config import apply_overrides
+from xmoe.training.step import StepLoss, train_step
 
 from helpers import assert_engines_agree, compare_with_reference, hf_tiny_round_trip, make_layer
 from reference import _expert, layer_params
@@ -125,19 +126,75 @@ def test_flops_count_zero_and_copy_as_nothing_and_constant_as_order_d():
 
 def test_tau_weights_the_zero_computation_experts_in_the_balance_loss():
     """τ scales only the zero-computation experts' terms: the loss is linear in τ, and τ = 1
-    is the Switch loss."""
+    is the plain load balance loss over all k selections (DeepSeekMoE's expert-level one)."""
     x = torch.randn(40, 12, dtype=torch.float64)
     losses = {}
     for tau in (0.0, 0.5, 1.0):
         layer = make_layer(_pool_config(router_options={"tau": tau}), seed=1)
         losses[tau] = float(layer(x).aux_losses["balance"].detach())
-    switch = make_layer(_pool_config(router="topk"), seed=1)
+    plain = make_layer(_pool_config(router="deepseek"), seed=1)
     with torch.no_grad():
-        switch.router.weight.copy_(layer.router.weight)
-    switch_loss = float(switch(x).aux_losses["balance"].detach())
-    assert losses[1.0] == pytest.approx(switch_loss, rel=1e-12)
+        plain.router.weight.copy_(layer.router.weight)
+    plain_loss = float(plain(x).aux_losses["balance"].detach())
+    assert losses[1.0] == pytest.approx(plain_loss, rel=1e-12)
     assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-12)
     assert losses[0.0] < losses[1.0]
+
+
+def test_balance_loss_is_eq7_over_every_selected_pair():
+    """MoE++'s Eq. 7 token by token in float64: ``α Σ_i η_i f_i P_i`` with f_i counting all k
+    selections of every token (E/(kS) per pair: 1 when uniform), not only the top-1 choice;
+    a pair dropped by capacity still counts, so the loss is the same with and without it."""
+    tau, coef = 0.3, 0.7
+    fields = dict(top_k=3, aux_loss_coef=coef, router_options={"tau": tau})
+    x = torch.randn(13, 12, dtype=torch.float64)
+    losses = {}
+    for capacity_factor in (0.5, None):
+        layer = make_layer(_pool_config(**fields, capacity_factor=capacity_factor), seed=4)
+        routed = layer.route(x)
+        assert routed.pairs.kept_SK.all() == (capacity_factor is None)  # 0.5 drops pairs
+        losses[capacity_factor] = float(routed.losses["balance"].detach())
+    probs = routed.probs_SE.detach()
+    roles = layer.config.expert_options.roles(8)
+    counts = [0] * 8
+    for s in range(13):
+        for e in sorted(range(8), key=lambda e, s=s: (-float(probs[s, e]), e))[:3]:
+            counts[e] += 1
+    want = coef * sum(
+        (1.0 if roles[e] == "ffn" else tau) * (8 * counts[e] / (3 * 13)) * float(probs[:, e].mean())
+        for e in range(8)
+    )
+    assert losses[None] == pytest.approx(want, rel=1e-12)
+    assert losses[0.5] == pytest.approx(want, rel=1e-12)
+
+
+def _zero_computation_share(tau: float, steps: int = 30) -> float:
+    """Share of fresh tokens' (token, expert) pairs, all k = 2 per token, that go to
+    zero-computation experts, after ``steps`` seeded Adam steps (the trainer's step) of a pool
+    of 8 FFN + 4 zero-computation experts (MoE++'s 0.6B/(8+4)E) whose router fits the
+    heterogeneous balance loss alone."""
+    config = _pool_config(num_experts=12, aux_loss_coef=1.0, router_options={"tau": tau})
+    layer = make_layer(config, seed=0, router_std=0.3)
+    optimizer = torch.optim.Adam(layer.router.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(64, 12, dtype=torch.float64, generator=generator)
+        train_step(layer, optimizer, [x], lambda x: StepLoss(layer(x).aux_loss))
+    x = torch.randn(512, 12, dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        expert_idx_SK = layer.route(x).pairs.selection.expert_idx_SK
+    return float((expert_idx_SK >= 8).double().mean())
+
+
+def test_a_smaller_tau_sends_more_tokens_to_zero_computation_experts():
+    """τ's defining property (MoE++ §3.3: "a smaller τ means that more tokens are assigned to
+    the zero-computation experts"): the balance loss settles where η_e·f_e is equal, so the
+    zero-computation experts take N_ZC / (τ·N_FFN + N_ZC) of all (token, expert) pairs, the
+    paper's Table 1 ratio: 2/3 at τ = 1/4, 1/3 at τ = 1 (measured 0.69 and 0.33; seeds 1-3
+    gave up to 0.72 and 0.39)."""
+    shares = {tau: _zero_computation_share(tau) for tau in (0.25, 1.0)}
+    assert shares[0.25] == pytest.approx(4 / (0.25 * 8 + 4), abs=0.08)
+    assert shares[1.0] == pytest.approx(4 / (1.0 * 8 + 4), abs=0.08)
 
 
 def test_bad_options_are_named():

@@ -50,6 +50,15 @@ def test_rows_are_registered_routers_at_equal_expert_weights():
         ReproduceSettings(suite="nope")
 
 
+def test_the_moepp_row_is_the_papers_setting():
+    """MoE++ renormalises each token's top-k weights (a zero expert's share goes to the
+    token's other experts) beside top-2's 16 FFN experts and the 7B model's 4 cheap ones."""
+    moe = row_config("moepp", "tiny").model.moe
+    assert (moe.router, moe.experts, moe.top_k, moe.renormalize) == ("moepp", "moepp", 2, True)
+    roles = moe.expert_options.roles(moe.num_experts)
+    assert roles.count("ffn") == 16 and roles[16:] == ("constant", "constant", "copy", "zero")
+
+
 def test_a_registered_router_without_a_row_gets_one(monkeypatch):
     class Newcomer(ROUTERS["topk"]):
         """A router no row of the suite knows."""

@@ -2,15 +2,42 @@
 :data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete)
 that ``xmoe eval`` and ``xmoe generate`` read like the run; or a transformers model directory of
 a compression family (:data:`xmoe.registry.COMPRESS_FAMILIES`), written as a transformers
-directory that ``from_pretrained`` loads."""
+directory that ``from_pretrained`` loads. And ``xmoe compress-grid``: the compression table
+(``docs/results/compression.md``), its options from
+:class:`~xmoe.experiments.compression_grid.CompressionGridSettings`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import replace
 from pathlib import Path
+
+from xmoe.cli.options import from_options
 
 HF_SEQ_LEN = 256
 """Calibration window length for a transformers directory when ``--seq-len`` is not given."""
+
+GRID_EXCLUDE = ("command",)
+"""CompressionGridSettings fields that are no option: the CLI records the command line itself."""
+
+QUICK = {"calibration_tokens": 512, "eval_batches": 2}
+"""``--quick``: tiny models, and calibration and evaluation to match (minutes, not hours)."""
+
+
+def compress_grid_command(args: argparse.Namespace) -> int:
+    from xmoe.experiments.compression_grid import CompressionGridSettings
+    from xmoe.experiments.compression_report import compression_table
+
+    recorded = {"command": "xmoe " + " ".join(sys.argv[1:])} if sys.argv[1:] else {}
+    settings = from_options(CompressionGridSettings, args, exclude=GRID_EXCLUDE, **recorded)
+    if settings.quick:  # into its own folders unless told, so it never touches the real table
+        out = Path(args.out or "runs/compression-grid-quick")
+        given = {name: getattr(settings, name) for name in QUICK if getattr(args, name) is not None}
+        docs = Path(args.docs) if args.docs else out / "docs"
+        settings = replace(settings, **(QUICK | given), out=out, docs=docs)
+    print(f"wrote {compression_table(settings)} (and compression.png beside it)")
+    return 0
 
 
 def compress_command(args: argparse.Namespace) -> int:
@@ -87,8 +114,6 @@ def _print_size(model, before: int, out: Path) -> None:
 
 
 def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
-    import torch
-
     from xmoe.compression import compress, model_size
     from xmoe.compression.saving import save_compressed_lm
     from xmoe.training.trainer import load_token_data
@@ -97,12 +122,16 @@ def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
     seq_len = args.seq_len or config.seq_len
     _check_sizes(args, seq_len)
     data = load_token_data(config, progress=not args.no_progress)
-    train = data.train
-    windows = min(args.calibration_tokens, len(train)) // seq_len
-    calibration = train[: windows * seq_len].astype("int64").reshape(windows, seq_len)
+    calibration = _windows(data.train, args.calibration_tokens, seq_len)
+    # a pass with a domain option (reduce) calibrates on that domain's first windows alone
+    domains = {
+        name: _windows(data.train[start:end], args.calibration_tokens, seq_len)
+        for name, (start, end) in (data.train_domains or {}).items()
+        if end - start >= seq_len
+    }
     before = model_size(model).expert_bytes
     quality = _validation(model, config, data.val, args.eval_batches)
-    model = compress(model, passes, torch.from_numpy(calibration), progress=not args.no_progress)
+    model = compress(model, passes, calibration, domains=domains, progress=not args.no_progress)
     # the run's record and tokenizer go along: xmoe eval and xmoe generate read the output
     tokenizer = run.tokenizer_path if run.tokenizer_path.is_file() else None
     out = save_compressed_lm(
@@ -118,6 +147,15 @@ def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
                 f"{result.moe_flops_per_token / 1e6:.3f}"
             )
     return 0
+
+
+def _windows(tokens, count: int, seq_len: int):
+    """(B, seq_len) int64 tensor: the first ``count`` of ``tokens`` (fewer if there are fewer)
+    in whole windows."""
+    import torch
+
+    windows = min(count, len(tokens)) // seq_len
+    return torch.from_numpy(tokens[: windows * seq_len].astype("int64").reshape(windows, seq_len))
 
 
 def _validation(model, config, tokens, batches: int):

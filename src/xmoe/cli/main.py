@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from xmoe.cli.compress import compress_command
+from xmoe.cli.compress import GRID_EXCLUDE as COMPRESS_GRID_EXCLUDE
+from xmoe.cli.compress import compress_command, compress_grid_command
 from xmoe.cli.experiments import demo_command, layer_demo_command, reproduce_command
 from xmoe.cli.options import CommandParser
 from xmoe.cli.sparsify import GRID_EXCLUDE, sparsify_command, sparsify_grid_command
@@ -165,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     squeeze.add_argument("--no-progress", action="store_true")
     squeeze.set_defaults(func=compress_command)
+
+    table = commands.add_parser(
+        "compress-grid",
+        help="every compression pass at 75/50/25%% of the expert bytes; write "
+        "docs/results/compression.md",
+        description="Compress the LM reproduction's xmoe-64 and top-2 models (trained here unless "
+        "--runs gives them) with every registered pass and its naive baselines at each target "
+        "share of the expert bytes (resumable, one cell at a time), and write the report.",
+    )
+    table.options_from(
+        "xmoe.experiments.compression_grid:CompressionGridSettings", exclude=COMPRESS_GRID_EXCLUDE
+    )
+    table.set_defaults(func=compress_grid_command)
 
     repro = commands.add_parser(
         "reproduce", help="train the paper's family (or every router) over seeds; write the table"

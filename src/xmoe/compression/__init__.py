@@ -1,7 +1,8 @@
 """Post-training compression of a trained MoE LM's experts: passes from
-:data:`xmoe.registry.PASSES` (``merge``, ``dynamic-prune``, ``quantize``, ``prune``) applied in
-sequence, to a model of a family in :data:`xmoe.registry.COMPRESS_FAMILIES` (an xmoe
-``TransformerLM``, or transformers' XMoE, Mixtral, Qwen3-MoE and OLMoE causal LMs).
+:data:`xmoe.registry.PASSES` (``merge``, ``reduce``, ``residual``, ``dynamic-prune``,
+``quantize``, ``prune``) applied in sequence, to a model of a family in
+:data:`xmoe.registry.COMPRESS_FAMILIES` (an xmoe ``TransformerLM``, or transformers' XMoE,
+Mixtral, Qwen3-MoE and OLMoE causal LMs).
 
 ``compress(model, [("merge", {"groups": 4}), ("quantize", {"bits": 3})], calibration)``
 returns the compressed model (a TransformerLM changed in place; a transformers model as its
@@ -45,13 +46,15 @@ def compress(
     passes: Sequence[PassSpec],
     calibration: torch.Tensor,
     *,
+    domains: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> nn.Module:
     """Apply ``passes`` to ``model`` (of a family in :data:`~xmoe.registry.COMPRESS_FAMILIES`)
     in order, given ``calibration`` (B, T) token ids; returns the compressed model in eval mode
     (a TransformerLM changed in place; a transformers model as its family's compressed class, a
-    compressed one as it is, so that compress calls compose). Every pass's options are checked
-    before the first one runs."""
+    compressed one as it is, so that compress calls compose). A pass with a ``domain`` option
+    (``reduce``) calibrates on ``domains[domain]`` (B, T) alone: the windows of one corpus
+    domain. Every pass's options are checked before the first one runs."""
     from xmoe.compression.families import family_of
 
     _, family = family_of(model)
@@ -63,12 +66,29 @@ def compress(
         if name not in PASSES:
             raise CompressionError(f"unknown compression pass {name!r}; registered: {list(PASSES)}")
         entry = PASSES[name]
-        resolved.append((entry, entry.Options.parse(name, dict(options))))
+        parsed = entry.Options.parse(name, dict(options))
+        resolved.append((entry, parsed, _calibration_of(name, parsed, calibration, domains or {})))
     model.eval()
     view = family.view(model)  # called as a TransformerLM; its MoE layers are the model's
-    for entry, options in tqdm(resolved, desc="compress", disable=not progress):
-        view = entry.apply(view, options, calibration)
+    for entry, options, windows in tqdm(resolved, desc="compress", disable=not progress):
+        view = entry.apply(view, options, windows)
     return model
+
+
+def _calibration_of(
+    name: str, options: Any, calibration: torch.Tensor, domains: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """The windows pass ``name`` calibrates on: its ``domain``'s, if it has that option."""
+    domain = getattr(options, "domain", None)
+    if domain is None:
+        return calibration
+    if domain not in domains:
+        raise CompressionError(
+            f"{name}: domain={domain!r} is invalid: the calibration data has domains "
+            f"{sorted(domains)}"
+        )
+    check_calibration(domains[domain])
+    return domains[domain]
 
 
 _LAZY = {name: "xmoe.compression.families" for name in ("load_compressed", "save_compressed")}

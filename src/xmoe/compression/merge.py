@@ -13,6 +13,7 @@ H d_expert, F the first layer's width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -29,6 +30,7 @@ from xmoe.compression.base import (
 from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan
 from xmoe.experts import ExpertKind, FFNExperts
+from xmoe.layer import MoELayer
 from xmoe.registry import PASSES
 
 
@@ -88,6 +90,9 @@ class MergeOptions(PassOptions):
     seed: of the random grouping (plus the layer's index).
     """
 
+    pass_name: ClassVar[str] = "merge"
+    """The pass the errors name (a pass that merges too, ``reduce``, sets its own)."""
+
     groups: int
     grouping: str = "router"
     weighting: str = "usage"
@@ -97,7 +102,7 @@ class MergeOptions(PassOptions):
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise CompressionError(
-                f"merge: groups={self.groups!r} is invalid: it must be an integer >= 1"
+                f"{self.pass_name}: groups={self.groups!r} is invalid: it must be an integer >= 1"
             )
         for name, allowed in (
             ("grouping", ("router", "random")),
@@ -105,12 +110,17 @@ class MergeOptions(PassOptions):
         ):
             if getattr(self, name) not in allowed:
                 raise CompressionError(
-                    f"merge: {name}={getattr(self, name)!r} is invalid: it must be one of {allowed}"
+                    f"{self.pass_name}: {name}={getattr(self, name)!r} is invalid: it must be "
+                    f"one of {allowed}"
                 )
         if not isinstance(self.align, bool):
-            raise CompressionError(f"merge: align={self.align!r} is invalid: it must be a bool")
+            raise CompressionError(
+                f"{self.pass_name}: align={self.align!r} is invalid: it must be a bool"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise CompressionError(f"merge: seed={self.seed!r} is invalid: it must be an integer")
+            raise CompressionError(
+                f"{self.pass_name}: seed={self.seed!r} is invalid: it must be an integer"
+            )
 
 
 @PASSES.register("merge")
@@ -123,9 +133,11 @@ class Merge(CompressionPass):
     @torch.no_grad()
     def apply(cls, model: nn.Module, options: MergeOptions, calibration: torch.Tensor):
         layers = moe_layers(model)
-        targets = [held_ffn_experts("merge", i, layer.experts) for i, layer in enumerate(layers)]
+        targets = [
+            ffn_experts_of(options.pass_name, i, layer.experts) for i, layer in enumerate(layers)
+        ]
         for index, (experts, _) in enumerate(targets):
-            _check_groups(index, experts.num_experts, options.groups)
+            _check_groups(options.pass_name, index, experts.num_experts, options.groups)
         routing = collect_routing(model, calibration)
         for index, (layer, (experts, routed_E), stats) in enumerate(
             zip(layers, targets, routing, strict=True)
@@ -139,11 +151,12 @@ class Merge(CompressionPass):
         return model
 
 
-def held_ffn_experts(
+def ffn_experts_of(
     pass_name: str, index: int, experts: ExpertKind
 ) -> tuple[FFNExperts, torch.Tensor]:
-    """The FFN experts a layer holds (a merged or pruned layer's inner ones) and the (E,) map
-    from its routed experts to them."""
+    """The FFN experts MoE layer ``index`` holds (a merged or pruned layer's inner ones), which
+    every pass that rewrites experts compresses, and the (E,) map from its routed experts to
+    them; experts already quantized or residual-compressed are refused."""
     if isinstance(experts, MergedExperts):
         inner, routed_E = experts.inner, experts.group_E.cpu()
     else:
@@ -151,9 +164,17 @@ def held_ffn_experts(
     if type(inner) is not FFNExperts:
         raise CompressionError(
             f"{pass_name}: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
-            "(already quantized?): quantize last"
+            "(already quantized or residual-compressed?): quantize and residual go last"
         )
     return inner, routed_E
+
+
+def replace_inner(layer: MoELayer, experts: ExpertKind) -> None:
+    """Put ``experts`` in place of the FFN experts :func:`ffn_experts_of` gave for ``layer``."""
+    if isinstance(layer.experts, MergedExperts):
+        layer.experts.inner = experts
+    else:
+        layer.experts = experts
 
 
 def held_routing(stats: LayerRouting, routed_E: torch.Tensor, held: int) -> LayerRouting:
@@ -172,10 +193,10 @@ def held_routing(stats: LayerRouting, routed_E: torch.Tensor, held: int) -> Laye
     return LayerRouting(stats.logits_SE.double() @ share_EH, counts, mass)
 
 
-def _check_groups(index: int, held: int, groups: int) -> None:
+def _check_groups(pass_name: str, index: int, held: int, groups: int) -> None:
     if groups > held:
         raise CompressionError(
-            f"merge: groups={groups} is more than MoE layer {index}'s num_experts={held}"
+            f"{pass_name}: groups={groups} is more than MoE layer {index}'s num_experts={held}"
         )
 
 

@@ -31,7 +31,7 @@ from xmoe.compression.base import (
     collect_routing,
     moe_layers,
 )
-from xmoe.compression.merge import MergedExperts, held_ffn_experts
+from xmoe.compression.merge import ffn_experts_of, replace_inner
 from xmoe.config import MoEConfig
 from xmoe.dispatch import DispatchPlan
 from xmoe.experts import ExpertKind, FFNExperts
@@ -279,7 +279,7 @@ class Quantize(CompressionPass):
     @torch.no_grad()
     def apply(cls, model: nn.Module, options: QuantizeOptions, calibration: torch.Tensor):
         layers = moe_layers(model)
-        targets = [held_ffn_experts("quantize", i, layer.experts) for i, layer in enumerate(layers)]
+        targets = [ffn_experts_of("quantize", i, layer.experts) for i, layer in enumerate(layers)]
         routing = collect_routing(model, calibration)
         usage, cost, size = [], [], []
         for (experts, group_E), stats in zip(targets, routing, strict=True):
@@ -309,9 +309,5 @@ class Quantize(CompressionPass):
             quantized = QuantizedExperts(
                 experts.config, experts.num_experts, chosen, options.group_size, experts.w1.dtype
             ).to(experts.w1.device)
-            quantized.load_from(experts)
-            if isinstance(layer.experts, MergedExperts):
-                layer.experts.inner = quantized
-            else:
-                layer.experts = quantized
+            replace_inner(layer, quantized.load_from(experts))
         return model

@@ -24,6 +24,7 @@ from xmoe.compression.dynamic_prune import DynamicPruneRouter
 from xmoe.compression.merge import MergedExperts
 from xmoe.compression.prune import PrunedRouter
 from xmoe.compression.quantize import QuantizedExperts
+from xmoe.compression.residual import ResidualExperts
 from xmoe.config import MoEConfig
 from xmoe.experts import ExpertKind, FFNExperts
 from xmoe.models import ModelConfig, TransformerLM
@@ -52,6 +53,9 @@ def experts_spec(experts: ExpertKind) -> dict[str, Any]:
     if isinstance(experts, QuantizedExperts):
         return {"kind": "quantized", "bits": experts.bits, "group_size": experts.group_size,
                 "num_experts": experts.num_experts}  # fmt: skip
+    if isinstance(experts, ResidualExperts):
+        return {"kind": "residual", "num_experts": experts.num_experts, "method": experts.method,
+                "sizes": experts.sizes, "barycentre": experts.barycentre}  # fmt: skip
     if type(experts) is FFNExperts:
         return {"kind": "ffn", "num_experts": experts.num_experts}
     raise ValueError(f"cannot save experts of kind {type(experts).__name__}")
@@ -64,6 +68,10 @@ def build_experts(config: MoEConfig, spec: dict[str, Any]) -> ExpertKind:
         return MergedExperts(config, build_experts(config, spec["inner"]))
     if kind == "quantized":
         return QuantizedExperts(config, spec["num_experts"], spec["bits"], spec["group_size"])
+    if kind == "residual":
+        return ResidualExperts(
+            config, spec["num_experts"], spec["method"], spec["sizes"], spec["barycentre"]
+        )
     if kind == "ffn":
         return FFNExperts(config, spec["num_experts"])
     raise ValueError(f"unknown compressed experts kind {kind!r}")

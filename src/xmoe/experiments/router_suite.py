@@ -57,6 +57,7 @@ ROWS: dict[str, Callable[[Model], MoEConfig]] = {
         experts="moepp",
         num_experts=_top2(model).num_experts + 4,
         expert_options={},
+        renormalize=True,  # MoE++ always renormalises its top-k weights
     ),
     "recurrent": _routed(_top2, "recurrent"),
     "recurrent_threshold": _routed(
@@ -71,8 +72,9 @@ ROWS: dict[str, Callable[[Model], MoEConfig]] = {
 }
 """Row name -> its MoE layer at a paper's default (AdaMoE: k raised to 3 with m = n/2 null
 experts; MoE++: top-2's 16 FFN experts plus its 7B model's 2 constant, 1 copy and 1 zero
-expert; THOR: dropless, as one expert takes a whole batch; expert choice: top-2's capacity
-factor 2, so C = 2S/E; the rest their options' defaults)."""
+expert, top-k weights renormalised as MoE++ does; THOR: dropless, as one expert takes a whole
+batch; expert choice: top-2's capacity factor 2, so C = 2S/E; the rest their options'
+defaults)."""
 
 COMBINATIONS = ("threshold+shared", "threshold+null")
 """Rows no paper ran: XMoE's threshold rule with shared experts, and with null experts."""

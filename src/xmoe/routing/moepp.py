@@ -9,8 +9,9 @@ The router of a pool with zero-computation experts (``MoEConfig.experts="moepp"`
   the first MoE layer has none;
 * top-k over the softmax of ``z_l``; a zero expert's combine weight is 0 (with
   ``renormalize``, as MoE++ routes, the token's other experts share its weight);
-* heterogeneous balance loss: the Switch loss with each expert's term weighted by η_e,
-  1 for FFN experts and τ for zero-computation ones (τ < 1 lets more tokens reach them).
+* heterogeneous balance loss (the paper's Eq. 7): ``Σ_e η_e f_e P_e`` over every selected
+  (token, expert) pair, η_e 1 for FFN experts and τ for zero-computation ones (τ < 1 lets
+  more tokens reach them).
 
 Without zero-computation experts and with G = 0 it is the top-k router exactly.
 """
@@ -30,7 +31,7 @@ from torch import nn
 from xmoe.config import _is_number, _require, _require_bool
 from xmoe.flops import router_flops
 from xmoe.registry import ROUTERS
-from xmoe.routing.pairs import expert_counts
+from xmoe.routing.deepseek import expert_balance_loss, expert_fraction
 from xmoe.routing.selection import Selection
 from xmoe.routing.topk import TopKOptions, TopKRouter
 
@@ -64,13 +65,19 @@ class MoEPPRouterOptions(TopKOptions):
 
 
 def heterogeneous_balance_loss(
-    probs_SE: torch.Tensor, top1_expert_S: torch.Tensor, eta_E: torch.Tensor
+    probs_SE: torch.Tensor, fraction_E: torch.Tensor, eta_E: torch.Tensor
 ) -> torch.Tensor:
-    """``E · Σ_e η_e · mean_s p[s, e] · mean_s 1[top1(s) = e]``: the Switch balance loss
-    (:func:`~xmoe.routing.switch_balance_loss`) with expert e's term weighted by ``eta_E[e]``."""
-    num_tokens, num_experts = probs_SE.shape
-    fraction_E = expert_counts(top1_expert_S, num_experts).to(probs_SE.dtype) / num_tokens
-    return num_experts * (eta_E * probs_SE.mean(dim=0) * fraction_E).sum()
+    """MoE++'s heterogeneous balance loss (its Eq. 7) ``Σ_e η_e · f_e · P_e``, without the
+    coefficient: ``P_e = mean_s p[s, e]``, ``eta_E[e]`` the weight η_e of expert e's term.
+
+    ``fraction_E`` is :func:`~xmoe.routing.deepseek.expert_fraction`, Eq. 7's
+    ``f_e = E/(kS) · #{(s, j): token s selects e}``: every one of the k selections of every
+    token counts, so a uniform load gives f_e = 1 (not only the top-1 choice, as in the Switch
+    loss). Pairs are counted as selected, before capacity: a pair dropped by capacity still
+    counts, as in the paper's f_e ("token selects expert") and its released code, which routes
+    dropless. With every η_e = 1 it is DeepSeekMoE's expert-level balance loss.
+    """
+    return expert_balance_loss(probs_SE, eta_E * fraction_E)
 
 
 def role_runs(roles: tuple[str, ...], wanted: Callable[[str], bool]) -> list[tuple[int, int]]:
@@ -149,11 +156,15 @@ class MoEPPRouter(TopKRouter):
 
     def losses(self, probs_SE: torch.Tensor, selection: Selection) -> dict[str, torch.Tensor]:
         losses = super().losses(probs_SE, selection)
-        if self.zero_computation_runs and self.options.tau != 1:
-            eta_E = probs_SE.new_ones(self.config.num_experts)
+        # without zero-computation experts the top-k router's loss is kept (MoE++ reduces to
+        # top-k); with them Eq. 7 holds for every τ, 1 included, so the loss is continuous in τ
+        if self.zero_computation_runs:
+            num_experts = self.config.num_experts
+            eta_E = probs_SE.new_ones(num_experts)
             for start, stop in self.zero_computation_runs:
                 eta_E[start:stop] = self.options.tau
-            loss = heterogeneous_balance_loss(probs_SE, selection.top1_expert_S, eta_E)
+            fraction_E = expert_fraction(selection, num_experts, probs_SE.dtype)
+            loss = heterogeneous_balance_loss(probs_SE, fraction_E, eta_E)
             losses["balance"] = self.config.aux_loss_coef * loss
         return losses
 

@@ -86,9 +86,12 @@ class THORRouter(Router):
         """Nothing to initialise."""
 
     def logits(self, x_SD: torch.Tensor) -> torch.Tensor:
-        """(S, E) zeros: every expert is equally likely."""
-        num_experts = self.config.num_experts
-        return x_SD.new_zeros(x_SD.shape[0], num_experts, dtype=router_dtype(x_SD.dtype))
+        """(S, E) zeros: every expert is equally likely. They are a sum over none of ``x_SD``'s
+        features, so they stay on x's autograd graph as a learned router's logits do: the
+        layer's zero aux loss then carries the graph even when no token reaches the layer (its
+        output is empty then, and a backward through both alone would find no graph)."""
+        zeros_S1 = x_SD[:, :0].to(router_dtype(x_SD.dtype)).sum(dim=1, keepdim=True)
+        return zeros_S1.expand(-1, self.config.num_experts)
 
     def select(self, probs_SE: torch.Tensor) -> Selection:
         num_tokens, num_experts = probs_SE.shape
