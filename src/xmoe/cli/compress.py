@@ -115,6 +115,7 @@ def _print_size(model, before: int, out: Path) -> None:
 
 def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
     from xmoe.compression import compress, model_size
+    from xmoe.compression.calibration import corpus_calibration
     from xmoe.compression.saving import save_compressed_lm
     from xmoe.training.trainer import load_token_data
 
@@ -122,16 +123,14 @@ def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
     seq_len = args.seq_len or config.seq_len
     _check_sizes(args, seq_len)
     data = load_token_data(config, progress=not args.no_progress)
-    calibration = _windows(data.train, args.calibration_tokens, seq_len)
-    # a pass with a domain option (reduce) calibrates on that domain's first windows alone
-    domains = {
-        name: _windows(data.train[start:end], args.calibration_tokens, seq_len)
-        for name, (start, end) in (data.train_domains or {}).items()
-        if end - start >= seq_len
-    }
+    calibration = corpus_calibration(
+        data.train, data.train_domains, args.calibration_tokens, seq_len
+    )
     before = model_size(model).expert_bytes
     quality = _validation(model, config, data.val, args.eval_batches)
-    model = compress(model, passes, calibration, domains=domains, progress=not args.no_progress)
+    model = compress(
+        model, passes, calibration.mixed, domains=calibration.domains, progress=not args.no_progress
+    )
     # the run's record and tokenizer go along: xmoe eval and xmoe generate read the output
     tokenizer = run.tokenizer_path if run.tokenizer_path.is_file() else None
     out = save_compressed_lm(
@@ -147,15 +146,6 @@ def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
                 f"{result.moe_flops_per_token / 1e6:.3f}"
             )
     return 0
-
-
-def _windows(tokens, count: int, seq_len: int):
-    """(B, seq_len) int64 tensor: the first ``count`` of ``tokens`` (fewer if there are fewer)
-    in whole windows."""
-    import torch
-
-    windows = min(count, len(tokens)) // seq_len
-    return torch.from_numpy(tokens[: windows * seq_len].astype("int64").reshape(windows, seq_len))
 
 
 def _validation(model, config, tokens, batches: int):
