@@ -75,6 +75,19 @@ def test_eval_and_generate_read_the_compressed_run(run, tmp_path, capsys):
     assert printed == [str(i) for i in expected]
 
 
+def test_export_refuses_a_compressed_run_and_names_the_compressed_transformers_path(
+    run, tmp_path, capsys
+):
+    out = tmp_path / "small"
+    assert _compress(run, out, "dynamic-prune:beta=0.9") == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert f"xmoe: error: {out} is xmoe compress's output: an XMoE config cannot describe" in err
+    assert "xmoe export RUN --out DIR, then xmoe compress DIR" in err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_compressed_model_without_its_run_record_is_no_run(tmp_path, capsys):
     from tests.compression.lm import tiny_lm
     from xmoe.compression import save_compressed
