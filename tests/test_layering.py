@@ -78,6 +78,8 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("training", "storage"): "verified checkpoints, atomic run files and the run's lock",
     ("distributed", "training"): "distributed/training.py runs the trainer on each rank with "
     "expert-parallel hooks; training never imports distributed",
+    ("compression", "hf"): "a compressed XMoE transformers model subclasses XMoEForCausalLM "
+    "and loads verified like it (compression sits beside conversion, which imports hf)",
     ("xmoe", "hf"): "import xmoe installs hf.autoregister's post-import hook, which registers "
     "with transformers when transformers loads; it imports no transformers itself",
 }

@@ -115,3 +115,14 @@ PASSES: Registry = Registry(
 """Post-training compression passes by the name ``xmoe compress --pass NAME:...`` gives
 (``xmoe.compression.base.CompressionPass`` subclasses), applied in sequence by
 ``xmoe.compression.compress``."""
+
+COMPRESS_FAMILIES: Registry = Registry(
+    "compression family",
+    {
+        name: "xmoe.compression.families"
+        for name in ("xmoe_lm", "xmoe", "mixtral", "qwen3_moe", "olmoe")
+    },
+)
+"""The models ``xmoe.compression.compress`` acts on: ``xmoe_lm`` (an xmoe ``TransformerLM``) and
+transformers causal-LM families by ``config.model_type`` (``xmoe.compression.families``
+entries: how the passes see the model's MoE layers, and how its compressed form is saved)."""

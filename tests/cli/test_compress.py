@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.training.test_rundir import tiny_config
 from xmoe.cli.main import main
@@ -50,6 +51,83 @@ def test_bad_passes_and_targets_are_one_line_errors(run, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     assert _compress(run, out, "dynamic-prune:beta=0.3") == 1
     assert f"compress target {out} is not empty" in capsys.readouterr().err
+
+
+def test_eval_and_generate_read_the_compressed_run(run, tmp_path, capsys):
+    from xmoe.compression import compress
+    from xmoe.hf.generation import sample
+    from xmoe.training.rundir import RunDir
+
+    out = tmp_path / "small"
+    # neither pass depends on the calibration tokens: the same passes in memory are the same model
+    passes = ("quantize:bits=4,group_size=32,allocation=uniform", "dynamic-prune:beta=0.9")
+    assert _compress(run, out, *passes) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--batches", "1", "--no-progress"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    prompt = ["--prompt", "1 2 3", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(["generate", str(out), *prompt]) == 0
+    printed = capsys.readouterr().out.split()
+    lm = RunDir(run).load_model()[0]
+    specs = [("quantize", {"bits": 4, "group_size": 32, "allocation": "uniform"})]
+    lm = compress(lm, [*specs, ("dynamic-prune", {"beta": 0.9})], torch.zeros(1, 2).long())
+    expected, _ = sample(lm, [1, 2, 3], max_new_tokens=5, temperature=0.0)
+    assert printed == [str(i) for i in expected]
+
+
+def test_export_refuses_a_compressed_run_and_names_the_compressed_transformers_path(
+    run, tmp_path, capsys
+):
+    out = tmp_path / "small"
+    assert _compress(run, out, "dynamic-prune:beta=0.9") == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert f"xmoe: error: {out} is xmoe compress's output: an XMoE config cannot describe" in err
+    assert "xmoe export RUN --out DIR, then xmoe compress DIR" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_compressed_model_without_its_run_record_is_no_run(tmp_path, capsys):
+    from tests.compression.lm import tiny_lm
+    from xmoe.compression import save_compressed
+
+    out = save_compressed(tiny_lm(), tmp_path / "bare", passes=[])
+    assert main(["eval", str(out), "--no-progress"]) == 1
+    assert "compressed without its run's record" in capsys.readouterr().err
+
+
+def _word_tokenizer():
+    """A 32-word whitespace tokenizer made here (no download), as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0} | {f"w{i}": i + 1 for i in range(31)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
+def test_compress_takes_a_transformers_directory_and_writes_one(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.compression.test_families import tiny
+
+    source, out, text = tmp_path / "mixtral", tmp_path / "small", tmp_path / "text.txt"
+    tiny("mixtral").save_pretrained(source)
+    _word_tokenizer().save_pretrained(source)
+    text.write_text(" ".join(f"w{(7 * i) % 31}" for i in range(400)))
+    command = ["compress", str(source), "--out", str(out), "--no-progress", "--seq-len", "16"]
+    command += ["--calibration-tokens", "64", "--calibration-text", str(text)]
+    passes = ["--pass", "prune:experts=2,method=magnitude", "--pass", "merge:groups=3"]
+    assert main([*command, *passes, "--eval-batches", "1"]) == 1
+    assert "--eval-batches needs a run directory" in capsys.readouterr().err
+    assert main([*command, *passes]) == 0
+    assert f"wrote {out}: expert bytes" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "CompressedMixtralForCausalLM"
+    prompt = AutoTokenizer.from_pretrained(out)("w1 w2 w3", return_tensors="pt").input_ids
+    assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
 def test_reduce_calibrates_on_the_named_domain_of_the_run_data(run, tmp_path, capsys):

@@ -49,6 +49,24 @@ def test_a_removed_expert_is_never_selected_by_any_router(router):
     assert busiest not in chosen.tolist() and len(chosen) > 0
 
 
+def test_kept_experts_whose_full_softmax_underflows_still_share_the_weight():
+    # expert 0's logit beats every other by ~1e5: the full softmax gives the others exactly 0
+    model = tiny_lm()
+    (router, _) = wrap_routers(model, 1)
+    x = torch.ones(4, 16, dtype=torch.float64)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[0] = 1e4
+        router.weight[5, 0] = 1.0  # expert 5 leads among the others by logit 1
+    assert bool((router.inner(x).probs_SE[:, 1:] == 0).all())
+    router.alive_E[0] = False
+    output = router(x)
+    assert bool(torch.isfinite(output.probs_SE).all())
+    torch.testing.assert_close(output.probs_SE.sum(dim=-1), torch.ones(4, dtype=torch.float64))
+    assert output.probs_SE[0, 0] == 0 and output.selection.top1_expert_S.tolist() == [5] * 4
+    assert bool(torch.isfinite(output.selection.weight_SK).all())
+
+
 def test_bad_prune_budgets_and_order_are_named():
     with pytest.raises(CompressionError, match="method='oracle' is invalid"):
         compress(tiny_lm(), [("prune", {"experts": 1, "method": "oracle"})], ids())

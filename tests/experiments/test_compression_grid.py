@@ -8,8 +8,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from xmoe.data import TokenData
 from xmoe.experiments import compression_grid, compression_report
 from xmoe.experiments.compression_grid import (
     METHODS,
@@ -192,6 +194,18 @@ RECORDS = [
     _record("top2", "merge", (0.5,), 23.0, 500),
     _record("top2", "quantize", (0.25,), 22.1, 240),
 ]
+
+
+def test_the_grid_calibrates_on_every_training_domain_and_reduce_on_its_own(tmp_path):
+    # token i at position i; the training tokens lie domain after domain, as the corpus's do
+    spans = {"kjv": (0, 3000), "shakespeare": (3000, 4096)}
+    tokens = np.arange(4096, dtype=np.uint16)
+    data = TokenData(tokens, tokens, 4096, val_domains=spans, train_domains=spans)
+    settings = _settings(tmp_path)
+    grid = CompressionGrid(None, model_config("top2", settings), data, settings)
+    starts = grid.calibration[:, 0]
+    assert bool((starts < 3000).any()) and bool((starts >= 3000).any())  # not kjv alone
+    assert int(grid.domains["kjv"].max()) < 3000 <= int(grid.domains["shakespeare"].min())
 
 
 def test_the_report_states_each_target_with_its_numbers_and_verdict(tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
 """``xmoe compress``: a trained run's experts merged, pruned or quantised by passes from
-:data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete);
-and ``xmoe compress-grid``: the compression table (``docs/results/compression.md``), its options
-from :class:`~xmoe.experiments.compression_grid.CompressionGridSettings`."""
+:data:`xmoe.registry.PASSES`, written to a new directory (staged, put in place when complete)
+that ``xmoe eval`` and ``xmoe generate`` read like the run; or a transformers model directory of
+a compression family (:data:`xmoe.registry.COMPRESS_FAMILIES`), written as a transformers
+directory that ``from_pretrained`` loads. And ``xmoe compress-grid``: the compression table
+(``docs/results/compression.md``), its options from
+:class:`~xmoe.experiments.compression_grid.CompressionGridSettings`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from xmoe.cli.options import from_options
+
+HF_SEQ_LEN = 256
+"""Calibration window length for a transformers directory when ``--seq-len`` is not given."""
 
 GRID_EXCLUDE = ("command",)
 """CompressionGridSettings fields that are no option: the CLI records the command line itself."""
@@ -35,13 +41,21 @@ def compress_grid_command(args: argparse.Namespace) -> int:
 
 
 def compress_command(args: argparse.Namespace) -> int:
-    from xmoe.compression import compress, model_size, parse_pass, save_compressed
+    from xmoe.compression import parse_pass
     from xmoe.training.rundir import RunDir
-    from xmoe.training.trainer import load_token_data
 
     passes = [parse_pass(text) for text in args.passes]
-    model, config, _ = RunDir(args.run).load_model()
-    seq_len = args.seq_len or config.seq_len
+    run = RunDir(args.run)
+    if not run.has_checkpoint and (run.path / "config.json").is_file():
+        return _compress_transformers(args, passes)
+    if args.calibration_text is not None:
+        raise ValueError(
+            "--calibration-text is for transformers directories: a run calibrates on its corpus"
+        )
+    return _compress_run(args, passes, run)
+
+
+def _check_sizes(args: argparse.Namespace, seq_len: int) -> None:
     if args.calibration_tokens < seq_len:
         raise ValueError(
             f"--calibration-tokens={args.calibration_tokens} is invalid: it must be at least "
@@ -49,23 +63,80 @@ def compress_command(args: argparse.Namespace) -> int:
         )
     if args.eval_batches < 0:
         raise ValueError(f"--eval-batches={args.eval_batches} is invalid: it must be >= 0")
-    data = load_token_data(config, progress=not args.no_progress)
-    calibration = _windows(data.train, args.calibration_tokens, seq_len)
-    # a pass with a domain option (reduce) calibrates on that domain's first windows alone
-    domains = {
-        name: _windows(data.train[start:end], args.calibration_tokens, seq_len)
-        for name, (start, end) in (data.train_domains or {}).items()
-        if end - start >= seq_len
-    }
+
+
+def _compress_transformers(args: argparse.Namespace, passes: list) -> int:
+    """A transformers directory compressed, calibrated on ``--calibration-text`` (else the
+    project's corpus) in its own tokenizer; its tokenizer goes along."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xmoe.compression import compress, model_size, save_compressed
+    from xmoe.compression.families import family_of
+    from xmoe.conversion.pipeline import calibration_windows, has_tokenizer
+
+    source = Path(args.run)
+    seq_len = args.seq_len or HF_SEQ_LEN
+    _check_sizes(args, seq_len)
+    if args.eval_batches:
+        raise ValueError(
+            "--eval-batches needs a run directory (its validation data); a transformers "
+            "directory has none"
+        )
+    if not has_tokenizer(source):
+        raise ValueError(
+            f"calibration needs the tokenizer of {source}, and it holds none: save it next to "
+            "the model"
+        )
+    text = args.calibration_text
+    calibration = calibration_windows(source, args.calibration_tokens, seq_len, text)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    _, family = family_of(model)  # a model of no family is named before any work
+    model = family.prepare(model)  # its MoE layers as xmoe's, measured before the passes
     before = model_size(model).expert_bytes
-    quality = _validation(model, config, data.val, args.eval_batches)
-    model = compress(model, passes, calibration, domains=domains, progress=not args.no_progress)
-    out = save_compressed(model, args.out, passes=passes, force=args.force)
+    model = compress(model, passes, calibration, progress=not args.no_progress)
+    out = save_compressed(
+        model, args.out, passes=passes, force=args.force,
+        tokenizer=AutoTokenizer.from_pretrained(source),
+    )  # fmt: skip
+    _print_size(model, before, out)
+    return 0
+
+
+def _print_size(model, before: int, out: Path) -> None:
+    """The measured expert bytes before (``before``) and after, and the output's bytes on disk."""
+    from xmoe.compression import model_size
+
     size = model_size(model, out)
     print(
         f"wrote {out}: expert bytes {before:,} -> {size.expert_bytes:,} resident "
         f"({size.expert_bytes / before:.1%}); {size.disk_bytes:,} bytes on disk"
     )
+
+
+def _compress_run(args: argparse.Namespace, passes: list, run) -> int:
+    from xmoe.compression import compress, model_size
+    from xmoe.compression.calibration import corpus_calibration
+    from xmoe.compression.saving import save_compressed_lm
+    from xmoe.training.trainer import load_token_data
+
+    model, config, meta = run.load_model()
+    seq_len = args.seq_len or config.seq_len
+    _check_sizes(args, seq_len)
+    data = load_token_data(config, progress=not args.no_progress)
+    calibration = corpus_calibration(
+        data.train, data.train_domains, args.calibration_tokens, seq_len
+    )
+    before = model_size(model).expert_bytes
+    quality = _validation(model, config, data.val, args.eval_batches)
+    model = compress(
+        model, passes, calibration.mixed, domains=calibration.domains, progress=not args.no_progress
+    )
+    # the run's record and tokenizer go along: xmoe eval and xmoe generate read the output
+    tokenizer = run.tokenizer_path if run.tokenizer_path.is_file() else None
+    out = save_compressed_lm(
+        model, args.out, passes=passes, force=args.force, run_meta=meta, tokenizer_file=tokenizer
+    )
+    _print_size(model, before, out)
     if quality is not None:
         after = _validation(model, config, data.val, args.eval_batches)
         for name, result in (("before", quality), ("after", after)):
@@ -75,15 +146,6 @@ def compress_command(args: argparse.Namespace) -> int:
                 f"{result.moe_flops_per_token / 1e6:.3f}"
             )
     return 0
-
-
-def _windows(tokens, count: int, seq_len: int):
-    """(B, seq_len) int64 tensor: the first ``count`` of ``tokens`` (fewer if there are fewer)
-    in whole windows."""
-    import torch
-
-    windows = min(count, len(tokens)) // seq_len
-    return torch.from_numpy(tokens[: windows * seq_len].astype("int64").reshape(windows, seq_len))
 
 
 def _validation(model, config, tokens, batches: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from xmoe.compression.saving import is_compressed_run
 from xmoe.hf.export import export_model
 from xmoe.storage import check_model_target
 from xmoe.training.rundir import RunDir
@@ -23,8 +24,17 @@ def export_run(
 
     ``out_dir`` defaults to the run directory itself. Refuses a file as target, a non-empty
     directory other than the run's own unless ``force`` (:func:`~xmoe.hf.export.export_model`),
-    and a tokenizer that is not the one the checkpoint records (never exported without it).
+    and a tokenizer that is not the one the checkpoint records (never exported without it),
+    and a compressed run (``xmoe compress``'s output: the compressed transformers directory is
+    ``xmoe compress`` of the export).
     """
+    if is_compressed_run(run):
+        raise ValueError(
+            f"{run} is xmoe compress's output: an XMoE config cannot describe its compressed "
+            "layers, so it is not exported; for a compressed transformers directory, compress "
+            "the export instead: xmoe export RUN --out DIR, then xmoe compress DIR --pass ... "
+            "--out OUT (OUT loads with AutoModelForCausalLM)"
+        )
     run = RunDir(run)
     out = run.path if out_dir is None else Path(out_dir)
     own = out.resolve() == run.path.resolve()

@@ -132,11 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     squeeze = commands.add_parser(
         "compress",
-        help="merge, prune or quantise a trained run's experts (passes in sequence)",
+        help="merge, prune or quantise a trained MoE's experts (passes in sequence)",
         description="Apply compression passes to RUN's experts in order and write the "
         "compressed model to --out.",
     )
-    squeeze.add_argument("run", help="run directory or checkpoint file")
+    squeeze.add_argument(
+        "run", help="run directory, checkpoint file, or transformers directory (Mixtral, ...)"
+    )
     squeeze.add_argument(
         "--pass",
         dest="passes",
@@ -148,7 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--out", required=True, help="output directory")
     squeeze.add_argument("--force", action="store_true", help="write into a non-empty --out")
     squeeze.add_argument("--calibration-tokens", type=int, default=8192, help="tokens (8192)")
-    squeeze.add_argument("--seq-len", type=int, default=None, help="window (the run's seq_len)")
+    squeeze.add_argument(
+        "--seq-len", type=int, default=None,
+        help="window (the run's seq_len; 256 for a transformers directory)",
+    )  # fmt: skip
+    squeeze.add_argument(
+        "--calibration-text", default=None,
+        help="transformers directory: a text file (default: the Shakespeare+KJV corpus)",
+    )  # fmt: skip
     squeeze.add_argument(
         "--eval-batches",
         type=int,

@@ -1,10 +1,23 @@
 """The commands that read a trained run: ``xmoe eval`` (validation perplexity and expert use),
-``xmoe generate`` (sampled text) and ``xmoe export`` (a transformers directory)."""
+``xmoe generate`` (sampled text) and ``xmoe export`` (a transformers directory). Eval and
+generate also read what ``xmoe compress`` wrote from a run."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def load_trained(path: str | os.PathLike):
+    """``(TransformerLM in eval mode, TrainConfig, checkpoint record)`` of a run directory or
+    checkpoint file, or of a compressed run directory (``xmoe compress``'s output)."""
+    from xmoe.compression.saving import is_compressed_run, load_compressed_run
+    from xmoe.training.rundir import RunDir
+
+    if is_compressed_run(path):
+        return load_compressed_run(path)
+    return RunDir(path).load_model()
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -13,7 +26,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from xmoe.training.trainer import load_token_data
 
     run = RunDir(args.checkpoint)
-    model, config, meta = run.load_model()
+    model, config, meta = load_trained(args.checkpoint)
     tokenizer = run.load_tokenizer()
     run.check_tokenizer(tokenizer, meta, config.model.vocab_size)
     if args.threshold is not None:
@@ -42,10 +55,14 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def generate_command(args: argparse.Namespace) -> int:
     from xmoe.hf.generation import generate_text
-    from xmoe.training.text import load_text_model
+    from xmoe.training.rundir import RunDir
+    from xmoe.training.text import TextCodec
 
+    model, config, meta = load_trained(args.checkpoint)
+    codec = TextCodec(RunDir(args.checkpoint), config.model.vocab_size, meta)
     text, stats = generate_text(
-        *load_text_model(args.checkpoint),
+        model,
+        codec,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -1,14 +1,19 @@
 """Post-training compression of a trained MoE LM's experts: passes from
 :data:`xmoe.registry.PASSES` (``merge``, ``reduce``, ``residual``, ``dynamic-prune``,
-``quantize``, ``prune``) applied in sequence.
+``quantize``, ``prune``) applied in sequence, to a model of a family in
+:data:`xmoe.registry.COMPRESS_FAMILIES` (an xmoe ``TransformerLM``, or transformers' XMoE,
+Mixtral, Qwen3-MoE and OLMoE causal LMs).
 
 ``compress(model, [("merge", {"groups": 4}), ("quantize", {"bits": 3})], calibration)``
-changes ``model`` in place and returns it; :func:`save_compressed` / :func:`load_compressed`
-write and read it, and :func:`model_size` measures it.
+returns the compressed model (a TransformerLM changed in place; a transformers model as its
+family's compressed class); :func:`save_compressed` / :func:`load_compressed` write and read
+it as its family does, and :func:`model_size` measures it. The families (and transformers) load
+on first use (PEP 562), so reading a compressed run directory stays light.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xmoe.compression.base import CompressionError, check_calibration, moe_layers
-from xmoe.compression.saving import load_compressed, save_compressed
 from xmoe.compression.size import ModelSize, model_size
 from xmoe.registry import PASSES
 
@@ -45,10 +49,16 @@ def compress(
     domains: Mapping[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> nn.Module:
-    """Apply ``passes`` to ``model`` (an xmoe ``TransformerLM``) in order, in place, given
-    ``calibration`` (B, T) token ids; returns the model in eval mode. A pass with a ``domain``
-    option (``reduce``) calibrates on ``domains[domain]`` (B, T) alone: the windows of one corpus
+    """Apply ``passes`` to ``model`` (of a family in :data:`~xmoe.registry.COMPRESS_FAMILIES`)
+    in order, given ``calibration`` (B, T) token ids; returns the compressed model in eval mode
+    (a TransformerLM changed in place; a transformers model as its family's compressed class, a
+    compressed one as it is, so that compress calls compose). A pass with a ``domain`` option
+    (``reduce``) calibrates on ``domains[domain]`` (B, T) alone: the windows of one corpus
     domain. Every pass's options are checked before the first one runs."""
+    from xmoe.compression.families import family_of
+
+    _, family = family_of(model)
+    model = family.prepare(model)
     moe_layers(model)
     check_calibration(calibration)
     resolved = []
@@ -59,8 +69,9 @@ def compress(
         parsed = entry.Options.parse(name, dict(options))
         resolved.append((entry, parsed, _calibration_of(name, parsed, calibration, domains or {})))
     model.eval()
+    view = family.view(model)  # called as a TransformerLM; its MoE layers are the model's
     for entry, options, windows in tqdm(resolved, desc="compress", disable=not progress):
-        model = entry.apply(model, options, windows)
+        view = entry.apply(view, options, windows)
     return model
 
 
@@ -78,6 +89,17 @@ def _calibration_of(
         )
     check_calibration(domains[domain])
     return domains[domain]
+
+
+_LAZY = {name: "xmoe.compression.families" for name in ("load_compressed", "save_compressed")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'xmoe.compression' has no attribute {name!r}")
 
 
 __all__ = [

@@ -133,29 +133,70 @@ class Merge(CompressionPass):
     @torch.no_grad()
     def apply(cls, model: nn.Module, options: MergeOptions, calibration: torch.Tensor):
         layers = moe_layers(model)
-        for index, layer in enumerate(layers):
-            _check_mergeable(index, layer, options)
+        targets = [
+            ffn_experts_of(options.pass_name, i, layer.experts) for i, layer in enumerate(layers)
+        ]
+        for index, (experts, _) in enumerate(targets):
+            _check_groups(options.pass_name, index, experts.num_experts, options.groups)
         routing = collect_routing(model, calibration)
-        for index, (layer, stats) in enumerate(zip(layers, routing, strict=True)):
+        for index, (layer, (experts, routed_E), stats) in enumerate(
+            zip(layers, targets, routing, strict=True)
+        ):
+            held = held_routing(stats, routed_E, experts.num_experts)
             if options.grouping == "router":
-                group_E = group_experts(stats, options.groups)
+                group_E = group_experts(held, options.groups)
             else:
-                group_E = random_groups(len(stats.counts_E), options.groups, options.seed + index)
-            layer.experts = merged_experts(layer.experts, stats, group_E, options)
+                group_E = random_groups(experts.num_experts, options.groups, options.seed + index)
+            layer.experts = merged_experts(experts, held, group_E, options, routed_E)
         return model
 
 
-def _check_mergeable(index: int, layer: MoELayer, options: MergeOptions) -> None:
-    groups = options.groups
-    if type(layer.experts) is not FFNExperts:
+def ffn_experts_of(
+    pass_name: str, index: int, experts: ExpertKind
+) -> tuple[FFNExperts, torch.Tensor]:
+    """The FFN experts MoE layer ``index`` holds (a merged or pruned layer's inner ones), which
+    every pass that rewrites experts compresses, and the (E,) map from its routed experts to
+    them; experts already quantized or residual-compressed are refused."""
+    if isinstance(experts, MergedExperts):
+        inner, routed_E = experts.inner, experts.group_E.cpu()
+    else:
+        inner, routed_E = experts, torch.arange(experts.num_experts)
+    if type(inner) is not FFNExperts:
         raise CompressionError(
-            f"{options.pass_name}: MoE layer {index} holds {type(layer.experts).__name__}, "
-            "not FFN experts; merge before any pass that replaces the experts"
+            f"{pass_name}: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
+            "(already quantized or residual-compressed?): quantize and residual go last"
         )
-    if groups > layer.config.num_experts:
+    return inner, routed_E
+
+
+def replace_inner(layer: MoELayer, experts: ExpertKind) -> None:
+    """Put ``experts`` in place of the FFN experts :func:`ffn_experts_of` gave for ``layer``."""
+    if isinstance(layer.experts, MergedExperts):
+        layer.experts.inner = experts
+    else:
+        layer.experts = experts
+
+
+def held_routing(stats: LayerRouting, routed_E: torch.Tensor, held: int) -> LayerRouting:
+    """``stats`` of the E routed experts as the ``held`` experts they map to (``routed_E``):
+    counts and mass summed, and each held expert's logit column the mass-weighted mean of its
+    routed experts' (a pruned expert, never selected, weighs nothing; plain mean if none was)."""
+    if torch.equal(routed_E, torch.arange(held)):
+        return stats
+    counts = torch.zeros(held, dtype=stats.counts_E.dtype).index_add_(0, routed_E, stats.counts_E)
+    mass = torch.zeros(held, dtype=stats.mass_E.dtype).index_add_(0, routed_E, stats.mass_E)
+    member_EH = torch.nn.functional.one_hot(routed_E, held).double()
+    share_EH = member_EH * stats.mass_E[:, None]
+    unused = share_EH.sum(dim=0) == 0
+    share_EH[:, unused] = member_EH[:, unused]
+    share_EH = share_EH / share_EH.sum(dim=0)
+    return LayerRouting(stats.logits_SE.double() @ share_EH, counts, mass)
+
+
+def _check_groups(pass_name: str, index: int, held: int, groups: int) -> None:
+    if groups > held:
         raise CompressionError(
-            f"{options.pass_name}: groups={groups} is more than MoE layer {index}'s "
-            f"num_experts={layer.config.num_experts}"
+            f"{pass_name}: groups={groups} is more than MoE layer {index}'s num_experts={held}"
         )
 
 
@@ -213,11 +254,16 @@ def alignment(reference_HX: torch.Tensor, other_HX: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def merged_experts(
-    experts: FFNExperts, stats: LayerRouting, group_E: torch.Tensor, options: MergeOptions
+    experts: FFNExperts,
+    stats: LayerRouting,
+    group_E: torch.Tensor,
+    options: MergeOptions,
+    routed_E: torch.Tensor | None = None,
 ) -> MergedExperts:
     """The merged experts of ``experts`` in the groups ``group_E`` (E,): each group's members
     aligned to its most used member (with ``options.align``) and averaged, weighted by usage
-    (uniformly where no member was used, or with ``weighting="uniform"``)."""
+    (uniformly where no member was used, or with ``weighting="uniform"``). ``routed_E`` maps the
+    layer's routed experts to ``experts`` when they differ (a pruned layer's kept experts)."""
     groups = options.groups
     w1, b1, w2, b2 = (None if t is None else t.detach() for t in experts.weights().tensors())
     inner = FFNExperts(experts.config, groups).to(w1.device, w1.dtype)
@@ -245,33 +291,8 @@ def merged_experts(
                     s * parts[slot] for s, parts in zip(share, aligned, strict=True)
                 )
     module = MergedExperts(experts.config, inner).to(w1.device)
-    module.group_E.copy_(group_E)
+    module.group_E.copy_(group_E if routed_E is None else group_E[routed_E])
     return module
-
-
-def ffn_experts_of(
-    pass_name: str, index: int, experts: ExpertKind
-) -> tuple[FFNExperts, torch.Tensor]:
-    """The FFN experts a pass compresses in MoE layer ``index`` (a merged layer's inner ones)
-    and the (E,) map from routed experts to them; experts already compressed are refused."""
-    if isinstance(experts, MergedExperts):
-        inner, group_E = experts.inner, experts.group_E.cpu()
-    else:
-        inner, group_E = experts, torch.arange(experts.num_experts)
-    if type(inner) is not FFNExperts:
-        raise CompressionError(
-            f"{pass_name}: MoE layer {index} holds {type(inner).__name__}, not FFN experts "
-            "(already quantized or residual-compressed?)"
-        )
-    return inner, group_E
-
-
-def replace_inner(layer: MoELayer, experts: ExpertKind) -> None:
-    """Put ``experts`` in place of the FFN experts :func:`ffn_experts_of` gave for ``layer``."""
-    if isinstance(layer.experts, MergedExperts):
-        layer.experts.inner = experts
-    else:
-        layer.experts = experts
 
 
 def group_dominant(stats: LayerRouting, members: list[int]) -> int:

@@ -36,9 +36,9 @@ from xmoe.routing.base import Router, RouterOutput
 
 class PrunedRouter(RouterWrapper):
     """A router that never selects the experts ``alive_E`` marks removed: their probabilities
-    are zeroed before the wrapped router's selection rule, and a softmax's renormalised over
-    the others (as if the removed experts had never been; independent gates such as sigmoid
-    ones stay as they are). Ranked columns beyond E (null experts) stay. It adds no training
+    are zeroed before the wrapped router's selection rule, and a softmax is taken over the
+    others' logits alone (as if the removed experts had never been; independent gates such as
+    sigmoid ones stay as they are). Ranked columns beyond E (null experts) stay. It adds no training
     losses (a pruned model is for inference). Buffer: ``alive_E`` (E,) bool."""
 
     def __init__(self, inner: nn.Module, num_experts: int) -> None:
@@ -47,12 +47,21 @@ class PrunedRouter(RouterWrapper):
         self.renormalize = type(inner).probabilities is Router.probabilities  # a softmax
 
     def forward(self, x_SD: torch.Tensor, state: torch.Tensor | None = None) -> RouterOutput:
-        probs_SL, next_state = self.inner.probabilities_and_state(x_SD, state)
-        extra = probs_SL.shape[1] - self.alive_E.shape[0]  # null experts, never pruned
-        probs_SL = probs_SL * torch.cat([self.alive_E, self.alive_E.new_ones(extra)])
         if self.renormalize:
-            probs_SL = probs_SL / probs_SL.sum(dim=-1, keepdim=True)
+            # a softmax over the kept logits alone: renormalising the full softmax's kept
+            # probabilities would divide 0 by 0 where every one of them underflows to 0
+            logits_SL, next_state = self.inner.logits_and_state(x_SD, state)
+            probs_SL = logits_SL.masked_fill(~self._alive_L(logits_SL), -torch.inf).softmax(-1)
+        else:
+            probs_SL, next_state = self.inner.probabilities_and_state(x_SD, state)
+            probs_SL = probs_SL * self._alive_L(probs_SL)
         return RouterOutput(probs_SL, self.inner.select(probs_SL), {}, next_state)
+
+    def _alive_L(self, columns_SL: torch.Tensor) -> torch.Tensor:
+        """(L,) bool: ``alive_E``, and True for the ranked columns beyond E (null experts,
+        never pruned)."""
+        extra = columns_SL.shape[1] - self.alive_E.shape[0]
+        return torch.cat([self.alive_E, self.alive_E.new_ones(extra)])
 
 
 @dataclass(frozen=True)

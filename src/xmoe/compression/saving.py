@@ -1,6 +1,8 @@
 """A compressed model's directory: its weights (packed codes included) in one verified
 safetensors file, with the model config and the structure each pass left in every MoE layer,
-from which :func:`load_compressed` rebuilds the model before loading the weights.
+from which :func:`load_compressed_lm` rebuilds the model before loading the weights. Given the
+run's checkpoint record and tokenizer, it also carries them, so ``xmoe eval`` and ``xmoe
+generate`` read it as they read the run (:func:`load_compressed_run`).
 
 Written into a staging folder and put in place only when complete
 (:func:`xmoe.storage.staged_model_directory`), like ``xmoe export`` and ``xmoe sparsify``.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,22 @@ from xmoe.compression.residual import ResidualExperts
 from xmoe.config import MoEConfig
 from xmoe.experts import ExpertKind, FFNExperts
 from xmoe.models import ModelConfig, TransformerLM
-from xmoe.storage import check_model_target, read_verified, save_verified, staged_model_directory
+from xmoe.storage import (
+    check_model_target,
+    read_verified,
+    save_verified,
+    staged_model_directory,
+)
+from xmoe.training.config import TrainConfig
+from xmoe.training.rundir import TOKENIZER_NAME
 
 WEIGHTS_NAME = "model.compressed.safetensors"
 """The weights file of a compressed model's directory (a weight file to
 :func:`xmoe.storage.is_weight_file`, so it is moved last into an existing directory)."""
+
+RUN_META_KEY = "run_meta"
+"""Metadata key of the checkpoint record (``train_config``, tokenizer digests, step) of the run
+a compressed model came from."""
 
 
 def experts_spec(experts: ExpertKind) -> dict[str, Any]:
@@ -108,11 +122,19 @@ def rebuild(model: nn.Module, layout: list[dict[str, Any]]) -> nn.Module:
     return model
 
 
-def save_compressed(
-    model: TransformerLM, out: str | os.PathLike, *, passes: list, force: bool = False
+def save_compressed_lm(
+    model: TransformerLM,
+    out: str | os.PathLike,
+    *,
+    passes: list,
+    force: bool = False,
+    run_meta: dict[str, Any] | None = None,
+    tokenizer_file: Path | None = None,
 ) -> Path:
     """Write ``model`` as a compressed model directory ``out`` (staged, then put in place);
-    ``passes`` (the ``(name, options)`` applied) are recorded. Returns the directory."""
+    ``passes`` (the ``(name, options)`` applied) are recorded, and so are the checkpoint record
+    ``run_meta`` of the run it came from and a copy of its ``tokenizer_file``, if given.
+    Returns the directory."""
     out = Path(out)
     check_model_target(out, force=force, what="compress target")
     metadata = {
@@ -121,18 +143,50 @@ def save_compressed(
         "structure": json.dumps(structure(model)),
         "passes": json.dumps([[name, dict(options)] for name, options in passes]),
     }
+    if run_meta is not None:
+        metadata[RUN_META_KEY] = json.dumps(run_meta)
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     with staged_model_directory(out, "xmoe compress") as staging:
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, staging / TOKENIZER_NAME)  # staged: no partial file
         save_verified(staging / WEIGHTS_NAME, tensors, metadata)
     return out
 
 
-def load_compressed(path: str | os.PathLike) -> tuple[TransformerLM, list]:
-    """``(model in eval mode, passes recorded)`` of a directory :func:`save_compressed` wrote;
-    its weights are verified."""
+def _read(path: str | os.PathLike) -> tuple[TransformerLM, dict[str, str]]:
     tensors, metadata, _ = read_verified(Path(path) / WEIGHTS_NAME)
     config = ModelConfig.from_dict(json.loads(metadata["model_config"]))
     model = rebuild(TransformerLM(config), json.loads(metadata["structure"]))
     model.to(getattr(torch, metadata["dtype"]))  # the floating tensors; packed codes stay uint8
     model.load_state_dict(tensors)
-    return model.eval(), json.loads(metadata["passes"])
+    return model.eval(), metadata
+
+
+def load_compressed_lm(path: str | os.PathLike) -> tuple[TransformerLM, list]:
+    """``(model in eval mode, passes recorded)`` of a directory :func:`save_compressed_lm`
+    wrote; its weights are verified."""
+    model, metadata = _read(path)
+    return model, json.loads(metadata["passes"])
+
+
+def is_compressed_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory :func:`save_compressed_lm` wrote."""
+    return (Path(path) / WEIGHTS_NAME).is_file()
+
+
+def load_compressed_run(path: str | os.PathLike) -> tuple[TransformerLM, TrainConfig, dict]:
+    """``(model in eval mode, TrainConfig, checkpoint record)`` of a compressed run directory,
+    as :meth:`~xmoe.training.rundir.RunDir.load_model` gives them for a run (its tokenizer, if
+    the run had one, is beside the weights).
+
+    Raises:
+        ValueError: the directory was written without the run's record (``run_meta``).
+    """
+    model, metadata = _read(path)
+    if RUN_META_KEY not in metadata:
+        raise ValueError(
+            f"{path} was compressed without its run's record: it cannot be evaluated as a run "
+            "(load it with xmoe.compression.load_compressed)"
+        )
+    meta = json.loads(metadata[RUN_META_KEY])
+    return model, TrainConfig.from_dict(meta["train_config"]), meta

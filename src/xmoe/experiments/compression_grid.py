@@ -27,13 +27,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from xmoe.compression import CompressionError, compress, model_size, save_compressed
 from xmoe.compression.base import moe_layers
+from xmoe.compression.calibration import CALIBRATION_SCHEME, corpus_calibration, domain_parts
 from xmoe.data import TokenData
 from xmoe.experiments.grid import FAMILY, ReproduceSettings, run_config
 from xmoe.registry import PASSES
@@ -349,19 +348,6 @@ def plan_cells(
     return list(cells.values()), notes
 
 
-def windows(tokens: np.ndarray, count: int, seq_len: int) -> torch.Tensor:
-    """(B, seq_len) int64: the first ``count`` tokens (at least one window) cut into windows."""
-    rows = max(1, min(count, len(tokens)) // seq_len)
-    return torch.from_numpy(tokens[: rows * seq_len].astype("int64").reshape(rows, seq_len))
-
-
-def domain_parts(tokens: np.ndarray, spans: dict | None) -> dict[str, np.ndarray]:
-    """One corpus domain's tokens per domain (all of ``tokens`` as ``"all"`` without spans)."""
-    return {name: tokens[start:end] for name, (start, end) in (spans or {}).items()} or {
-        "all": tokens
-    }
-
-
 class CompressionGrid:
     """Measures the cells of one model, each cached as ``<out>/cells/<model>/<cell>.json``."""
 
@@ -374,15 +360,13 @@ class CompressionGrid:
     ) -> None:
         self.model, self.config, self.settings = model, config, settings
         seq, count = config.seq_len, settings.calibration_tokens
-        self.calibration = windows(data.train, count, seq)
-        self.domains = {
-            name: windows(part, count, seq)
-            for name, part in domain_parts(data.train, data.train_domains).items()
-        }
+        calibration = corpus_calibration(data.train, data.train_domains, count, seq)
+        self.calibration, self.domains = calibration.mixed, calibration.domains
         self.validation = domain_parts(data.val, data.val_domains)
         self.key = {
             "train_config": config.to_dict(),
             "calibration_tokens": count,
+            "calibration": CALIBRATION_SCHEME,
             "eval_batches": settings.eval_batches,
         }
         """What a cached cell was measured under: a cell measured under another is redone."""

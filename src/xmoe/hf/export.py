@@ -6,6 +6,7 @@ the model (``RunDir.load_model()``) and hands it here (:func:`xmoe.cli.export.ex
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -22,10 +23,13 @@ HF_TOKENIZER_NAME = "tokenizer.json"
 
 
 def hf_model_from_lm(lm: TransformerLM) -> XMoEForCausalLM:
-    """The :class:`XMoEForCausalLM` (eval mode) holding a :class:`TransformerLM`'s weights,
-    built from what ``lm`` holds now (:meth:`~xmoe.models.TransformerLM.live_config`)."""
+    """The :class:`XMoEForCausalLM` (eval mode) holding a copy of a :class:`TransformerLM`,
+    configured from what ``lm`` holds now (:meth:`~xmoe.models.TransformerLM.live_config`), in
+    the model's dtype. The copy keeps ``lm``'s modules as they are, so a compressed lm (merged
+    or quantised experts, wrapped routers) generates too, where its weights would not fit the
+    layers a config builds."""
     model = XMoEForCausalLM(XMoEConfig.from_model_config(lm.live_config()))
-    model.model.lm.load_state_dict(lm.state_dict())
+    model.model.lm = copy.deepcopy(lm).to(model.dtype)
     return model.eval()
 
 
