@@ -173,6 +173,55 @@ def test_wina_scores_and_masked_forward_match_a_hand_computed_reference(sites):
     assert bool((mlp.scale_gate_up == 1).all()) and bool((mlp.scale_down == 1).all())
 
 
+def _straight_through_reference(mlp: NeuronMLP, x_SD: torch.Tensor) -> torch.Tensor:
+    """The masked MLP written with the classic straight-through trick ``v + (mask(v) - v)
+    .detach()``: the masked value forward, the identity backward (Q-Sparse)."""
+
+    def through(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return value + (torch.where(keep, value, 0) - value).detach()
+
+    x = through(x_SD, mlp.keep("gate_up", x_SD.detach()))
+    h = F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    return through(h, mlp.keep("down", h.detach())) @ mlp.down_proj.weight.T
+
+
+def test_training_forward_keeps_the_masks_and_passes_gradients_straight_through():
+    """With autograd on, the output is still the masked computation (bit for bit), while the
+    backward treats each mask as the identity: skipped inputs and the gate/up rows of skipped
+    neurons get gradients (a constant mask would give them none); the thresholds stay."""
+    torch.manual_seed(0)
+    mlp = NeuronMLP(6, 10, SparsifyConfig(mode="neurons")).double()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_()
+        mlp.threshold_gate_up.fill_(0.7)
+        mlp.threshold_down.fill_(0.5)
+    x_SD = torch.randn(12, 6, dtype=torch.float64)
+    buffers = {name: b.clone() for name, b in mlp.named_buffers()}
+    with torch.no_grad():
+        expected = mlp(x_SD)
+    assert 0 < float(mlp.keep("gate_up", x_SD).double().mean()) < 1
+
+    x = x_SD.clone().requires_grad_(True)
+    out = mlp(x)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, _reference_forward(mlp, x_SD, ("gate_up", "down")),
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    weight_SD = torch.randn_like(out)
+    (out * weight_SD).sum().backward()
+    grads = [x.grad, *(p.grad for p in mlp.parameters())]
+
+    mlp.zero_grad()
+    x_ref = x_SD.clone().requires_grad_(True)
+    (_straight_through_reference(mlp, x_ref) * weight_SD).sum().backward()
+    for got, want in zip(grads, [x_ref.grad, *(p.grad for p in mlp.parameters())], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    skipped = ~mlp.keep("gate_up", x_SD)
+    assert bool((x.grad[skipped] != 0).all())  # a constant mask would leave these 0
+    for name, value in mlp.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+
+
 def test_thresholds_are_quantiles_of_the_scores():
     scores = torch.tensor([[5.0, 1.0, 7.0, 3.0], [0.0, 6.0, 2.0, 4.0]])
     assert float(quantile_threshold(scores, 0.0)) == 0.0  # keeps every score, zeros too
