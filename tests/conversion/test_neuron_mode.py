@@ -299,6 +299,67 @@ def test_cli_neurons_end_to_end(tmp_path, capsys):
     assert float(neuron_mlps(loaded)[0].threshold_gate) > 0
 
 
+def _mlp_weights(directory) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_sparsified(directory).state_dict().items() if ".mlp." in k}
+
+
+def test_cli_recovery_resumes_an_interrupted_run_bit_for_bit(tmp_path, capsys, monkeypatch):
+    """``--recovery-tokens`` recovers after the conversion; Ctrl-C at the third step leaves the
+    step-2 checkpoint beside ``--out`` (and no output), a rerun resumes from it to the same
+    weights as a straight run, and the checkpoint goes once the output is written."""
+    import xmoe.conversion.recovery as recovery
+
+    model_dir, text = dense_directory(tmp_path)
+    argv = ["sparsify", str(model_dir), "--mode", "neurons", "--allocation", "uniform"]
+    argv += ["--calibration-text", str(text), "--calibration-tokens", "256", "--seq-len", "32"]
+    argv += ["--no-progress", "--target-flops", "0.6"]
+    recovering = ["--recovery-tokens", "256", "--recovery-batch-size", "2"]
+    recovering += ["--recovery-seq-len", "32", "--recovery-lr", "1e-3"]
+    recovering += ["--recovery-checkpoint-every", "1"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*argv, *recovering, "--out", str(tmp_path / "straight")]) == 0
+    assert "recovered: 4 steps of 2×32 tokens" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.recovery*"))  # the checkpoint removed after the write
+    plain, straight = _mlp_weights(tmp_path / "plain"), _mlp_weights(tmp_path / "straight")
+    for name, value in plain.items():  # the masks as calibrated, the weights trained
+        assert torch.equal(value, straight[name]) == ("threshold" in name or "scale" in name)
+
+    real_step, calls = recovery.train_step, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(None)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "train_step", interrupted)
+    out = tmp_path / "resumed"
+    assert main([*argv, *recovering, "--out", str(out)]) == 130
+    checkpoint = tmp_path / "resumed.recovery.safetensors"
+    assert checkpoint.is_file() and not out.exists()
+    monkeypatch.setattr(recovery, "train_step", real_step)
+    other = [*argv, *recovering, "--target-flops", "0.7", "--out", str(tmp_path / "other")]
+    assert main([*other, "--recovery-checkpoint", str(checkpoint)]) == 1
+    assert "was written for another conversion" in capsys.readouterr().err
+    assert main([*argv, *recovering, "--out", str(out)]) == 0
+    resumed = _mlp_weights(out)
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+    assert not checkpoint.exists()
+
+
+def test_cli_names_bad_recovery_options(tmp_path, capsys):
+    argv = ["sparsify", str(tmp_path), "--out", str(tmp_path / "o"), "--mode", "neurons"]
+    assert main([*argv, "--recovery-lr", "0.1"]) == 1
+    assert capsys.readouterr().err == (
+        "xmoe: error: --recovery-lr needs --recovery-tokens N, the recovery's token budget\n"
+    )
+    assert main([*argv, "--recovery-tokens", "100"]) == 1
+    assert "xmoe: error: tokens=100 is invalid: tokens must be at least one step of " in (
+        capsys.readouterr().err
+    )
+
+
 def test_save_load_same_logits_then_generate(tmp_path):
     dense = tiny_llama(torch.float32, tie_word_embeddings=True)
     ids = token_ids()

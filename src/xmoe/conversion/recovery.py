@@ -209,10 +209,13 @@ def _save(
     step: int,
     losses: list[float],
     config: RecoveryConfig,
+    key: dict | None,
 ) -> None:
     from xmoe.training.checkpoint import Checkpoint, save_checkpoint
 
     meta = {"kind": CHECKPOINT_KIND, "step": step, "losses": losses, "config": config.to_dict()}
+    if key is not None:
+        meta["key"] = key
     state = {name: p.detach() for name, p in params.items()}
     rng = {"torch": torch.get_rng_state()}
     save_checkpoint(path, Checkpoint(state, optimizer.state_dict(), rng, meta))
@@ -223,6 +226,7 @@ def _load(
     params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     config: RecoveryConfig,
+    key: dict | None,
 ) -> tuple[int, list[float]]:
     from xmoe.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -234,6 +238,11 @@ def _load(
         raise CheckpointError(
             f"{path} was written with another recovery config {meta.get('config')}; "
             f"this run has {config.to_dict()} (delete it to start over)"
+        )
+    if meta.get("key") != key:
+        raise CheckpointError(
+            f"{path} was written for another conversion {meta.get('key')}; this run is "
+            f"{key} (delete it to start over)"
         )
     if set(checkpoint.model_state) != set(params):
         raise CheckpointError(f"{path} holds other tensors than this model's trainable ones")
@@ -254,6 +263,7 @@ def recover(
     progress: bool = True,
     desc: str = "recovery",
     stop_after: int | None = None,
+    key: dict | None = None,
 ) -> RecoveryResult:
     """Fine-tune ``model``'s SparseMLPs (or NeuronMLPs) in place; leaves it in ``eval`` mode.
 
@@ -267,6 +277,8 @@ def recover(
         checkpoint: a file to write checkpoints to and resume from (None: none).
         stop_after: end (with a checkpoint) once this many steps are done in all, before the
             budget; a later call resumes (for time-sliced runs).
+        key: JSON values naming what the checkpoint belongs to beyond ``config`` (the model and
+            conversion it trains), saved with it; a checkpoint of another key is refused.
 
     Raises:
         DivergenceError: a non-finite loss or gradient norm (before the update that would
@@ -287,7 +299,7 @@ def recover(
     path = Path(checkpoint) if checkpoint is not None else None
     start, losses = 0, []
     if path is not None and path.is_file():
-        start, losses = _load(path, params, optimizer, config)
+        start, losses = _load(path, params, optimizer, config, key)
     result = RecoveryResult(losses, start, start)
     order = window_order(windows_BT.shape[0], config.seed)
     device = next(model.parameters()).device
@@ -311,7 +323,7 @@ def recover(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done = step + 1 == config.steps or step + 1 == stop_after
             if path is not None and ((step + 1) % config.checkpoint_every == 0 or done):
-                _save(path, params, optimizer, step + 1, losses, config)
+                _save(path, params, optimizer, step + 1, losses, config, key)
             if done:
                 break
     finally:
