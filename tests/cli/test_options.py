@@ -39,7 +39,8 @@ def _names(cls: type) -> set[str]:
 
 def test_sparsify_options_are_the_config_fields():
     options = _dests(_command("sparsify"))
-    assert set(options) == _names(SparsifyConfig) | SPARSIFY_OWN
+    recovery = {f"recovery_{name}" for name in _names(RecoveryConfig) | {"checkpoint"}}
+    assert set(options) == _names(SparsifyConfig) | SPARSIFY_OWN | recovery
     assert not options["expert_size"].required and options["expert_size"].type is int
     assert options["sites"].choices == ("gate_up", "down", "gate") and options["sites"].nargs == "*"
     assert options["mode"].choices == ("experts", "neurons")

@@ -173,6 +173,55 @@ def test_wina_scores_and_masked_forward_match_a_hand_computed_reference(sites):
     assert bool((mlp.scale_gate_up == 1).all()) and bool((mlp.scale_down == 1).all())
 
 
+def _straight_through_reference(mlp: NeuronMLP, x_SD: torch.Tensor) -> torch.Tensor:
+    """The masked MLP written with the classic straight-through trick ``v + (mask(v) - v)
+    .detach()``: the masked value forward, the identity backward (Q-Sparse)."""
+
+    def through(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return value + (torch.where(keep, value, 0) - value).detach()
+
+    x = through(x_SD, mlp.keep("gate_up", x_SD.detach()))
+    h = F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    return through(h, mlp.keep("down", h.detach())) @ mlp.down_proj.weight.T
+
+
+def test_training_forward_keeps_the_masks_and_passes_gradients_straight_through():
+    """With autograd on, the output is still the masked computation (bit for bit), while the
+    backward treats each mask as the identity: skipped inputs and the gate/up rows of skipped
+    neurons get gradients (a constant mask would give them none); the thresholds stay."""
+    torch.manual_seed(0)
+    mlp = NeuronMLP(6, 10, SparsifyConfig(mode="neurons")).double()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_()
+        mlp.threshold_gate_up.fill_(0.7)
+        mlp.threshold_down.fill_(0.5)
+    x_SD = torch.randn(12, 6, dtype=torch.float64)
+    buffers = {name: b.clone() for name, b in mlp.named_buffers()}
+    with torch.no_grad():
+        expected = mlp(x_SD)
+    assert 0 < float(mlp.keep("gate_up", x_SD).double().mean()) < 1
+
+    x = x_SD.clone().requires_grad_(True)
+    out = mlp(x)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, _reference_forward(mlp, x_SD, ("gate_up", "down")),
+                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    weight_SD = torch.randn_like(out)
+    (out * weight_SD).sum().backward()
+    grads = [x.grad, *(p.grad for p in mlp.parameters())]
+
+    mlp.zero_grad()
+    x_ref = x_SD.clone().requires_grad_(True)
+    (_straight_through_reference(mlp, x_ref) * weight_SD).sum().backward()
+    for got, want in zip(grads, [x_ref.grad, *(p.grad for p in mlp.parameters())], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    skipped = ~mlp.keep("gate_up", x_SD)
+    assert bool((x.grad[skipped] != 0).all())  # a constant mask would leave these 0
+    for name, value in mlp.named_buffers():
+        assert torch.equal(value, buffers[name]), name
+
+
 def test_thresholds_are_quantiles_of_the_scores():
     scores = torch.tensor([[5.0, 1.0, 7.0, 3.0], [0.0, 6.0, 2.0, 4.0]])
     assert float(quantile_threshold(scores, 0.0)) == 0.0  # keeps every score, zeros too
@@ -248,6 +297,67 @@ def test_cli_neurons_end_to_end(tmp_path, capsys):
     loaded = load_sparsified(out)
     assert loaded.config.xmoe_sparsify["sites"] == ["gate_up", "gate"]
     assert float(neuron_mlps(loaded)[0].threshold_gate) > 0
+
+
+def _mlp_weights(directory) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_sparsified(directory).state_dict().items() if ".mlp." in k}
+
+
+def test_cli_recovery_resumes_an_interrupted_run_bit_for_bit(tmp_path, capsys, monkeypatch):
+    """``--recovery-tokens`` recovers after the conversion; Ctrl-C at the third step leaves the
+    step-2 checkpoint beside ``--out`` (and no output), a rerun resumes from it to the same
+    weights as a straight run, and the checkpoint goes once the output is written."""
+    import xmoe.conversion.recovery as recovery
+
+    model_dir, text = dense_directory(tmp_path)
+    argv = ["sparsify", str(model_dir), "--mode", "neurons", "--allocation", "uniform"]
+    argv += ["--calibration-text", str(text), "--calibration-tokens", "256", "--seq-len", "32"]
+    argv += ["--no-progress", "--target-flops", "0.6"]
+    recovering = ["--recovery-tokens", "256", "--recovery-batch-size", "2"]
+    recovering += ["--recovery-seq-len", "32", "--recovery-lr", "1e-3"]
+    recovering += ["--recovery-checkpoint-every", "1"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*argv, *recovering, "--out", str(tmp_path / "straight")]) == 0
+    assert "recovered: 4 steps of 2×32 tokens" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.recovery*"))  # the checkpoint removed after the write
+    plain, straight = _mlp_weights(tmp_path / "plain"), _mlp_weights(tmp_path / "straight")
+    for name, value in plain.items():  # the masks as calibrated, the weights trained
+        assert torch.equal(value, straight[name]) == ("threshold" in name or "scale" in name)
+
+    real_step, calls = recovery.train_step, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(None)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "train_step", interrupted)
+    out = tmp_path / "resumed"
+    assert main([*argv, *recovering, "--out", str(out)]) == 130
+    checkpoint = tmp_path / "resumed.recovery.safetensors"
+    assert checkpoint.is_file() and not out.exists()
+    monkeypatch.setattr(recovery, "train_step", real_step)
+    other = [*argv, *recovering, "--target-flops", "0.7", "--out", str(tmp_path / "other")]
+    assert main([*other, "--recovery-checkpoint", str(checkpoint)]) == 1
+    assert "was written for another conversion" in capsys.readouterr().err
+    assert main([*argv, *recovering, "--out", str(out)]) == 0
+    resumed = _mlp_weights(out)
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
+    assert not checkpoint.exists()
+
+
+def test_cli_names_bad_recovery_options(tmp_path, capsys):
+    argv = ["sparsify", str(tmp_path), "--out", str(tmp_path / "o"), "--mode", "neurons"]
+    assert main([*argv, "--recovery-lr", "0.1"]) == 1
+    assert capsys.readouterr().err == (
+        "xmoe: error: --recovery-lr needs --recovery-tokens N, the recovery's token budget\n"
+    )
+    assert main([*argv, "--recovery-tokens", "100"]) == 1
+    assert "xmoe: error: tokens=100 is invalid: tokens must be at least one step of " in (
+        capsys.readouterr().err
+    )
 
 
 def test_save_load_same_logits_then_generate(tmp_path):

@@ -12,7 +12,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from xmoe.cli.main import main
 from xmoe.config import ConfigError
-from xmoe.conversion import set_combine, set_threshold, sparse_mlps, sparsify
+from xmoe.conversion import (
+    ffn_flops_fraction,
+    load_sparsified,
+    set_combine,
+    set_threshold,
+    sparse_mlps,
+    sparsify,
+)
 from xmoe.conversion.evaluation import EvalSettings, iter_names, spaced_windows
 from xmoe.conversion.recovery import RecoveryConfig, recover, trainable_parameters
 from xmoe.conversion.report import best_points, write_report
@@ -29,9 +36,9 @@ TINY = {
 }
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(**changes) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    return LlamaForCausalLM(LlamaConfig(**(TINY | changes))).eval()
 
 
 def windows(count: int = 16, length: int = 16, seed: int = 1) -> torch.Tensor:
@@ -109,6 +116,87 @@ def test_recovery_checkpoint_resume_is_exact(tmp_path):
     other = RecoveryConfig(tokens=64, batch_size=2, seq_len=16)
     with pytest.raises(Exception, match="another recovery config"):
         recover(again, data, other, teacher=dense, checkpoint=path, progress=False)
+
+
+def neurons_converted(dense):
+    """``dense`` in the neurons mode at half its FFN FLOPs."""
+    return sparsify(dense, calibration=windows(seed=2), mode="neurons", target_flops=0.5,
+                    allocation="uniform")  # fmt: skip
+
+
+def neurons_dense():
+    """A tiny Llama whose MLPs move the logits (so the masks cost a visible KL)."""
+    return tiny_llama(initializer_range=0.2)
+
+
+def test_neurons_mode_recovery_trains_the_mlp_weights_under_fixed_masks(tmp_path):
+    dense = neurons_dense()
+    sparse = neurons_converted(dense)
+    data, held_out = windows(16, 16, seed=1), windows(8, 16, seed=9)
+    masks = {k: v.clone() for k, v in sparse.named_buffers() if ".mlp." in k}
+    frozen = {k: v.clone() for k, v in sparse.named_parameters() if ".mlp." not in k}
+    params = trainable_parameters(sparse, train_experts=True)
+    assert sorted({name.split(".mlp.")[1] for name in params}) == [
+        "down_proj.weight", "gate_proj.weight", "up_proj.weight",
+    ]  # fmt: skip
+    before, before_held = kd_loss(sparse, dense, data), kd_loss(sparse, dense, held_out)
+    config = RecoveryConfig(tokens=16 * 16 * 4, batch_size=4, seq_len=16, lr=3e-3)
+    result = recover(sparse, data, config, teacher=dense, progress=False)
+    assert result.steps == 16 and result.losses[-1] < result.losses[0]
+    assert kd_loss(sparse, dense, data) < 0.7 * before
+    assert kd_loss(sparse, dense, held_out) < before_held * 1.5  # no blow-up off the data
+    for name, value in sparse.named_buffers():
+        if name in masks:  # thresholds and scales as calibrated
+            assert torch.equal(value, masks[name]), name
+    for name, value in sparse.named_parameters():
+        if name in frozen:
+            assert torch.equal(value, frozen[name]), name
+    assert 0.3 < ffn_flops_fraction(sparse) < 0.7  # the masks still skip about half
+    # saved and loaded through transformers, the recovered weights give the same logits
+    ids = windows(2, 16, seed=5)
+    with torch.no_grad():
+        expected = sparse(input_ids=ids).logits
+    sparse.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_sparsified(tmp_path)(input_ids=ids).logits, expected,
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+def test_neurons_mode_recovery_resume_is_exact(tmp_path):
+    dense = neurons_dense()
+    config = RecoveryConfig(tokens=5 * 2 * 16, batch_size=2, seq_len=16, lr=1e-3,
+                            checkpoint_every=2)  # fmt: skip
+    data = windows(8, 16)
+    straight = neurons_converted(dense)
+    full = recover(straight, data, config, teacher=dense, progress=False)
+    path = tmp_path / "recovery.ckpt"
+    first = recover(neurons_converted(dense), data, config, teacher=dense, checkpoint=path,
+                    progress=False, stop_after=3)  # fmt: skip
+    assert first.steps == 3
+    again = neurons_converted(dense)  # a fresh process: the same conversion, then the checkpoint
+    rest = recover(again, data, config, teacher=dense, checkpoint=path, progress=False)
+    assert rest.resumed_from == 3 and rest.steps == 5
+    assert rest.losses == full.losses  # bit for bit
+    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    experts = converted(dense, partition="contiguous")  # another kind of model: refused
+    with pytest.raises(Exception, match="other tensors than this model's trainable ones"):
+        recover(experts, data, config, teacher=dense, checkpoint=path, progress=False)
+
+
+def test_neurons_mode_recovery_refuses_bad_budgets_and_router_only_training():
+    with pytest.raises(ConfigError, match=r"tokens=100 is invalid: .*batch_size·seq_len = 512"):
+        RecoveryConfig(tokens=100, batch_size=4, seq_len=128)
+    for value in (0, -5, 2.5e5, "1M"):
+        with pytest.raises(ConfigError, match=rf"tokens={value!r} is invalid"):
+            RecoveryConfig(tokens=value)
+    sparse = neurons_converted(neurons_dense())
+    config = RecoveryConfig(tokens=32, batch_size=2, seq_len=16, train_experts=False)
+    with pytest.raises(ValueError, match="train_experts=False is invalid for a neurons-mode"):
+        recover(sparse, windows(), config, teacher=tiny_llama(), progress=False)
+    with pytest.raises(ValueError, match="has no SparseMLP or NeuronMLP"):
+        recover(tiny_llama(), windows(), config, teacher=tiny_llama(), progress=False)
 
 
 def test_weighted_combine_with_a_uniform_router_is_dense_at_t1():

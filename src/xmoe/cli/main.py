@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MoE MLPs (or threshold-sparse ones: --mode neurons)",
         description="Convert MODEL into neuron-group MoE MLPs (--mode experts, --expert-size H) "
         "or MLPs that skip inputs below calibrated thresholds (--mode neurons, --target-flops F), "
+        "optionally recovered by distillation from MODEL (--recovery-tokens N, the budget), "
         "written to --out.",
     )
     sparsify.add_argument("model", help="directory with a transformers causal LM")
@@ -119,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sparsify.add_argument("--no-progress", action="store_true")
     sparsify.options_from("xmoe.conversion.config:SparsifyConfig")
+    sparsify.add_argument(
+        "--recovery-tokens",
+        type=int,
+        default=None,
+        help="recover after the conversion: distil from MODEL for this many training tokens "
+        "(the --recovery-* options apply only with it)",
+    )
+    sparsify.options_from(
+        "xmoe.conversion.recovery:RecoveryConfig", prefix="recovery_", exclude=("tokens",)
+    )
+    sparsify.add_argument(
+        "--recovery-checkpoint",
+        default=None,
+        help="recovery checkpoint file, resumed by a rerun, removed once --out is written "
+        "(default: OUT.recovery.safetensors)",
+    )
     sparsify.set_defaults(func=sparsify_command)
 
     grid = commands.add_parser(

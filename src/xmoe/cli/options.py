@@ -110,12 +110,17 @@ def add_options(
 
 
 def from_options(
-    cls: type, args: argparse.Namespace, *, exclude: tuple[str, ...] = (), **values: Any
+    cls: type,
+    args: argparse.Namespace,
+    *,
+    exclude: tuple[str, ...] = (),
+    prefix: str = "",
+    **values: Any,
 ) -> Any:
     """``cls(**values, **options given)``: only the options :func:`add_options` added (the same
-    ``exclude``) that the command line gave (not None), so every other field keeps the dataclass
-    default and the dataclass checks the values, naming a bad one."""
-    return cls(**_given(cls, args, exclude, ""), **values)
+    ``exclude`` and ``prefix``) that the command line gave (not None), so every other field keeps
+    the dataclass default and the dataclass checks the values, naming a bad one."""
+    return cls(**_given(cls, args, exclude, prefix), **values)
 
 
 def _given(cls: type, args: argparse.Namespace, exclude: tuple[str, ...], prefix: str) -> dict:

@@ -1,5 +1,5 @@
 """``xmoe sparsify``: a dense causal LM directory converted into neuron-group MoE MLPs (or, with
-``--mode neurons``, threshold-sparse MLPs); and
+``--mode neurons``, threshold-sparse MLPs), recovered with ``--recovery-tokens N``; and
 ``xmoe sparsify-grid``: the SmolLM2-135M quality/compute grid. Their settings options come from
 :class:`~xmoe.conversion.SparsifyConfig` and :class:`~xmoe.conversion.evaluation.EvalSettings`
 (:mod:`xmoe.cli.options`)."""
@@ -27,11 +27,31 @@ def sparsify_grid_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recovery(args: argparse.Namespace):
+    """The :class:`~xmoe.conversion.recovery.RecoveryConfig` the ``--recovery-*`` options give,
+    or None without ``--recovery-tokens`` (the budget, which turns recovery on).
+
+    Raises:
+        ValueError: another ``--recovery-*`` option without ``--recovery-tokens``.
+        ConfigError: a bad recovery setting.
+    """
+    from xmoe.conversion.recovery import RecoveryConfig
+
+    if args.recovery_tokens is not None:
+        return from_options(RecoveryConfig, args, prefix="recovery_")
+    given = [k for k, v in vars(args).items() if k.startswith("recovery_") and v is not None]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise ValueError(f"{option} needs --recovery-tokens N, the recovery's token budget")
+    return None
+
+
 def sparsify_command(args: argparse.Namespace) -> int:
     from xmoe.conversion import SparsifyConfig, neuron_mlps, sparse_mlps
     from xmoe.conversion.pipeline import REAL_MODEL_HINT, real_model_available, sparsify_directory
 
     settings = from_options(SparsifyConfig, args)  # a bad value is named before any loading
+    recovery = _recovery(args)
     if not real_model_available():
         print(f"note: {REAL_MODEL_HINT}")
     pipeline = {name: getattr(args, name) for name in _PIPELINE if getattr(args, name) is not None}
@@ -42,9 +62,16 @@ def sparsify_command(args: argparse.Namespace) -> int:
         settings.expert_size,
         progress=not args.no_progress,
         force=args.force,
+        recovery=recovery,
+        recovery_checkpoint=args.recovery_checkpoint,
         **pipeline,
         **options,
     )
+    if recovery is not None:
+        print(
+            f"recovered: {recovery.steps} steps of {recovery.batch_size}×{recovery.seq_len} "
+            f"tokens distilled from {args.model}"
+        )
     if settings.mode == "neurons":
         print(
             f"{len(neuron_mlps(sparse))} MLPs -> neuron thresholds at sites "

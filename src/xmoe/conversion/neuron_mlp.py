@@ -2,6 +2,11 @@
 score falls below a calibrated threshold (the ``neurons`` mode of ``sparsify``: TEAL, WINA,
 CHESS). No router, so no router FLOPs: a skipped input is one compare away.
 
+Training (``recover``) keeps the hard masks in the forward pass with Q-Sparse's
+straight-through estimator: the backward pass treats the mask as the identity, so a skipped
+entry gets the gradient it would get if kept (CATS's fine-tune instead holds the mask constant,
+which gives skipped entries none and leaves the neurons just below a threshold no signal).
+
 Shape legend: S tokens, D hidden size, I FFN width.
 """
 
@@ -12,6 +17,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.conversion.config import SITES, SparsifyConfig, flops_fraction
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``where(keep, value, 0)`` forward; the identity backward (Q-Sparse's estimator)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, value, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def masked(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``value`` with the entries ``keep`` drops zeroed, the gradient passed straight through
+    the mask to every entry (:class:`_StraightThrough`) when autograd records."""
+    if torch.is_grad_enabled() and value.requires_grad:
+        return _StraightThrough.apply(value, keep)
+    return torch.where(keep, value, 0)
 
 
 class NeuronMLP(nn.Module):
@@ -62,7 +87,7 @@ class NeuronMLP(nn.Module):
         site keeps (``kept_x`` None without that site)."""
         kept_x = self.keep("gate_up", x) if "gate_up" in self.settings.sites else None
         if kept_x is not None:
-            x = torch.where(kept_x, x, 0)  # the mask is a constant: gradients reach kept inputs
+            x = masked(x, kept_x)
         return kept_x, F.silu(self.gate_proj(x)), self.up_proj(x)
 
     def masked_neurons(
@@ -76,7 +101,7 @@ class NeuronMLP(nn.Module):
             kept_n = self.keep("gate", activated)
         elif "down" in self.settings.sites:
             kept_n = self.keep("down", h)
-        return kept_n, h if kept_n is None else torch.where(kept_n, h, 0)
+        return kept_n, h if kept_n is None else masked(h, kept_n)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.to(self.gate_proj.weight.dtype)

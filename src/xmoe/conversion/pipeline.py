@@ -1,4 +1,5 @@
-"""The ``xmoe sparsify`` pipeline: a model directory in, a sparsified model directory out."""
+"""The ``xmoe sparsify`` pipeline: a model directory in, a sparsified (and optionally
+recovered) model directory out."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.real_model import INSTALL_HINT as REAL_MODEL_HINT
 from xmoe.conversion.real_model import real_model_available
+from xmoe.conversion.recovery import RecoveryConfig
 from xmoe.storage import check_model_target, staged_model_directory
 from xmoe.training.rundir import RunDir
 
@@ -78,10 +80,14 @@ def sparsify_directory(
     calibration_text: str | os.PathLike[str] | None = None,
     progress: bool = True,
     force: bool = False,
+    recovery: RecoveryConfig | None = None,
+    recovery_checkpoint: str | os.PathLike[str] | None = None,
     **settings: Any,
 ):
-    """Load the causal LM in ``source`` (fp32), :func:`~xmoe.conversion.sparsify` it, and
-    write it (and the tokenizer, when there is one) to ``out``.
+    """Load the causal LM in ``source`` (fp32), :func:`~xmoe.conversion.sparsify` it, with
+    ``recovery`` fine-tune it (:func:`~xmoe.conversion.recovery.recover`, distilled from the
+    loaded dense model on windows of the calibration text), and write it (and the tokenizer,
+    when there is one) to ``out``.
 
     ``out`` is written as ``xmoe export`` writes (:func:`~xmoe.storage.staged_model_directory`):
     staged, put in place only when complete, the weights carrying digests and the config they
@@ -90,6 +96,10 @@ def sparsify_directory(
     Args:
         force: write into a non-empty ``out`` (replacing the model files there).
         expert_size: neurons per expert (experts mode; None in the neurons mode).
+        recovery: the recovery fine-tune's settings (token budget, ...); None: no recovery.
+        recovery_checkpoint: the recovery's checkpoint file (default
+            ``<out>.recovery.safetensors`` beside ``out``): a rerun of the same conversion
+            resumes from it, another conversion's is refused; removed once ``out`` is written.
         settings: ``partition``, ``router``, ``active_fraction``, ``threshold``, ``mode``, and
             the other :class:`~xmoe.conversion.SparsifyConfig` fields.
 
@@ -103,7 +113,9 @@ def sparsify_directory(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from xmoe.conversion.recovery import recover
     from xmoe.conversion.sparsify import sparsify
+    from xmoe.training.checkpoint import previous_path
 
     source = Path(source)
     if not (source / "config.json").is_file():
@@ -116,17 +128,44 @@ def sparsify_directory(
             f"calibration_tokens={calibration_tokens} and seq_len={seq_len} must be >= 1"
         )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    config = SparsifyConfig(expert_size=expert_size, **settings)
     calibration = (
         calibration_windows(source, calibration_tokens, seq_len, calibration_text)
-        if SparsifyConfig(expert_size=expert_size, **settings).needs_calibration
+        if config.needs_calibration
         else None
     )
     sparse = sparsify(model, expert_size, calibration=calibration, progress=progress, **settings)
+    checkpoint = None
+    if recovery is not None:
+        checkpoint = Path(recovery_checkpoint or f"{out}.recovery.safetensors")
+        key = _recovery_key(source, config, calibration_tokens, seq_len, calibration_text)
+        windows = calibration_windows(source, recovery.tokens, recovery.seq_len, calibration_text)
+        recover(sparse, windows, recovery, model, checkpoint, progress=progress, key=key)
     with staged_model_directory(Path(out), "xmoe sparsify") as staging:
         sparse.save_pretrained(staging)
         if has_tokenizer(source):  # a model directory without a tokenizer stays without one
             AutoTokenizer.from_pretrained(source).save_pretrained(staging)
+    if checkpoint is not None:  # its result is in out now
+        for path in (checkpoint, previous_path(checkpoint)):
+            path.unlink(missing_ok=True)
     return sparse
+
+
+def _recovery_key(
+    source: Path,
+    config: SparsifyConfig,
+    tokens: int,
+    seq_len: int,
+    text: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """What a recovery checkpoint's weights were trained from: the source directory, the
+    conversion settings and the calibration (tokens, window length, text file)."""
+    calibration = [tokens, seq_len, None if text is None else str(text)]
+    return {
+        "source": str(source.resolve()),
+        "sparsify": config.to_dict(),
+        "calibration": calibration,
+    }
 
 
 def _check_output(out: Path, force: bool) -> None:

@@ -1,4 +1,5 @@
-"""Recovery fine-tune of a sparsified model: routers (and experts) trained end to end on text.
+"""Recovery fine-tune of a sparsified model: routers (and experts), or in the neurons mode the
+MLP weights under their fixed masks, trained end to end on text.
 
 After conversion every layer's top-k (or threshold) selection drops some of the dense FFN; a
 short fine-tune lets the remaining experts and the routers compensate. The loss is the KL
@@ -6,7 +7,10 @@ divergence to the dense teacher's next-token distribution (distillation, ``disti
 language-model cross-entropy (``distill=0``), or a mix. Only the SparseMLP parameters train
 (routers, plus the experts unless ``train_experts=False``); attention, norms and embeddings stay
 frozen. The router learns through the combine weights (see
-:meth:`~xmoe.conversion.SparseMLP.combine_weights`).
+:meth:`~xmoe.conversion.SparseMLP.combine_weights`). A neurons-mode model
+(:class:`~xmoe.conversion.NeuronMLP`) trains its gate, up and down weights with its calibrated
+masks in the forward pass and the straight-through estimator in the backward pass; its thresholds
+and scales are buffers and stay as calibrated.
 
 Checkpoints reuse xmoe's verified, atomic format (:mod:`xmoe.training.checkpoint`): the
 trainable tensors, the AdamW state, the step and the RNG state, written every
@@ -31,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xmoe.config import DictConfig, _is_int, _is_number, _require, _require_seed
+from xmoe.conversion.neuron_mlp import neuron_mlps
 from xmoe.conversion.sparsify import sparse_mlps
 from xmoe.training.step import StepLoss, train_step
 
@@ -42,11 +47,13 @@ class RecoveryConfig(DictConfig):
     """Settings of a recovery fine-tune.
 
     Args:
-        tokens: the token budget; the run takes ``ceil(tokens / (batch_size · seq_len))`` steps.
+        tokens: the token budget, at least one step's ``batch_size · seq_len``; the run takes
+            ``ceil(tokens / (batch_size · seq_len))`` steps.
         batch_size, seq_len: windows per step and tokens per window.
-        lr: AdamW learning rate of the experts.
+        lr: AdamW learning rate of the experts (the neurons mode's MLP weights).
         router_lr: AdamW learning rate of the routers.
-        train_experts: train the experts too (else routers only).
+        train_experts: train the experts too (else routers only; the neurons mode, which has
+            no routers, needs it).
         distill: weight of the distillation loss (KL to the teacher); ``1 - distill`` weighs the
             LM cross-entropy. Needs a teacher when > 0.
         checkpoint_every: steps between checkpoints (when a checkpoint path is given).
@@ -83,6 +90,13 @@ class RecoveryConfig(DictConfig):
             "a bool",
         )
         _require_seed("seed", self.seed)
+        step_tokens = self.batch_size * self.seq_len
+        _require(
+            self.tokens >= step_tokens,
+            "tokens",
+            self.tokens,
+            f"at least one step of batch_size·seq_len = {step_tokens} tokens",
+        )
 
     @property
     def steps(self) -> int:
@@ -100,19 +114,44 @@ class RecoveryResult:
 
 
 def trainable_parameters(model: nn.Module, train_experts: bool) -> dict[str, nn.Parameter]:
-    """The SparseMLP parameters a recovery trains, by name; every other parameter of
-    ``model`` gets ``requires_grad=False``."""
-    modules = sparse_mlps(model)
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no SparseMLP: convert it with sparsify()")
-    wanted = ("router.weight", "w_gate_up", "w_down") if train_experts else ("router.weight",)
+    """The parameters a recovery trains, by name: the SparseMLPs' routers (and experts with
+    ``train_experts``), or the NeuronMLPs' gate, up and down weights; every other parameter of
+    ``model`` gets ``requires_grad=False``.
+
+    Raises:
+        ValueError: ``model`` has neither kind of MLP, or is in the neurons mode without
+            ``train_experts`` (it has no routers to train alone).
+    """
+    wanted = {id(p) for p in _sparse_parameters(model, train_experts)}
     chosen = {}
     for name, parameter in model.named_parameters():
-        keep = ".mlp." in name and name.split(".mlp.", 1)[1] in wanted
+        keep = id(parameter) in wanted
         parameter.requires_grad_(keep)
         if keep:
             chosen[name] = parameter
     return chosen
+
+
+def _sparse_parameters(model: nn.Module, train_experts: bool) -> list[nn.Parameter]:
+    """The sparse MLPs' parameters a recovery trains (see :func:`trainable_parameters`)."""
+    neurons = neuron_mlps(model)
+    if neurons:
+        if not train_experts:
+            raise ValueError(
+                "train_experts=False is invalid for a neurons-mode model: it has no routers; "
+                "its recovery trains the MLP weights"
+            )
+        return [
+            p for m in neurons for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+        ]
+    modules = sparse_mlps(model)
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no SparseMLP or NeuronMLP: convert it with sparsify()"
+        )
+    if not train_experts:
+        return [m.router.weight for m in modules]
+    return [p for m in modules for p in (m.router.weight, m.w_gate_up, m.w_down)]
 
 
 def recovery_loss(
@@ -170,10 +209,13 @@ def _save(
     step: int,
     losses: list[float],
     config: RecoveryConfig,
+    key: dict | None,
 ) -> None:
     from xmoe.training.checkpoint import Checkpoint, save_checkpoint
 
     meta = {"kind": CHECKPOINT_KIND, "step": step, "losses": losses, "config": config.to_dict()}
+    if key is not None:
+        meta["key"] = key
     state = {name: p.detach() for name, p in params.items()}
     rng = {"torch": torch.get_rng_state()}
     save_checkpoint(path, Checkpoint(state, optimizer.state_dict(), rng, meta))
@@ -184,6 +226,7 @@ def _load(
     params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     config: RecoveryConfig,
+    key: dict | None,
 ) -> tuple[int, list[float]]:
     from xmoe.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -195,6 +238,11 @@ def _load(
         raise CheckpointError(
             f"{path} was written with another recovery config {meta.get('config')}; "
             f"this run has {config.to_dict()} (delete it to start over)"
+        )
+    if meta.get("key") != key:
+        raise CheckpointError(
+            f"{path} was written for another conversion {meta.get('key')}; this run is "
+            f"{key} (delete it to start over)"
         )
     if set(checkpoint.model_state) != set(params):
         raise CheckpointError(f"{path} holds other tensors than this model's trainable ones")
@@ -215,17 +263,22 @@ def recover(
     progress: bool = True,
     desc: str = "recovery",
     stop_after: int | None = None,
+    key: dict | None = None,
 ) -> RecoveryResult:
-    """Fine-tune ``model``'s SparseMLPs in place; leaves it in ``eval`` mode.
+    """Fine-tune ``model``'s SparseMLPs (or NeuronMLPs) in place; leaves it in ``eval`` mode.
 
     Args:
-        model: a sparsified causal LM (its selection rule during training is its current one).
+        model: a sparsified causal LM (its selection rule during training is its current one;
+            a neurons-mode model's masks are its calibrated thresholds, fixed).
         windows_BT: (B, T≥seq_len) int64 training token ids; each step reads ``batch_size`` of
             them (the first ``seq_len`` tokens), in a fixed order seeded by ``config.seed``.
-        teacher: the dense model (needed when ``config.distill > 0``), frozen.
+        teacher: the dense model (needed when ``config.distill > 0``), frozen: the model
+            ``sparsify`` converted (its weights, unlike the student's, stay as they were).
         checkpoint: a file to write checkpoints to and resume from (None: none).
         stop_after: end (with a checkpoint) once this many steps are done in all, before the
             budget; a later call resumes (for time-sliced runs).
+        key: JSON values naming what the checkpoint belongs to beyond ``config`` (the model and
+            conversion it trains), saved with it; a checkpoint of another key is refused.
 
     Raises:
         DivergenceError: a non-finite loss or gradient norm (before the update that would
@@ -241,14 +294,12 @@ def recover(
     params = trainable_parameters(model, config.train_experts)
     routers = [p for name, p in params.items() if name.endswith("router.weight")]
     experts = [p for name, p in params.items() if not name.endswith("router.weight")]
-    groups = [{"params": routers, "lr": config.router_lr}]
-    if experts:
-        groups.append({"params": experts, "lr": config.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    groups = [{"params": routers, "lr": config.router_lr}, {"params": experts, "lr": config.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     path = Path(checkpoint) if checkpoint is not None else None
     start, losses = 0, []
     if path is not None and path.is_file():
-        start, losses = _load(path, params, optimizer, config)
+        start, losses = _load(path, params, optimizer, config, key)
     result = RecoveryResult(losses, start, start)
     order = window_order(windows_BT.shape[0], config.seed)
     device = next(model.parameters()).device
@@ -272,7 +323,7 @@ def recover(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             done = step + 1 == config.steps or step + 1 == stop_after
             if path is not None and ((step + 1) % config.checkpoint_every == 0 or done):
-                _save(path, params, optimizer, step + 1, losses, config)
+                _save(path, params, optimizer, step + 1, losses, config, key)
             if done:
                 break
     finally:
