@@ -91,9 +91,9 @@ class SparseDecodeMLP(nn.Module):
                 f"weights: gate {tuple(gate_ID.shape)}, up {tuple(up_ID.shape)}, down "
                 f"{tuple(down_DI.shape)}; need gate and up (I, D) and down (D, I)"
             )
-        with torch.no_grad():
-            self.register_buffer("gate_up_DJ", torch.cat([gate_ID, up_ID]).T.contiguous())
-            self.register_buffer("down_ID", down_DI.T.contiguous())
+        gate_up_DJ, down_ID = row_major(gate_ID, up_ID, down_DI)
+        self.register_buffer("gate_up_DJ", gate_up_DJ)
+        self.register_buffer("down_ID", down_ID)
         self.register_buffer("x_scale_D", _scale("x_scale_D", x_scale_D, hidden, gate_ID))
         self.register_buffer("h_scale_I", _scale("h_scale_I", h_scale_I, ffn, gate_ID))
         self.set_thresholds(x_threshold, h_threshold)
@@ -116,6 +116,16 @@ class SparseDecodeMLP(nn.Module):
         h_SI = F.silu(g_SI) * u_SI
         keep_h = _scores(h_SI, self.h_scale_I) > self.h_threshold
         return kept_rows_sum(h_SI, keep_h, self.down_ID).reshape(x.shape)
+
+
+def row_major(
+    gate_ID: torch.Tensor, up_ID: torch.Tensor, down_DI: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode layout of a SwiGLU MLP's ``nn.Linear`` weights, detached copies: ``gate_up_DJ``
+    (row j: input channel j's gate weights then its up weights: one table, so one gather-axpy
+    serves both projections) and ``down_ID`` (row i: neuron i's output weights)."""
+    with torch.no_grad():
+        return torch.cat([gate_ID, up_ID]).T.contiguous(), down_DI.T.contiguous()
 
 
 def _scores(a: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
