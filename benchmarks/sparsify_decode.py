@@ -163,7 +163,8 @@ class Variant:
         ]
         try:
             cache = self.model(input_ids=self.data.prompt, use_cache=True).past_key_values
-            self.mlp_inputs.clear()
+            if record:
+                self.mlp_inputs.clear()  # the prompt's
             start = time.perf_counter()
             for position in range(self.data.decoded.shape[1]):
                 token = self.data.decoded[:, position : position + 1]

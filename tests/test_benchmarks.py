@@ -125,6 +125,22 @@ def test_sparsify_decode_benchmark_skips_without_the_model(tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+def test_sparsify_decode_replays_the_mlp_inputs_of_one_decode():
+    """The MLPs-alone measure replays what each MLP saw at each decode step, every round."""
+    pytest.importorskip("transformers")
+    from tests.conversion.test_sparsify import HIDDEN, tiny_llama, token_ids
+
+    from benchmarks.sparsify_decode import Data, Variant
+
+    ids = token_ids(1, 12)
+    variant = Variant(tiny_llama(), Data("test", ids, ids[:, :8], ids[:, 8:11], ids))
+    with torch.no_grad():
+        variant.decode(record=True)
+        variant.decode()
+    assert [mlp for mlp, _ in variant.mlp_inputs] == variant.mlps * 3
+    assert all(x.shape == (1, 1, HIDDEN) for _, x in variant.mlp_inputs)
+
+
 def test_sparsify_decode_row_major_baseline_is_the_dense_model():
     pytest.importorskip("transformers")
     from tests.conversion.test_sparsify import logits, tiny_llama, token_ids
