@@ -25,6 +25,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.layer
 	$(BIN)/python -m benchmarks.decode
 	$(BIN)/python -m benchmarks.sparse_decode
+	$(BIN)/python -m benchmarks.sparsify_decode
 	$(BIN)/python -m benchmarks.lm_train
 	$(BIN)/python -m benchmarks.hf_experts
 	$(BIN)/python -m benchmarks.distributed

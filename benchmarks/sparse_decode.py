@@ -192,8 +192,9 @@ def write_report(
         "layout (`x @ W^T`), and `SparseDecodeMLP` (`xmoe.conversion.sparse_decode`: "
         "`embedding_bag` over the kept rows) with thresholds keeping the given fraction of each "
         "token's input channels and neurons, so FFN FLOPs = kept fraction. Times include "
-        "selecting the kept rows. The dense `mv`s use every thread; `embedding_bag` sums one "
-        "bag on one thread (a bag per thread measured no faster here, and much slower under load). "
+        "selecting the kept rows. The dense `mv`s use every thread; the kept rows are summed by "
+        "`embedding_bag` on one thread, or, with two or more and enough rows, half on a helper "
+        "thread (`kept_rows_sum`). "
         f"Median of {args.rounds} interleaved rounds (minimum in "
         "brackets); speedup = the faster dense layout's median / the variant's median.",
     ]

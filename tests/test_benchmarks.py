@@ -106,6 +106,57 @@ def test_sparse_decode_benchmark_reads_a_models_hidden_states():
     assert (stack.tokens[1].abs() > x_threshold).sum() == model.config.hidden_size // 2
 
 
+def test_sparsify_decode_benchmark_quick(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from benchmarks.sparsify_decode import main as sparsify_decode_main
+
+    args = [*QUICK, "--threads", "1", "--decode", "2", "--flops", "0.5", "--allocation", "uniform"]
+    run_quick(sparsify_decode_main, [*args, "--out", str(tmp_path)], monkeypatch)
+    table = (tmp_path / "sparsify_decode_quick.md").read_text()
+    assert "python -m benchmarks.sparsify_decode --quick" in table
+    assert "| dense, row-major layout | 100% |" in table and "| sparse, F = 50% | " in table
+    assert "- MLPs: " in table and "- whole model: " in table
+
+
+def test_sparsify_decode_benchmark_skips_without_the_model(tmp_path, monkeypatch, capsys):
+    from benchmarks.sparsify_decode import main as sparsify_decode_main
+
+    monkeypatch.setattr("xmoe.conversion.real_model.real_model_available", lambda: False)
+    monkeypatch.setattr("xmoe.conversion.real_model.cached_model_dir", lambda: tmp_path / "none")
+    run_quick(sparsify_decode_main, ["--out", str(tmp_path)], monkeypatch)
+    assert "skipped: SmolLM2-135M is not available" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_sparsify_decode_replays_the_mlp_inputs_of_one_decode():
+    """The MLPs-alone measure replays what each MLP saw at each decode step, every round."""
+    pytest.importorskip("transformers")
+    from tests.conversion.test_sparsify import HIDDEN, tiny_llama, token_ids
+
+    from benchmarks.sparsify_decode import Data, Variant
+
+    ids = token_ids(1, 12)
+    variant = Variant(tiny_llama(), Data("test", ids, ids[:, :8], ids[:, 8:11], ids))
+    with torch.no_grad():
+        variant.decode(record=True)
+        variant.decode()
+    assert [mlp for mlp, _ in variant.mlp_inputs] == variant.mlps * 3
+    assert all(x.shape == (1, 1, HIDDEN) for _, x in variant.mlp_inputs)
+
+
+def test_sparsify_decode_row_major_baseline_is_the_dense_model():
+    pytest.importorskip("transformers")
+    from tests.conversion.test_sparsify import logits, tiny_llama, token_ids
+
+    from benchmarks.sparsify_decode import row_major_model
+
+    model = tiny_llama()
+    ids = token_ids(2)
+    torch.testing.assert_close(
+        logits(row_major_model(model), ids), logits(model, ids), rtol=0, atol=1e-12
+    )
+
+
 def test_layer_call_benchmark_quick(monkeypatch):
     from benchmarks.layer_call import main as layer_call_main
 

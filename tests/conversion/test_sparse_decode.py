@@ -173,3 +173,42 @@ def test_bad_shapes_are_named():
         SparseDecodeMLP(gate, up, down.T)
     with pytest.raises(ValueError, match="last dimension is 12, this MLP's hidden size 13"):
         SparseDecodeMLP(gate, up, down)(torch.zeros(1, 12, dtype=torch.float64))
+
+
+def test_one_token_backward_after_a_first_call_in_inference_mode(monkeypatch):
+    """The single bag's offsets are made once; made inside inference mode they must still be a
+    normal tensor, which autograd may save for a later backward."""
+    import xmoe.conversion.sparse_decode as sparse_decode
+
+    monkeypatch.setattr(sparse_decode, "_ONE_BAG", {})
+    rows_NR = torch.randn(5, 3, dtype=torch.float64)
+    keep_SN = torch.tensor([[True, False, True, True, False]])
+    with torch.inference_mode():
+        kept_rows_sum(torch.ones(1, 5, dtype=torch.float64), keep_SN, rows_NR)
+    a_SN = torch.ones(1, 5, dtype=torch.float64, requires_grad=True)
+    kept_rows_sum(a_SN, keep_SN, rows_NR).sum().backward()
+    torch.testing.assert_close(a_SN.grad[0], rows_NR.sum(dim=1) * keep_SN[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_token_sum_split_over_two_threads_is_the_masked_sum(threads, monkeypatch):
+    """Enough kept weights to split (with two threads the second half of the rows goes to the
+    helper thread); the result is the masked sum either way, NaN rows never read."""
+    import xmoe.conversion.sparse_decode as sparse_decode
+
+    monkeypatch.setattr(sparse_decode, "_HELPER", [])
+    generator = torch.Generator().manual_seed(11)
+    rows_NR = torch.randn(601, 257, generator=generator, dtype=torch.float64)
+    a_SN = torch.randn(1, 601, generator=generator, dtype=torch.float64)
+    keep_SN = torch.rand(1, 601, generator=generator) < 0.5
+    assert int(keep_SN.sum()) * 257 >= sparse_decode.SPLIT_ELEMENTS
+    expected = a_SN.masked_fill(~keep_SN, 0) @ rows_NR
+    rows_NR[~keep_SN[0]] = float("nan")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kept_rows_sum(a_SN, keep_SN, rows_NR)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert len(sparse_decode._HELPER) == (threads - 1)  # the helper starts only when it splits

@@ -2,6 +2,13 @@
 score falls below a calibrated threshold (the ``neurons`` mode of ``sparsify``: TEAL, WINA,
 CHESS). No router, so no router FLOPs: a skipped input is one compare away.
 
+Batch-1 decode (one token, no gradients recorded) reads only the kept weight rows: each site's
+weights in a row-major copy, summed by :func:`~xmoe.conversion.sparse_decode.kept_rows_sum`
+(one contiguous row per input channel of gate/up and per neuron of down), so skipped inputs are
+skipped bytes, which is what one token's time is. Prefill, batches and training run the dense
+masked computation: every token keeps different rows, so their union is dense (TEAL keeps
+prefill dense too), and gradients need the parameters themselves.
+
 Training (``recover``) keeps the hard masks in the forward pass with Q-Sparse's
 straight-through estimator: the backward pass treats the mask as the identity, so a skipped
 entry gets the gradient it would get if kept (CATS's fine-tune instead holds the mask constant,
@@ -17,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.conversion.config import SITES, SparsifyConfig, flops_fraction
+from xmoe.conversion.sparse_decode import kept_rows_sum, row_major
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -56,6 +64,11 @@ class NeuronMLP(nn.Module):
     After each forward: ``flops_fraction`` (S,), each token's fraction of the dense FFN FLOPs
     that its kept inputs need (:func:`~xmoe.conversion.config.flops_fraction`).
 
+    One token without gradients takes the decode path (:meth:`decode`): the same output from
+    the kept rows of a row-major copy of the weights, made on first use and remade when a weight
+    changes (not saved: it is derived). Gate-first reads up in full there (it shares gate's
+    rows) and skips down's rows of the dropped neurons.
+
     Parameters: ``gate_proj``, ``up_proj`` (D -> I) and ``down_proj`` (I -> D), bias-free
     ``nn.Linear`` as in the dense MLP.
     """
@@ -71,6 +84,8 @@ class NeuronMLP(nn.Module):
             self.register_buffer(f"scale_{site}", torch.ones(widths[site]))
             self.register_buffer(f"threshold_{site}", torch.zeros(()))
         self.flops_fraction: torch.Tensor | None = None
+        self._row_major: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._row_major_of: tuple | None = None
 
     def score(self, site: str, value: torch.Tensor) -> torch.Tensor:
         """(..., W) the scores of ``value``'s entries at ``site``: |value| · scale."""
@@ -105,10 +120,44 @@ class NeuronMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.to(self.gate_proj.weight.dtype)
+        if self.decodes(x):
+            return self.decode(x).to(hidden_states.dtype)
         kept_x, activated, up = self.masked_gate_up(x)
         kept_n, h = self.masked_neurons(activated, up)
         self.flops_fraction = self.token_flops_fraction(kept_x, kept_n)
         return self.down_proj(h).to(hidden_states.dtype)
+
+    def decodes(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` (..., D) takes the decode path: one token, and autograd records
+        nothing (training needs the dense path's gradients to the parameters)."""
+        if x.shape[:-1].numel() != 1:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token's output (..., D), computed from the kept rows only (the masks and
+        ``flops_fraction`` as in the dense path)."""
+        gate_up_DJ, down_ID = self.row_major()
+        x_1D = x.reshape(1, -1)
+        kept_x = self.keep("gate_up", x_1D) if "gate_up" in self.settings.sites else None
+        gate_up = x_1D @ gate_up_DJ if kept_x is None else kept_rows_sum(x_1D, kept_x, gate_up_DJ)
+        gate, up = gate_up.chunk(2, dim=-1)
+        kept_n, h = self.masked_neurons(F.silu(gate), up)
+        out = h @ down_ID if kept_n is None else kept_rows_sum(h, kept_n, down_ID)
+        self.flops_fraction = self.token_flops_fraction(kept_x, kept_n)
+        return out.reshape(x.shape)
+
+    def row_major(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode path's ``(gate_up_DJ, down_ID)``
+        (:func:`~xmoe.conversion.sparse_decode.row_major`), remade when a weight was replaced
+        or changed in place (its storage or version counter moved)."""
+        weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        of = tuple((w.data_ptr(), _version(w), w.dtype) for w in weights)
+        if self._row_major is None or self._row_major_of != of:
+            self._row_major, self._row_major_of = row_major(*weights), of
+        return self._row_major
 
     def token_flops_fraction(
         self, kept_x: torch.Tensor | None, kept_n: torch.Tensor | None
@@ -119,6 +168,12 @@ class NeuronMLP(nn.Module):
             share_x = 1.0 if kept_x is None else kept_x.flatten(0, -2).double().mean(dim=-1)
             share_n = 1.0 if kept_n is None else kept_n.flatten(0, -2).double().mean(dim=-1)
             return flops_fraction(self.settings.sites, share_x, share_n)
+
+
+def _version(weight: torch.Tensor) -> int:
+    """``weight``'s version counter, which in-place changes advance (an inference tensor has
+    none, and only inference mode can change it: -1)."""
+    return -1 if weight.is_inference() else weight._version
 
 
 def neuron_mlps(model: nn.Module) -> list[NeuronMLP]:
