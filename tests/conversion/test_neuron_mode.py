@@ -67,7 +67,7 @@ def test_full_target_is_exactly_the_dense_model(sites, scoring, allocation):
 
 
 def test_the_grid_refuses_a_neurons_mode_model_instead_of_counting_it_dense():
-    from xmoe.conversion.eval_metrics import measure_quality
+    from xmoe.experiments.sparsify_metrics import measure_quality
 
     sparse = neurons(tiny_llama(), token_ids(seed=2), target_flops=0.5)
     with pytest.raises(ValueError, match="neurons mode"):

@@ -12,10 +12,11 @@ all written atomically. A rerun skips what is done and rewrites the report
 (``<docs>/sparsify.md`` and ``sparsify.png``) after every cell, so an interrupted run still
 leaves a report of what finished.
 
-The pieces: :mod:`~xmoe.conversion.eval_settings` (what is measured),
-:mod:`~xmoe.conversion.eval_data` (the token windows), :mod:`~xmoe.conversion.eval_metrics`
-(quality and timing of one model), :mod:`~xmoe.conversion.eval_runner` (the cached cells and
-models); this module plans the grid and runs it.
+The pieces: :mod:`~xmoe.experiments.sparsify_settings` (what is measured),
+:mod:`~xmoe.experiments.sparsify_data` (the token windows),
+:mod:`~xmoe.experiments.sparsify_metrics` (quality and timing of one model),
+:mod:`~xmoe.experiments.sparsify_runner` (the cached cells and models); this module plans the
+grid and runs it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from xmoe.conversion.eval_data import DOMAINS, spaced_windows
-from xmoe.conversion.eval_metrics import measure_quality
-from xmoe.conversion.eval_runner import Runner
-from xmoe.conversion.eval_settings import EvalSettings
-from xmoe.conversion.report import write_report
 from xmoe.conversion.sparsify import _reconfigure, set_active_fraction, set_threshold, sparse_mlps
+from xmoe.experiments.sparsify_data import DOMAINS, spaced_windows
+from xmoe.experiments.sparsify_metrics import measure_quality
+from xmoe.experiments.sparsify_report import write_report
+from xmoe.experiments.sparsify_runner import Runner
+from xmoe.experiments.sparsify_settings import EvalSettings
 
 
 def cell_name(partition: str, size: int, router: str, fraction: float) -> str:

@@ -14,9 +14,6 @@ import torch
 from torch import nn
 
 from xmoe.conversion.architecture import layer_mlps
-from xmoe.conversion.eval_data import load_or_build_data
-from xmoe.conversion.eval_metrics import measure_quality, time_side_by_side
-from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.recovery import recover
 from xmoe.conversion.sparse_mlp import SEPARATE_UP_KEY
 from xmoe.conversion.sparsify import (
@@ -27,6 +24,9 @@ from xmoe.conversion.sparsify import (
     sparse_mlps,
     sparsify,
 )
+from xmoe.experiments.sparsify_data import load_or_build_data
+from xmoe.experiments.sparsify_metrics import measure_quality, time_side_by_side
+from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.experts.ffn import separate_up_error
 from xmoe.storage import atomic_write_text, read_verified, save_verified
 

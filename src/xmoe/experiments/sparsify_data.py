@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from xmoe.conversion.eval_settings import EvalSettings
+from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.storage import read_verified, save_verified
 
 DOMAINS = ("shakespeare", "kjv")

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from xmoe import flops
 from xmoe.conversion.architecture import layer_mlps
-from xmoe.conversion.eval_data import DOMAINS
-from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.neuron_mlp import neuron_mlps
 from xmoe.conversion.sparsify import sparse_mlps
+from xmoe.experiments.sparsify_data import DOMAINS
+from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.routing.stats import layer_mean
 
 
