@@ -83,7 +83,7 @@ def _quick_run(tmp_path, monkeypatch, recover) -> tuple[EvalSettings, dict]:
 
 def test_quick_grid_measures_neurons_cells_and_recovers_the_best(tmp_path, monkeypatch):
     calls = []
-    settings, cells = _quick_run(tmp_path, monkeypatch, lambda *a, **k: calls.append(k))
+    settings, cells = _quick_run(tmp_path, monkeypatch, lambda *a, **k: calls.append((a, k)))
     assert set(cells) == set(iter_names(settings))
     for name in ("neurons-teal-F0.5", "neurons-wina-F0.5"):
         assert cells[name]["kind"] == "neurons" and cells[name]["experts_per_token"] is None
@@ -92,8 +92,9 @@ def test_quick_grid_measures_neurons_cells_and_recovers_the_best(tmp_path, monke
     best = min(("neurons-teal-F0.5", "neurons-wina-F0.5"),
                key=lambda n: max(cells[n]["ppl"][d] / cells["dense"]["ppl"][d]
                                  for d in ("shakespeare", "kjv")))  # fmt: skip
-    (call,) = calls
-    assert call["checkpoint"].name.endswith("-F0.5-T256.ckpt")
+    ((_, windows, config), options), *more = calls
+    assert not more and options["checkpoint"].name.endswith("-F0.5-T256.ckpt")
+    assert config.tokens == 256 and windows.numel() >= 256  # windows of the budget
     recovered = cells["neurons-recovered-T256"]
     assert recovered["recovered_from"] == best and recovered["recovery"]["tokens"] == 256
     report = (tmp_path / "run/sparsify.md").read_text()  # the quick mode never writes docs

@@ -217,7 +217,7 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
     try:
         recover(
             model,
-            runner.data["recovery"],
+            runner.data["recovery_budgets"],
             config,
             teacher=runner.dense,
             checkpoint=runner.out / "models" / f"neurons-{method}-F{target:g}-T{budget}.ckpt",

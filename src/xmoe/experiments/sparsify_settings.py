@@ -179,7 +179,7 @@ class EvalSettings:
         return Path(self.out) if self.quick else Path(self.docs)
 
     def recovery_tokens(self) -> int:
-        """Training tokens the recovery windows hold: the largest budget any recovery reads."""
+        """Training tokens the windows of the budgeted recoveries hold: the largest budget."""
         return max((self.recovery.tokens, *self.recovery_budgets))
 
     def measurement_key(self) -> dict[str, Any]:
