@@ -72,8 +72,8 @@ class EvalSettings:
         command: the command line recorded in the report.
         progress: tqdm bars.
         quick: a tiny random Llama and random tokens instead of SmolLM2-135M and the corpus:
-            seconds, nothing downloaded, checks the pipeline (its numbers mean nothing); the
-            report goes to ``out``, never to ``docs``.
+            nothing downloaded, checks the pipeline (its numbers mean nothing; with small token
+            budgets it takes a minute or two); the report goes to ``out``, never to ``docs``.
     """
 
     out: Path = Path("runs/sparsify-eval")
