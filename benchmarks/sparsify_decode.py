@@ -100,7 +100,7 @@ class Data:
 def corpus_data(tokenizer, args) -> Data:
     """Calibration windows from the Shakespeare training works; the prompt, decoded and prefill
     tokens from the held-out ones."""
-    from xmoe.conversion.eval_data import spaced_windows
+    from xmoe.experiments.sparsify_data import spaced_windows
     from xmoe.data.corpus import load_documents, split_documents
 
     train, val = split_documents(load_documents(None))

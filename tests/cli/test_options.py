@@ -16,8 +16,8 @@ from xmoe.cli.main import build_parser, main
 from xmoe.cli.options import add_options, field_docs, from_options
 from xmoe.cli.sparsify import GRID_EXCLUDE
 from xmoe.conversion.config import SparsifyConfig
-from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.recovery import RecoveryConfig
+from xmoe.experiments.sparsify_settings import EvalSettings
 
 SPARSIFY_OWN = {"model", "out", "force", "calibration_tokens", "seq_len", "calibration_text",
                 "no_progress"}  # fmt: skip
@@ -60,7 +60,7 @@ def test_grid_options_are_the_settings_fields():
 
 
 def test_grid_values_reach_the_settings(monkeypatch):
-    import xmoe.conversion.evaluation as evaluation
+    import xmoe.experiments.sparsify_grid as evaluation
 
     made = []
     monkeypatch.setattr(evaluation, "run_eval", lambda settings: made.append(settings) or _Path())

@@ -66,14 +66,6 @@ def test_full_target_is_exactly_the_dense_model(sites, scoring, allocation):
     assert ffn_flops_fraction(sparse) == 1.0
 
 
-def test_the_grid_refuses_a_neurons_mode_model_instead_of_counting_it_dense():
-    from xmoe.conversion.eval_metrics import measure_quality
-
-    sparse = neurons(tiny_llama(), token_ids(seed=2), target_flops=0.5)
-    with pytest.raises(ValueError, match="neurons mode"):
-        measure_quality(sparse, {}, None, "neurons")
-
-
 @pytest.mark.parametrize("sites", SITE_CHOICES)
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
 def test_measured_flops_fraction_is_the_target(sites, allocation):

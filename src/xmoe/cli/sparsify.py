@@ -1,7 +1,7 @@
 """``xmoe sparsify``: a dense causal LM directory converted into neuron-group MoE MLPs (or, with
 ``--mode neurons``, threshold-sparse MLPs), recovered with ``--recovery-tokens N``; and
 ``xmoe sparsify-grid``: the SmolLM2-135M quality/compute grid. Their settings options come from
-:class:`~xmoe.conversion.SparsifyConfig` and :class:`~xmoe.conversion.evaluation.EvalSettings`
+:class:`~xmoe.conversion.SparsifyConfig` and :class:`~xmoe.experiments.sparsify_grid.EvalSettings`
 (:mod:`xmoe.cli.options`)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ _PIPELINE = ("calibration_tokens", "seq_len", "calibration_text")
 
 
 def sparsify_grid_command(args: argparse.Namespace) -> int:
-    from xmoe.conversion.evaluation import EvalSettings, run_eval
+    from xmoe.experiments.sparsify_grid import EvalSettings, run_eval
 
     recorded = {"command": "xmoe " + " ".join(sys.argv[1:])} if sys.argv[1:] else {}
     report = run_eval(from_options(EvalSettings, args, exclude=GRID_EXCLUDE, **recorded))

@@ -1,5 +1,6 @@
 """The settings of ``xmoe sparsify-grid``: :class:`EvalSettings` (the grid, the budgets, where
-it writes), validated on construction, and the router kinds the grid measures.
+it writes), validated on construction, the router kinds and the neurons-mode methods the grid
+measures.
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ from xmoe.conversion.recovery import RecoveryConfig
 GRID_ROUTERS = ("trained", "oracle")
 """``trained``: the learned router fit on calibration states. ``oracle``: the true expert output
 norms (no router)."""
+
+
+NEURON_METHODS: dict[str, dict[str, Any]] = {
+    "teal": {"scoring": "teal", "allocation": "uniform", "sites": ("gate_up", "down")},
+    "wina": {"scoring": "wina", "allocation": "uniform", "sites": ("gate_up", "down")},
+    "wina-greedy": {"scoring": "wina", "allocation": "greedy", "sites": ("gate_up", "down")},
+    "gate-first": {"scoring": "wina", "allocation": "greedy", "sites": ("gate_up", "gate")},
+}
+"""The neurons-mode cells, each a ``sparsify(mode="neurons")`` setting, each adding one step to
+the one before: ``teal`` (TEAL uniform: |x| thresholds on the channels entering gate/up and the
+neurons entering down, the same sparsity at both), ``wina`` (+WINA: scores times the weight
+column norms), ``wina-greedy`` (+TEAL's greedy per-layer allocation), ``gate-first`` (CHESS:
+neurons kept by their gate before up and down run, with WINA scores and the greedy
+allocation)."""
 
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> None:
@@ -34,6 +49,13 @@ class EvalSettings:
         routers: ``oracle`` and/or ``trained``.
         recover: ``(expert_size, partition, fraction)`` configs to recovery-fine-tune at that
             fraction (then evaluated at every fraction).
+        neuron_oracle: kept-neuron fractions of the per-neuron oracle (H=1: each token keeps the
+            neurons with the largest true output norms, ranked on the dense FFN; a bound).
+        neuron_methods: the neurons-mode methods measured (:data:`NEURON_METHODS`).
+        target_flops: the FFN-FLOP fractions F each neurons-mode method is calibrated to.
+        recovery_budgets: token budgets of the recovery cells: the best training-free
+            neurons-mode method at ``recovery_flops`` fine-tuned by distillation with each.
+        recovery_flops: the F (one of ``target_flops``) whose best method is recovered.
         xmoe_route: expert size of the XMoE-route row (clustered partition), 0 for none.
         xmoe_thresholds: the thresholds t the XMoE route is evaluated at.
         xmoe_router_scale: the trained router's logits are scaled by this to start the XMoE
@@ -49,6 +71,9 @@ class EvalSettings:
         cache_dir: corpus/model cache (None: ``$XMOE_CACHE_DIR`` or ``~/.cache/xmoe``).
         command: the command line recorded in the report.
         progress: tqdm bars.
+        quick: a tiny random Llama and random tokens instead of SmolLM2-135M and the corpus:
+            nothing downloaded, checks the pipeline (its numbers mean nothing; with small token
+            budgets it takes a minute or two); the report goes to ``out``, never to ``docs``.
     """
 
     out: Path = Path("runs/sparsify-eval")
@@ -60,6 +85,13 @@ class EvalSettings:
     )
     routers: tuple[str, ...] = field(default=GRID_ROUTERS, metadata={"choices": GRID_ROUTERS})
     recover: tuple[tuple[int, str, float], ...] = ((16, "clustered", 0.5),)
+    neuron_oracle: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7)
+    neuron_methods: tuple[str, ...] = field(
+        default=tuple(NEURON_METHODS), metadata={"choices": tuple(NEURON_METHODS)}
+    )
+    target_flops: tuple[float, ...] = (0.75, 0.6, 0.5, 0.35)
+    recovery_budgets: tuple[int, ...] = (250_000, 1_000_000, 2_000_000)
+    recovery_flops: float = 0.5
     xmoe_route: int = 16
     xmoe_thresholds: tuple[float, ...] = (0.9, 0.75, 0.5, 0.25)
     xmoe_router_scale: float = 0.1
@@ -74,6 +106,7 @@ class EvalSettings:
     cache_dir: Path | None = None
     command: str = "xmoe sparsify-grid"
     progress: bool = True
+    quick: bool = False
 
     def __post_init__(self) -> None:
         _positive_ints("expert_sizes", self.expert_sizes)
@@ -90,6 +123,7 @@ class EvalSettings:
                 raise ValueError(f"recover entry {(size, partition, fraction)} is invalid")
             if not 0 < fraction <= 1:
                 raise ValueError(f"recover fraction {fraction} is invalid: must be in (0, 1]")
+        self._check_neurons()
         if not (isinstance(self.xmoe_route, int) and self.xmoe_route >= 0):
             raise ValueError(f"xmoe_route={self.xmoe_route!r} is invalid: an int >= 0")
         if not self.xmoe_thresholds or not all(0 < t <= 1 for t in self.xmoe_thresholds):
@@ -115,15 +149,49 @@ class EvalSettings:
                     f"seq_len={self.seq_len} tokens"
                 )
 
+    def _check_neurons(self) -> None:
+        """The neurons-mode cells' settings (empty tuples leave those cells out)."""
+        for name in ("neuron_oracle", "target_flops"):
+            values = getattr(self, name)
+            if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values):
+                raise ValueError(f"{name}={values!r} is invalid: give numbers in (0, 1]")
+        if not set(self.neuron_methods) <= set(NEURON_METHODS):
+            raise ValueError(
+                f"neuron_methods={self.neuron_methods!r} is invalid: choose from "
+                f"{tuple(NEURON_METHODS)}"
+            )
+        if self.recovery_budgets:
+            _positive_ints("recovery_budgets", self.recovery_budgets)
+        if (
+            self.recovery_budgets
+            and self.neuron_methods
+            and self.recovery_flops not in (self.target_flops)
+        ):
+            raise ValueError(
+                f"recovery_flops={self.recovery_flops!r} is invalid: the recovered cell starts "
+                f"from a measured one, so it must be one of target_flops={self.target_flops!r}"
+            )
+
+    @property
+    def report_dir(self) -> Path:
+        """Where the report goes: ``docs``, or ``out`` in the quick mode (whose numbers must
+        never replace the real ones)."""
+        return Path(self.out) if self.quick else Path(self.docs)
+
+    def recovery_tokens(self) -> int:
+        """Training tokens the windows of the budgeted recoveries hold: the largest budget."""
+        return max((self.recovery.tokens, *self.recovery_budgets))
+
     def measurement_key(self) -> dict[str, Any]:
         """The settings a cached cell depends on (a cell measured under others is redone)."""
-        return {
+        key = {
             "eval_tokens": self.eval_tokens,
             "seq_len": self.seq_len,
             "calibration_tokens": self.calibration_tokens,
             "router_steps": self.router_steps,
             "timing_tokens": self.timing_tokens,
         }
+        return key | {"quick": True} if self.quick else key  # the real run's cells stay valid
 
 
-__all__ = ["GRID_ROUTERS", "EvalSettings"]
+__all__ = ["GRID_ROUTERS", "NEURON_METHODS", "EvalSettings"]

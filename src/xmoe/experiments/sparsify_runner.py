@@ -1,6 +1,7 @@
 """The cache of ``xmoe sparsify-grid``: :class:`Runner` measures one cell at a time and keeps
 every result under the run directory: cells as JSON, converted models as verified safetensors,
-recovery fine-tunes as checkpoints, so a rerun skips what is done.
+recovery fine-tunes as checkpoints, so a rerun skips what is done. A cell that could not be
+measured (a recovery the API refuses) is stored with its reason and retried on the next run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import torch
 from torch import nn
 
 from xmoe.conversion.architecture import layer_mlps
-from xmoe.conversion.eval_data import load_or_build_data
-from xmoe.conversion.eval_metrics import measure_quality, time_side_by_side
-from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.recovery import recover
 from xmoe.conversion.sparse_mlp import SEPARATE_UP_KEY
 from xmoe.conversion.sparsify import (
@@ -27,8 +25,31 @@ from xmoe.conversion.sparsify import (
     sparse_mlps,
     sparsify,
 )
+from xmoe.experiments.sparsify_data import load_or_build_data, random_data
+from xmoe.experiments.sparsify_metrics import measure_quality, time_side_by_side
+from xmoe.experiments.sparsify_settings import NEURON_METHODS, EvalSettings
 from xmoe.experts.ffn import separate_up_error
 from xmoe.storage import atomic_write_text, read_verified, save_verified
+
+QUICK_MODEL = {
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+"""The quick mode's random Llama: an FFN width (128) that every default expert size divides."""
+
+
+def quick_model(settings: EvalSettings) -> nn.Module:
+    """The quick mode's dense model: a random Llama of :data:`QUICK_MODEL`, the same every run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    positions = max(settings.seq_len, settings.recovery.seq_len)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**QUICK_MODEL, max_position_embeddings=positions))
 
 
 def _mlp_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -45,8 +66,12 @@ class Runner:
         self.out = Path(settings.out)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         (self.out / "models").mkdir(parents=True, exist_ok=True)
-        self.dense, self.tokenizer, self.model_dir = load_real_model(settings.cache_dir)
-        self.data = load_or_build_data(self.tokenizer, settings, self.out / "data.safetensors")
+        if settings.quick:
+            self.dense = quick_model(settings).eval()
+            self.data = random_data(settings, self.dense.config.vocab_size)
+        else:
+            self.dense, tokenizer, _ = load_real_model(settings.cache_dir)
+            self.data = load_or_build_data(tokenizer, settings, self.out / "data.safetensors")
         self._mlp_inputs: list[torch.Tensor] | None = None
         self.key = settings.measurement_key()
         self.after_cell: Callable[[], Any] | None = None
@@ -64,13 +89,19 @@ class Runner:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
-        return record if record.get("key") == self.key else None
+        done = record.get("key") == self.key and "skipped" not in record  # a skip is retried
+        return record if done else None
 
     def store(self, name: str, record: dict[str, Any]) -> None:
         record = record | {"key": self.key, "name": name}
         atomic_write_text(self.cell_path(name), json.dumps(record, indent=1, sort_keys=True))
         if self.after_cell is not None:
             self.after_cell()
+
+    def skip(self, name: str, meta: dict[str, Any], reason: str) -> None:
+        """Store that cell ``name`` could not be measured, and why (the report says so; the
+        next run tries it again)."""
+        self.store(name, meta | {"skipped": reason})
 
     def all_cells(self) -> list[dict[str, Any]]:
         cells = []
@@ -139,6 +170,20 @@ class Runner:
             desc=f"recovery {partition} H={size} f={fraction}",
         )
         return model
+
+    def neuron_model(self, method: str, target_flops: float) -> nn.Module:
+        """The dense model in the neurons mode with ``method``'s settings
+        (:data:`~xmoe.experiments.sparsify_settings.NEURON_METHODS`) at ``target_flops``,
+        calibrated on the grid's calibration MLP inputs (converted again when needed: a
+        threshold calibration is deterministic)."""
+        return sparsify(
+            self.dense,
+            mode="neurons",
+            target_flops=target_flops,
+            mlp_inputs=self.mlp_inputs(),
+            progress=self.settings.progress,
+            **NEURON_METHODS[method],
+        )
 
     def xmoe_model(self, size: int) -> nn.Module:
         model = self.converted(size, "clustered")

@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from xmoe import flops
 from xmoe.conversion.architecture import layer_mlps
-from xmoe.conversion.eval_data import DOMAINS
-from xmoe.conversion.eval_settings import EvalSettings
 from xmoe.conversion.neuron_mlp import neuron_mlps
 from xmoe.conversion.sparsify import sparse_mlps
+from xmoe.experiments.neuron_oracle import oracle_mlps
+from xmoe.experiments.sparsify_data import DOMAINS
+from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.routing.stats import layer_mean
 
 
@@ -33,16 +34,15 @@ def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: E
 
     FFN FLOPs (:mod:`xmoe.flops`, SwiGLU): dense 6·D·I per layer; sparse 6·D·H per selected
     expert plus the router's 2·D·E (none for the oracle, which is not a deployable router: its
-    ranking costs a dense FFN), per layer, averaged over the evaluated tokens.
+    ranking costs a dense FFN), per layer, averaged over the evaluated tokens. A neurons-mode
+    model (or the per-neuron oracle) has no experts: its MLPs' own per-token FLOP fractions
+    count (``flops_fraction``, no router), and ``experts_per_token`` is None.
     """
-    if neuron_mlps(model):  # its FLOPs are not the experts' count: refuse, never report dense
-        raise ValueError(
-            f"{type(model).__name__} is sparsified in the neurons mode: the sparsify grid "
-            "measures expert-mode models only (ffn_flops_fraction gives a neurons-mode FLOP share)"
-        )
     config = model.config
     modules = sparse_mlps(model)
+    masked = [*neuron_mlps(model), *oracle_mlps(model)]  # no experts: per-token FLOP fractions
     selected = [0.0] * len(modules)
+    kept = [0.0] * len(masked)
     tokens_seen = 0
     result: dict[str, Any] = {"ppl": {}, "nll": {}}
     batches = [(d, b) for d in DOMAINS for b in data[f"eval_{d}"].split(settings.eval_batch)]
@@ -58,13 +58,19 @@ def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: E
         count[domain] += targets.numel()
         for index, module in enumerate(modules):
             selected[index] += float(module.experts_per_token.double().sum())
+        for index, module in enumerate(masked):
+            kept[index] += float(module.flops_fraction.sum())
         tokens_seen += ids_BT.numel()
     for domain in DOMAINS:
         result["nll"][domain] = nll[domain] / count[domain]
         result["ppl"][domain] = math.exp(result["nll"][domain])
     d_model = config.hidden_size
     dense_flops = flops.ffn_flops(d_model, config.intermediate_size, gated=True)
-    if modules:
+    if masked:
+        result["experts_per_token"] = None
+        result["active_share"] = layer_mean([k / tokens_seen for k in kept])
+        result["ffn_flops"] = result["active_share"] * dense_flops * config.num_hidden_layers
+    elif modules:
         per_layer = []
         for index, module in enumerate(modules):
             learned = module.settings.router == "learned"

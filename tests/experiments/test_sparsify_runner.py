@@ -11,24 +11,25 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import xmoe.conversion.eval_runner as eval_runner
 import xmoe.conversion.real_model as real_model
-from xmoe.conversion.eval_settings import EvalSettings
+import xmoe.experiments.sparsify_runner as sparsify_runner
+from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.storage import read_verified, save_verified
 
 TINY = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
 TINY |= {"num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32}
 
 
-def _runner(tmp_path, monkeypatch) -> eval_runner.Runner:
+def _runner(tmp_path, monkeypatch) -> sparsify_runner.Runner:
     """A runner over a tiny random Llama and random calibration tokens (nothing downloaded)."""
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
     monkeypatch.setattr(real_model, "load_real_model", lambda cache_dir: (dense, None, None))
     calibration = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(eval_runner, "load_or_build_data", lambda *a: {"calibration": calibration})
+    data = {"calibration": calibration}
+    monkeypatch.setattr(sparsify_runner, "load_or_build_data", lambda *a: data)
     settings = EvalSettings(out=tmp_path, router_steps=2, progress=False, eval_batch=2, seq_len=16)
-    return eval_runner.Runner(settings)
+    return sparsify_runner.Runner(settings)
 
 
 def test_a_cached_model_of_the_pre_fusion_layout_is_rebuilt(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """``xmoe sparsify-grid``: SmolLM2-135M made sparse, quality against compute.
 
-A grid of expert size × partition × router × active fraction, each cell measured on held-out
+A grid of expert size × partition × router × active fraction, and of the neurons mode (the
+per-neuron oracle, TEAL / WINA / greedy / gate-first thresholds at FFN-FLOP targets F, and the
+best of them at one F recovered with several token budgets), each cell measured on held-out
 Shakespeare and KJV windows (the LM corpus's fixed held-out works and books): perplexity, experts
 per token, FFN FLOPs per token, and (for deployable routers) the FFN wall time and end-to-end
 forward tokens/s against the dense model, timed side by side in this process. Plus the dense row
@@ -12,29 +14,42 @@ all written atomically. A rerun skips what is done and rewrites the report
 (``<docs>/sparsify.md`` and ``sparsify.png``) after every cell, so an interrupted run still
 leaves a report of what finished.
 
-The pieces: :mod:`~xmoe.conversion.eval_settings` (what is measured),
-:mod:`~xmoe.conversion.eval_data` (the token windows), :mod:`~xmoe.conversion.eval_metrics`
-(quality and timing of one model), :mod:`~xmoe.conversion.eval_runner` (the cached cells and
-models); this module plans the grid and runs it.
+The pieces: :mod:`~xmoe.experiments.sparsify_settings` (what is measured),
+:mod:`~xmoe.experiments.sparsify_data` (the token windows),
+:mod:`~xmoe.experiments.sparsify_metrics` (quality and timing of one model),
+:mod:`~xmoe.experiments.sparsify_runner` (the cached cells and models); this module plans the
+grid and runs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from xmoe.conversion.eval_data import DOMAINS, spaced_windows
-from xmoe.conversion.eval_metrics import measure_quality
-from xmoe.conversion.eval_runner import Runner
-from xmoe.conversion.eval_settings import EvalSettings
-from xmoe.conversion.report import write_report
+from xmoe.conversion.recovery import recover
 from xmoe.conversion.sparsify import _reconfigure, set_active_fraction, set_threshold, sparse_mlps
+from xmoe.experiments.neuron_oracle import neuron_oracle_model, set_oracle_fraction
+from xmoe.experiments.sparsify_data import DOMAINS, spaced_windows
+from xmoe.experiments.sparsify_metrics import measure_quality
+from xmoe.experiments.sparsify_report import worst_ratio, write_report
+from xmoe.experiments.sparsify_runner import Runner
+from xmoe.experiments.sparsify_settings import EvalSettings
 
 
 def cell_name(partition: str, size: int, router: str, fraction: float) -> str:
     return f"{partition}-H{size}-{router}-f{fraction:g}"
+
+
+def neuron_cell_name(method: str, target_flops: float) -> str:
+    return f"neurons-{method}-F{target_flops:g}"
+
+
+def recovered_cell_name(budget: int) -> str:
+    return f"neurons-recovered-T{budget}"
 
 
 Job = tuple[list[str], Callable[[Runner], None]]
@@ -53,6 +68,7 @@ def plan(settings: EvalSettings) -> list[Job]:
             runner.measure("dense", runner.dense, meta, timed=False)
 
     jobs.append((["dense"], dense_job))
+    jobs += neuron_jobs(settings)
 
     def group(size: int, partition: str, full: bool) -> Job:
         names = []
@@ -134,6 +150,84 @@ def plan(settings: EvalSettings) -> list[Job]:
         for size in settings.expert_sizes:
             jobs.append(group(size, partition, full=False))
     return jobs
+
+
+def neuron_jobs(settings: EvalSettings) -> list[Job]:
+    """The neurons-mode cells: the per-neuron oracle, each method at each F, then the
+    recoveries of the best method at ``recovery_flops`` (after the cells they choose from)."""
+    jobs: list[Job] = []
+    if settings.neuron_oracle:
+        names = [cell_name("neuron", 1, "oracle", f) for f in settings.neuron_oracle]
+
+        def oracle_job(runner: Runner) -> None:
+            todo = [(n, f) for n, f in zip(names, settings.neuron_oracle, strict=True)
+                    if runner.cached(n) is None]  # fmt: skip
+            if not todo:
+                return
+            model = neuron_oracle_model(runner.dense, todo[0][1])
+            for name, fraction in todo:
+                set_oracle_fraction(model, fraction)
+                meta = {"kind": "sparse", "router": "oracle", "partition": "neuron",
+                        "expert_size": 1, "num_experts": model.config.intermediate_size,
+                        "fraction": fraction}  # fmt: skip
+                runner.measure(name, model, meta, timed=False)
+
+        jobs.append((names, oracle_job))
+    for method in settings.neuron_methods:
+        for target in settings.target_flops:
+            name = neuron_cell_name(method, target)
+
+            def method_job(runner: Runner, method=method, target=target, name=name) -> None:
+                if runner.cached(name) is None:
+                    meta = {"kind": "neurons", "router": method, "method": method,
+                            "partition": "neuron", "expert_size": 1, "num_experts": None,
+                            "fraction": target}  # fmt: skip
+                    runner.measure(name, runner.neuron_model(method, target), meta, timed=False)
+
+            jobs.append(([name], method_job))
+    if settings.neuron_methods:
+        for budget in settings.recovery_budgets:
+            name = recovered_cell_name(budget)
+            jobs.append(([name], partial(recovery_job, name=name, budget=budget)))
+    return jobs
+
+
+def recovery_job(runner: Runner, name: str, budget: int) -> None:
+    """Recover the best measured neurons-mode cell at ``recovery_flops`` (lowest worst-domain
+    perplexity ratio) with ``budget`` tokens of distillation, and measure it. Nothing to start
+    from yet (no dense or no such cell measured): the cell stays unmeasured. A recovery that
+    refuses the model (``conversion.recovery.recover`` raising ValueError, as it does for a model
+    without SparseMLPs) is stored as skipped with its message."""
+    settings = runner.settings
+    if runner.cached(name) is not None:
+        return
+    cells = [c for c in runner.all_cells() if "skipped" not in c]
+    dense = next((c for c in cells if c["kind"] == "dense"), None)
+    sources = [c for c in cells if c["kind"] == "neurons" and c["router"] != "recovered"
+               and c["fraction"] == settings.recovery_flops]  # fmt: skip
+    if dense is None or not sources:
+        return
+    source = min(sources, key=lambda c: worst_ratio(c, dense))
+    method, target = source["method"], source["fraction"]
+    config = dataclasses.replace(settings.recovery, tokens=budget)
+    meta = {"kind": "neurons", "router": "recovered", "method": method, "partition": "neuron",
+            "expert_size": 1, "num_experts": None, "fraction": target,
+            "recovered_from": source["name"], "recovery": config.to_dict()}  # fmt: skip
+    model = runner.neuron_model(method, target)
+    try:
+        recover(
+            model,
+            runner.data["recovery_budgets"],
+            config,
+            teacher=runner.dense,
+            checkpoint=runner.out / "models" / f"neurons-{method}-F{target:g}-T{budget}.ckpt",
+            progress=settings.progress,
+            desc=f"recovery {method} F={target:g} {budget} tokens",
+        )
+    except ValueError as error:
+        runner.skip(name, meta, f"conversion.recovery.recover refused it: {error}")
+        return
+    runner.measure(name, model, meta, timed=False)
 
 
 def run_eval(settings: EvalSettings) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from xmoe.conversion.eval_settings import EvalSettings
+from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.storage import read_verified, save_verified
 
 DOMAINS = ("shakespeare", "kjv")
@@ -35,7 +35,9 @@ def spaced_windows(ids: list[int], tokens: int, seq_len: int) -> torch.Tensor:
 def corpus_data(tokenizer, settings: EvalSettings) -> dict[str, torch.Tensor]:
     """Token windows, from the project's corpus and its fixed split (:mod:`xmoe.data.corpus`):
     ``calibration`` (Shakespeare training works), ``recovery`` (both training splits, windows
-    alternating between the domains), and ``eval_<domain>`` (the held-out works / books)."""
+    alternating between the domains, ``settings.recovery.tokens`` of them), ``recovery_budgets``
+    (the same for the largest recovery budget) and ``eval_<domain>`` (the held-out works /
+    books)."""
     from xmoe.data.corpus import load_documents, split_documents
 
     train, val = split_documents(load_documents(settings.cache_dir))
@@ -52,19 +54,41 @@ def corpus_data(tokenizer, settings: EvalSettings) -> dict[str, torch.Tensor]:
     data["calibration"] = spaced_windows(
         train_ids["shakespeare"], settings.calibration_tokens, settings.seq_len
     )
-    rec = settings.recovery
-    per_domain = math.ceil(rec.tokens / len(DOMAINS))
-    parts = [spaced_windows(train_ids[d], per_domain, rec.seq_len) for d in DOMAINS]
+    seq_len = settings.recovery.seq_len
+    data["recovery"] = alternating_windows(train_ids, settings.recovery.tokens, seq_len)
+    data["recovery_budgets"] = alternating_windows(train_ids, settings.recovery_tokens(), seq_len)
+    return data
+
+
+def alternating_windows(ids: dict[str, list[int]], tokens: int, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) windows evenly spaced over each domain's ``ids``, ``tokens`` in all,
+    alternating between the domains."""
+    per_domain = math.ceil(tokens / len(DOMAINS))
+    parts = [spaced_windows(ids[d], per_domain, seq_len) for d in DOMAINS]
     count = min(p.shape[0] for p in parts)
-    data["recovery"] = torch.stack([p[:count] for p in parts], dim=1).reshape(-1, rec.seq_len)
+    return torch.stack([p[:count] for p in parts], dim=1).reshape(-1, seq_len)
+
+
+def random_data(settings: EvalSettings, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The windows of :func:`corpus_data`, of random token ids (the quick mode: no corpus)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def windows(tokens: int, seq_len: int) -> torch.Tensor:
+        return torch.randint(0, vocab_size, (max(1, tokens // seq_len), seq_len),
+                             generator=generator)  # fmt: skip
+
+    data = {f"eval_{d}": windows(settings.eval_tokens, settings.seq_len) for d in DOMAINS}
+    data["calibration"] = windows(settings.calibration_tokens, settings.seq_len)
+    data["recovery"] = windows(settings.recovery.tokens, settings.recovery.seq_len)
+    data["recovery_budgets"] = windows(settings.recovery_tokens(), settings.recovery.seq_len)
     return data
 
 
 def load_or_build_data(tokenizer, settings: EvalSettings, path: Path) -> dict[str, torch.Tensor]:
     """:func:`corpus_data`, cached in ``path`` (verified safetensors) for its settings."""
-    key = json.dumps(
-        settings.measurement_key() | {"recovery": settings.recovery.to_dict()}, sort_keys=True
-    )
+    recovery = settings.recovery.to_dict()
+    key = settings.measurement_key() | {"recovery": recovery, "tokens": settings.recovery_tokens()}
+    key = json.dumps(key, sort_keys=True)
     if path.is_file():
         tensors, meta, _ = read_verified(path)
         if meta.get("key") == key:
@@ -74,4 +98,4 @@ def load_or_build_data(tokenizer, settings: EvalSettings, path: Path) -> dict[st
     return data
 
 
-__all__ = ["DOMAINS", "corpus_data", "load_or_build_data", "spaced_windows"]
+__all__ = ["DOMAINS", "corpus_data", "load_or_build_data", "random_data", "spaced_windows"]
