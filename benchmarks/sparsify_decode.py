@@ -100,8 +100,8 @@ class Data:
 def corpus_data(tokenizer, args) -> Data:
     """Calibration windows from the Shakespeare training works; the prompt, decoded and prefill
     tokens from the held-out ones."""
-    from xmoe.experiments.sparsify_data import spaced_windows
     from xmoe.data.corpus import load_documents, split_documents
+    from xmoe.experiments.sparsify_data import spaced_windows
 
     train, val = split_documents(load_documents(None))
 
