@@ -40,6 +40,7 @@ def test_eval_settings_validate():
         ({"target_flops": (0.5, 0.0)}, r"target_flops=\(0.5, 0.0\) is invalid: give numbers in"),
         ({"neuron_oracle": (1.5,)}, r"neuron_oracle=\(1.5,\) is invalid"),
         ({"recovery_budgets": (0,)}, r"recovery_budgets=\(0,\) is invalid"),
+        ({"recovery_budgets": (256,)}, r"recovery_budgets=\(256,\) is invalid: .* = 512 tokens"),
         ({"recovery_flops": 0.45}, "recovery_flops=0.45 is invalid: .* one of target_flops"),
     ],
 )
@@ -64,7 +65,7 @@ def test_the_grid_holds_the_neurons_cells_and_recovers_after_them():
 QUICK = dict(
     quick=True, expert_sizes=(16,), fractions=(0.5,), partitions=("contiguous",), router_steps=1,
     routers=("oracle",), recover=(), xmoe_route=0, neuron_oracle=(0.5,),
-    neuron_methods=("teal", "wina"), target_flops=(0.5,), recovery_budgets=(256,),
+    neuron_methods=("teal", "wina"), target_flops=(0.5,), recovery_budgets=(512,),
     eval_tokens=64, seq_len=32, calibration_tokens=64, progress=False,
 )  # fmt: skip
 """A few cells of each kind on the quick mode's tiny random Llama."""
@@ -93,15 +94,15 @@ def test_quick_grid_measures_neurons_cells_and_recovers_the_best(tmp_path, monke
                key=lambda n: max(cells[n]["ppl"][d] / cells["dense"]["ppl"][d]
                                  for d in ("shakespeare", "kjv")))  # fmt: skip
     ((_, windows, config), options), *more = calls
-    assert not more and options["checkpoint"].name.endswith("-F0.5-T256.ckpt")
-    assert config.tokens == 256 and windows.numel() >= 256  # windows of the budget
-    recovered = cells["neurons-recovered-T256"]
-    assert recovered["recovered_from"] == best and recovered["recovery"]["tokens"] == 256
+    assert not more and options["checkpoint"].name.endswith("-F0.5-T512.ckpt")
+    assert config.tokens == 512 and windows.numel() >= 512  # windows of the budget
+    recovered = cells["neurons-recovered-T512"]
+    assert recovered["recovered_from"] == best and recovered["recovery"]["tokens"] == 512
     report = (tmp_path / "run/sparsify.md").read_text()  # the quick mode never writes docs
     assert not (tmp_path / "docs").exists() and "Quick mode" in report
     assert "## Targets of issue 26" in report and "## Quality against granularity" in report
     assert "| 1 | oracle (a bound: ranks on the dense FFN) |" in report
-    assert "+ recovery (256 tokens)" in report and "Not measured yet" not in report
+    assert "+ recovery (512 tokens)" in report and "Not measured yet" not in report
 
 
 def test_a_recovery_refused_is_stored_skipped_and_retried(tmp_path, monkeypatch):
@@ -112,12 +113,12 @@ def test_a_recovery_refused_is_stored_skipped_and_retried(tmp_path, monkeypatch)
         raise ValueError(f"{type(model).__name__} has no SparseMLP")
 
     _, cells = _quick_run(tmp_path, monkeypatch, refuse)
-    reason = cells["neurons-recovered-T256"]["skipped"]
+    reason = cells["neurons-recovered-T512"]["skipped"]
     assert (
         reason == "conversion.recovery.recover refused it: SparseLlamaForCausalLM has no SparseMLP"
     )
     report = (tmp_path / "run/sparsify.md").read_text()
-    assert f"- `neurons-recovered-T256`: {reason}" in report
+    assert f"- `neurons-recovered-T512`: {reason}" in report
     measured = []
     monkeypatch.setattr(Runner, "measure", lambda self, name, *a, **k: measured.append(name))
     _quick_run(tmp_path, monkeypatch, refuse)  # resumes: only the skipped cell runs again

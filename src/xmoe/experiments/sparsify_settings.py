@@ -162,6 +162,12 @@ class EvalSettings:
             )
         if self.recovery_budgets:
             _positive_ints("recovery_budgets", self.recovery_budgets)
+            step = self.recovery.batch_size * self.recovery.seq_len
+            if min(self.recovery_budgets) < step:  # named now, not hours into the grid
+                raise ValueError(
+                    f"recovery_budgets={self.recovery_budgets!r} is invalid: each must be at "
+                    f"least one recovery step of batch_size·seq_len = {step} tokens"
+                )
         if (
             self.recovery_budgets
             and self.neuron_methods
