@@ -33,6 +33,15 @@ TIMING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <<
 MEMORY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def target_line(what: str, ratio: float, target: float, moonshot: float) -> str:
+    """One Markdown bullet: ``what``'s measured speed-up against its target and moonshot."""
+    return (
+        f"- {what}: {ratio:.2f}x the faster dense layout (target ≥ {target}x: "
+        f"{'met' if ratio >= target else 'missed'}; moonshot ≥ {moonshot}x: "
+        f"{'met' if ratio >= moonshot else 'missed'})"
+    )
+
+
 def reexec_with(env: dict[str, str]) -> None:
     """Restart this process with ``env`` set (glibc reads these variables only at start-up)."""
     if all(os.environ.get(k) == v for k, v in env.items()):

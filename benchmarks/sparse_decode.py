@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from xmoe.conversion.sparse_decode import SparseDecodeMLP, decode_mlps, keeping_threshold
 
-from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with, time_interleaved
+from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with, target_line, time_interleaved
 
 HIDDEN, FFN, LAYERS = 576, 1536, 30  # SmolLM2-135M
 QUICK_SHAPE = (48, 96, 2)
@@ -215,12 +215,7 @@ def write_report(
     lines += ["", "### Targets (issue 26: MLPs at 50% of FFN FLOPs)", ""]
     for row in rows:
         if row["kept"] == TARGET_KEPT and not row["variant"].startswith("dense"):
-            verdict = "met" if row["speedup"] >= TARGET else "missed"
-            moonshot = "met" if row["speedup"] >= MOONSHOT else "missed"
-            lines.append(
-                f"- {row['section']}: sparse = {row['speedup']:.2f}x the faster dense layout "
-                f"(target ≥ {TARGET}x: {verdict}; moonshot ≥ {MOONSHOT}x: {moonshot})"
-            )
+            lines.append(target_line(f"{row['section']}: sparse", row["speedup"], TARGET, MOONSHOT))
     path.write_text("\n".join(lines) + "\n")
     return path
 

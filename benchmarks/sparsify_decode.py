@@ -36,7 +36,7 @@ from torch import nn
 from xmoe.conversion import NeuronMLP, ffn_flops_fraction, sparsify
 from xmoe.conversion.sparse_decode import row_major
 
-from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with
+from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with, target_line
 
 TARGETS = {"MLPs": (1.4, 1.6), "whole model": (1.2, 1.25)}  # issue 26 at F = 50%: target, moonshot
 TARGET_FLOPS = 0.5
@@ -298,11 +298,7 @@ def write_report(
             lines.append(f"- {measure}: not measured (no F = {TARGET_FLOPS:.0%} model in this run)")
             continue
         ratio = row["MLPs ratio" if measure == "MLPs" else "decode ratio"]
-        lines.append(
-            f"- {measure}: {ratio:.2f}x the faster dense layout (target ≥ {target}x: "
-            f"{'met' if ratio >= target else 'missed'}; moonshot ≥ {moonshot}x: "
-            f"{'met' if ratio >= moonshot else 'missed'})"
-        )
+        lines.append(target_line(measure, ratio, target, moonshot))
     path.write_text("\n".join(lines) + "\n")
     return path
 

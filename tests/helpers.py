@@ -249,3 +249,18 @@ def hf_tiny_round_trip(save_dir, moe: dict, router_std: float) -> None:
     common = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     cached = loaded.generate(ids, use_cache=True, **common)
     assert torch.equal(cached, loaded.generate(ids, use_cache=False, **common))
+
+
+def pre_fusion_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A sparsified model's state in the layout before 0.1.0: each fused ``mlp.w_gate_up`` split
+    back into separate ``w_gate`` and ``w_up`` tensors."""
+    old = {}
+    for key, value in tensors.items():
+        if key.endswith("mlp.w_gate_up"):
+            prefix = key[: -len("w_gate_up")]
+            old[prefix + "w_gate"], old[prefix + "w_up"] = (
+                t.contiguous() for t in value.chunk(2, dim=-1)
+            )
+        else:
+            old[key] = value
+    return old

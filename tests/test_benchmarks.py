@@ -82,7 +82,7 @@ def test_sparse_decode_benchmark_quick(tmp_path, monkeypatch):
     table = (tmp_path / "sparse_decode_cpu_quick.md").read_text()
     assert "python -m benchmarks.sparse_decode --quick" in table
     assert "### 2 MLPs" in table and "| dense, row-major layout | 100% |" in table
-    assert "| sparse, kept 0.35 | 35% |" in table and "- 2 MLPs: sparse = " in table
+    assert "| sparse, kept 0.35 | 35% |" in table and "- 2 MLPs: sparse: " in table
 
 
 def test_sparse_decode_benchmark_reads_a_models_hidden_states():

@@ -39,6 +39,8 @@ from xmoe.conversion.partition import balanced_kmeans, captured_mass, neuron_act
 from xmoe.conversion.router_training import router_loss, train_router
 from xmoe.registry import FAMILIES
 
+from helpers import pre_fusion_layout
+
 VOCAB, HIDDEN, FFN = 64, 32, 64
 
 TINY = {
@@ -235,15 +237,7 @@ def test_older_separate_gate_up_layout_is_refused(tmp_path):
     sparse = sparsify(tiny_llama(), 8, router="oracle", threshold=0.7, active_fraction=None)
     sparse.save_pretrained(tmp_path)
     (path,) = tmp_path.glob("*.safetensors")
-    old = {}
-    for key, value in load_file(path).items():
-        if key.endswith("mlp.w_gate_up"):
-            prefix = key[: -len("w_gate_up")]
-            old[prefix + "w_gate"], old[prefix + "w_up"] = (
-                t.contiguous() for t in value.chunk(2, dim=-1)
-            )
-        else:
-            old[key] = value
+    old = pre_fusion_layout(load_file(path))
     save_file(old, path, metadata={"format": "pt"})
     refused = pytest.raises(ValueError, match=r"pre-0\.1\.0 layout \(separate up tensor 'model")
     with pytest.warns(UserWarning, match="loaded unverified"), refused:

@@ -16,6 +16,8 @@ import xmoe.experiments.sparsify_runner as sparsify_runner
 from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.storage import read_verified, save_verified
 
+from helpers import pre_fusion_layout
+
 TINY = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
 TINY |= {"num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32}
 
@@ -37,15 +39,7 @@ def test_a_cached_model_of_the_pre_fusion_layout_is_rebuilt(tmp_path, monkeypatc
     expected = runner.converted(8, "clustered").state_dict()
     path = tmp_path / "models" / "clustered-H8.safetensors"
     tensors, meta, _ = read_verified(path)
-    old = {}
-    for key, value in tensors.items():
-        if key.endswith("mlp.w_gate_up"):
-            prefix = key[: -len("w_gate_up")]
-            old[prefix + "w_gate"], old[prefix + "w_up"] = (
-                t.contiguous() for t in value.chunk(2, dim=-1)
-            )
-        else:
-            old[key] = value
+    old = pre_fusion_layout(tensors)
     save_verified(path, old, meta)
     state = runner.converted(8, "clustered").state_dict()
     for key, value in expected.items():
