@@ -23,8 +23,6 @@ site, R row length.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -37,50 +35,20 @@ from xmoe.registry import FAMILIES
 def kept_rows_sum(a_SN: torch.Tensor, keep_SN: torch.Tensor, rows_NR: torch.Tensor) -> torch.Tensor:
     """``(a ⊙ keep) @ rows``: each token's kept rows scaled by its kept activations, (S, R).
 
-    At one token (S == 1) only the kept rows are read, by ``embedding_bag`` over their indices.
-    One such call sums on one thread (two bags in one call measured no faster), while the dense
-    ``mv`` it competes with reads on every thread; so with two or more threads and at least
-    :data:`SPLIT_ELEMENTS` to read, the second half of the kept rows is summed on a helper
-    thread while this one sums the first (``embedding_bag`` releases the GIL). More tokens zero
-    the dropped activations and run one GEMM.
+    At one token (S == 1) only the kept rows are read, by one ``embedding_bag`` over their
+    indices. Splitting the rows over a helper thread measured no faster once the weights come
+    from memory (30 MLPs) and about twice as slow when they sit in cache (one MLP): the hand-off
+    costs more than the second thread's reads gain. More tokens zero the dropped activations and
+    run one GEMM.
     """
     if a_SN.shape[0] != 1:
         return a_SN.masked_fill(~keep_SN, 0) @ rows_NR
     kept_K = keep_SN.reshape(-1).nonzero().view(-1)
     # take: at S == 1 a flat index is the column index, and it is the cheapest gather (µs count)
     weights_K = torch.take(a_SN, kept_K)
-    half = kept_K.numel() // 2
-    if torch.get_num_threads() < 2 or kept_K.numel() * rows_NR.shape[1] < SPLIT_ELEMENTS:
-        return _bag_sum(kept_K, rows_NR, weights_K)
-    second = _helper().submit(_bag_sum, kept_K[half:], rows_NR, weights_K[half:])
-    return _bag_sum(kept_K[:half], rows_NR, weights_K[:half]) + second.result()
-
-
-SPLIT_ELEMENTS = 1 << 16
-"""Weights (kept rows × row length) from which a one-token sum is split over two threads: 256
-KiB in fp32, tens of µs of reading, above the ~10-30 µs a hand-off to the helper costs."""
-
-
-def _bag_sum(kept_K: torch.Tensor, rows_NR: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:
-    """(1, R) the rows ``kept_K`` of ``rows_NR`` scaled by ``weights_K`` and summed, read in
-    place (``embedding_bag``: a fused gather-axpy)."""
     return F.embedding_bag(
         kept_K, rows_NR, _one_bag(kept_K.device), mode="sum", per_sample_weights=weights_K
     )
-
-
-_HELPER: list[ThreadPoolExecutor] = []
-"""The helper thread of the split one-token sums, started on first use (none in a forked child:
-its thread did not survive the fork)."""
-
-
-def _helper() -> ThreadPoolExecutor:
-    if not _HELPER:
-        _HELPER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmoe-rows"))
-    return _HELPER[0]
-
-
-os.register_at_fork(after_in_child=_HELPER.clear)
 
 
 _ONE_BAG: dict[torch.device, torch.Tensor] = {}
