@@ -1,11 +1,10 @@
 """`xmoe compress-grid` (experiments/compression_grid.py and compression_report.py) on a tiny
-top-2 model: the byte-fraction mapping, the cells planned from the registry, resuming (a done
+top-2 model: the cells planned from the registry, resuming (a done
 cell is never measured again, a crash mid-cell loses that cell alone) and the report's targets."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,14 @@ import pytest
 from xmoe.data import TokenData
 from xmoe.experiments import compression_grid, compression_report
 from xmoe.experiments.compression_grid import (
-    METHODS,
     CompressionGrid,
     CompressionGridSettings,
-    Experts,
-    Method,
     model_config,
     plan_cells,
     run_grid,
     trained_model,
 )
+from xmoe.experiments.compression_methods import METHODS, Experts, Method
 from xmoe.experiments.compression_report import (
     compression_table,
     target_lines,
@@ -71,27 +68,6 @@ def test_a_model_trained_here_is_not_trained_again(top2_run, monkeypatch):
     monkeypatch.setattr(compression_grid, "train", lambda *a, **k: pytest.fail("trained again"))
     data = load_token_data(_two_steps("top2", settings), progress=False)
     assert trained_model("top2", settings, data)[2] == top2_run
-
-
-def test_a_byte_fraction_maps_to_each_pass_options():
-    assert [compression_grid._groups(EXPERTS, f) for f in (0.75, 0.5, 0.25)] == [
-        {"groups": 48}, {"groups": 32}, {"groups": 16}
-    ]  # fmt: skip
-    assert compression_grid._removed(EXPERTS, 0.25) == {"experts": 96}
-    # 8 bits plus one fp32 scale and zero per 64 weights is 28% of fp32: out of 25%'s reach
-    assert compression_grid._bits(EXPERTS, 0.75)["bits"] == 8
-    assert compression_grid._bits(EXPERTS, 0.25)["bits"] == 4
-    assert compression_grid._bits(EXPERTS, 0.05) is None
-    # rank r of every expert's residual, plus one barycentre per layer, within the bytes
-    bary = compression_grid._rank(EXPERTS, 0.5, barycentre=True)
-    plain = compression_grid._rank(EXPERTS, 0.5, barycentre=False)
-    assert 64 * bary["rank"] * EXPERTS.rank_cost + EXPERTS.weights <= 0.5 * 64 * EXPERTS.weights
-    assert plain["rank"] > bary["rank"]
-    # biases are held as trained: they take their share of the bytes first
-    biased = replace(EXPERTS, kept=EXPERTS.weights // 4)  # 20% of each expert's elements
-    assert compression_grid._bits(EXPERTS, 0.3)["bits"] == 8
-    assert compression_grid._bits(biased, 0.3) == {"bits": 3, "group_size": 64}
-    assert compression_grid._rank(biased, 0.5, barycentre=False)["rank"] < plain["rank"]
 
 
 def test_cells_come_from_the_registry_with_a_note_for_each_skipped_row(monkeypatch):

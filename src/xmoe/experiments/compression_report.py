@@ -13,12 +13,8 @@ from typing import Any
 
 import torch
 
-from xmoe.experiments.compression_grid import (
-    METHODS,
-    REFERENCE,
-    CompressionGridSettings,
-    run_grid,
-)
+from xmoe.experiments.compression_grid import REFERENCE, CompressionGridSettings, run_grid
+from xmoe.experiments.compression_methods import METHODS
 from xmoe.storage import atomic_write_text
 
 FINE, COARSE = "xmoe-64", "top2"
