@@ -191,3 +191,19 @@ def test_gpu_session_script_lists_its_steps(tmp_path):
     )
     steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("== ")]
     assert steps == ["env", "test-gpu", "test", "kernels", "layer"]
+
+
+def test_neuron_decode_call_benchmark_quick():
+    """Times this checkout's NeuronMLP against a baseline file (here the same one) and the
+    kept-row sums alone, at a tiny shape keeping about half."""
+    from benchmarks.neuron_decode_call import main as neuron_decode_call_main
+
+    baseline = Path(__file__).parents[1] / "src/xmoe/conversion/neuron_mlp.py"
+    args = ["--hidden", "16", "--ffn", "32", "--rounds", "1", "--calls", "2"]
+    threads = torch.get_num_threads()
+    try:
+        best = neuron_decode_call_main([*args, "--baseline", str(baseline)])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(best) == ["this checkout", "baseline", "kept-row sums alone", "dense, row-major"]
+    assert all(micros > 0 for micros in best.values())

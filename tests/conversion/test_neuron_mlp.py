@@ -160,3 +160,23 @@ def test_a_sparsified_llama_decodes_token_by_token_as_its_prefill(sites):
             cache = step.past_key_values
     torch.testing.assert_close(torch.cat(logits, dim=1), prefill, rtol=0, atol=1e-12)
     assert all(mlp._row_major is not None for mlp in sparse.modules() if isinstance(mlp, NeuronMLP))
+
+
+@pytest.mark.parametrize("sites", SITE_CHOICES)
+def test_flops_fraction_read_late_is_the_last_forwards(sites):
+    """The fraction is computed when read, from the last forward's masks: read after two
+    decode steps in inference mode (outside it), it equals the dense path's on that token."""
+    mlp = random_mlp(sites, seed=5)
+    first, last = torch.randn(2, 1, HIDDEN, generator=torch.Generator().manual_seed(6)).double()
+    keep_fraction(mlp, first, 0.5)
+    assert mlp.flops_fraction is None  # before any forward
+    with torch.inference_mode():
+        mlp(first)
+        mlp(last)
+    decoded = mlp.flops_fraction
+    with torch.no_grad():
+        mlp(last.expand(2, HIDDEN))  # the dense path on the same token
+    assert mlp.flops_fraction.dtype == torch.float64 and decoded.shape == (1,)
+    torch.testing.assert_close(decoded, mlp.flops_fraction[:1], rtol=0, atol=1e-12)
+    mlp(first)
+    assert not torch.equal(mlp.flops_fraction, decoded)  # a later forward's masks
