@@ -62,7 +62,8 @@ class NeuronMLP(nn.Module):
     so the module is then exactly the dense MLP.
 
     After each forward: ``flops_fraction`` (S,), each token's fraction of the dense FFN FLOPs
-    that its kept inputs need (:func:`~xmoe.conversion.config.flops_fraction`).
+    that its kept inputs need (:func:`~xmoe.conversion.config.flops_fraction`), computed when
+    first read.
 
     One token without gradients takes the decode path (:meth:`decode`): the same output from
     the kept rows of a row-major copy of the weights, made on first use and remade when a weight
