@@ -64,10 +64,10 @@ def test_cancelling_outputs_give_small_norms_not_nan():
     delta = torch.randn(1, 1, 32, generator=gen, dtype=torch.float64)
     w_down = torch.cat([row, row + 1e-12 * delta], 1)
     sign = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    h_SEH = torch.randn(256, 1, 1, generator=gen, dtype=torch.float64) * sign
-    norms = gram_norms(h_SEH, down_grams(w_down))
+    h_EHS = sign[:, None] * torch.randn(1, 1, 256, generator=gen, dtype=torch.float64)
+    norms = gram_norms(h_EHS, down_grams(w_down))
     assert torch.isfinite(norms).all() and (norms >= 0).all()
-    assert float(norms.max()) <= 1e-6 * float(h_SEH.abs().max() * row.norm())
+    assert float(norms.max()) <= 1e-6 * float(h_EHS.abs().max() * row.norm())
 
 
 class _LargestTensor(TorchDispatchMode):

@@ -38,18 +38,21 @@ def expert_output_norms(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
     num_experts, d_model, d_expert = w_gate.shape
-    gate_DI = w_gate.permute(1, 0, 2).reshape(d_model, num_experts * d_expert)
-    up_DI = w_up.permute(1, 0, 2).reshape(d_model, num_experts * d_expert)
+    # (I, D) with each expert's rows together, so a chunk's activations come out (E, H, S): the
+    # Gram form then sums H contiguous rows of S tokens, not S·E runs of H numbers.
+    gate_ID = w_gate.transpose(1, 2).reshape(-1, d_model)
+    up_ID = w_up.transpose(1, 2).reshape(-1, d_model)
     use_gram = d_expert < d_model if gram is None else gram
     gram_EHH = down_grams(w_down) if use_gram else None
     norms = []
     for x in x_SD.split(chunk_tokens):
-        h_SEH = (F.silu(x @ gate_DI) * (x @ up_DI)).view(-1, num_experts, d_expert)
+        x_DS = x.T
+        h_EHS = (F.silu(gate_ID @ x_DS) * (up_ID @ x_DS)).view(num_experts, d_expert, -1)
         if gram_EHH is None:
-            y_SED = torch.einsum("seh,ehd->sed", h_SEH, w_down)
+            y_SED = torch.einsum("ehs,ehd->sed", h_EHS, w_down)
             norms.append(torch.linalg.vector_norm(y_SED, dim=-1))
         else:
-            norms.append(gram_norms(h_SEH, gram_EHH).to(x_SD.dtype))
+            norms.append(gram_norms(h_EHS, gram_EHH).to(x_SD.dtype))
     return torch.cat(norms) if norms else x_SD.new_zeros(0, num_experts)
 
 
@@ -63,14 +66,14 @@ def down_grams(w_down: torch.Tensor) -> torch.Tensor:
     return w_EHD @ w_EHD.transpose(1, 2)
 
 
-def gram_norms(h_SEH: torch.Tensor, gram_EHH: torch.Tensor) -> torch.Tensor:
-    """(S, E) float64 ``√(h_eᵀ G_e h_e)`` of every token's expert activations h_SEH (S, E, H).
+def gram_norms(h_EHS: torch.Tensor, gram_EHH: torch.Tensor) -> torch.Tensor:
+    """(S, E) float64 ``√(h_eᵀ G_e h_e)`` of every token's expert activations h_EHS (E, H, S).
 
     Rounding can leave a cancelled-out norm slightly below zero; it is clamped to 0 before the
     square root (no NaN).
     """
-    h_ESH = h_SEH.transpose(0, 1).to(torch.float64)
-    squares_ES = torch.linalg.vecdot(torch.bmm(h_ESH, gram_EHH), h_ESH)
+    h_EHS = h_EHS.to(torch.float64)
+    squares_ES = (torch.bmm(gram_EHH, h_EHS) * h_EHS).sum(dim=1)  # G_e is symmetric
     return squares_ES.clamp_min(0).sqrt().T
 
 
