@@ -207,3 +207,14 @@ def test_neuron_decode_call_benchmark_quick():
         torch.set_num_threads(threads)
     assert list(best) == ["this checkout", "baseline", "kept-row sums alone", "dense, row-major"]
     assert all(micros > 0 for micros in best.values())
+
+
+def test_expert_norms_benchmark_quick(monkeypatch, capsys):
+    """The Gram form against the materialised outputs, side by side at tiny sizes: one table
+    row per expert size, each with both timings and their agreement."""
+    from benchmarks.expert_norms import main as expert_norms_main
+
+    run_quick(expert_norms_main, QUICK, monkeypatch)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| H (E) | outputs ms | Gram ms | speed-up |")
+    assert len(rows) >= 3  # header, rule, at least one size
