@@ -11,7 +11,7 @@ from pathlib import Path
 
 from xmoe.compression.saving import is_compressed_run
 from xmoe.hf.export import export_model
-from xmoe.storage import check_model_target
+from xmoe.storage.model_dirs import check_model_target
 from xmoe.training.rundir import RunDir
 
 

@@ -58,7 +58,7 @@ from xmoe.hf.verified import VerifiedWeightsMixin
 from xmoe.layer import MoELayer
 from xmoe.models import TransformerLM
 from xmoe.registry import COMPRESS_FAMILIES
-from xmoe.storage import check_model_target, staged_model_directory
+from xmoe.storage.model_dirs import check_model_target, staged_model_directory
 
 COMPRESSED_PREFIX = "xmoe_compressed_"
 """The ``model_type`` of a compressed transformers model is this plus its family's name."""

@@ -5,7 +5,8 @@ run's checkpoint record and tokenizer, it also carries them, so ``xmoe eval`` an
 generate`` read it as they read the run (:func:`load_compressed_run`).
 
 Written into a staging folder and put in place only when complete
-(:func:`xmoe.storage.staged_model_directory`), like ``xmoe export`` and ``xmoe sparsify``.
+(:func:`xmoe.storage.model_dirs.staged_model_directory`), like ``xmoe export`` and
+``xmoe sparsify``.
 """
 
 from __future__ import annotations
@@ -28,18 +29,14 @@ from xmoe.compression.residual import ResidualExperts
 from xmoe.config import MoEConfig
 from xmoe.experts import ExpertKind, FFNExperts
 from xmoe.models import ModelConfig, TransformerLM
-from xmoe.storage import (
-    check_model_target,
-    read_verified,
-    save_verified,
-    staged_model_directory,
-)
+from xmoe.storage import read_verified, save_verified
+from xmoe.storage.model_dirs import check_model_target, staged_model_directory
 from xmoe.training.config import TrainConfig
 from xmoe.training.rundir import TOKENIZER_NAME
 
 WEIGHTS_NAME = "model.compressed.safetensors"
 """The weights file of a compressed model's directory (a weight file to
-:func:`xmoe.storage.is_weight_file`, so it is moved last into an existing directory)."""
+:func:`xmoe.storage.model_dirs.is_weight_file`, so it is moved last into an existing directory)."""
 
 RUN_META_KEY = "run_meta"
 """Metadata key of the checkpoint record (``train_config``, tokenizer digests, step) of the run

@@ -13,7 +13,7 @@ from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.real_model import INSTALL_HINT as REAL_MODEL_HINT
 from xmoe.conversion.real_model import real_model_available
 from xmoe.conversion.recovery import RecoveryConfig
-from xmoe.storage import check_model_target, staged_model_directory
+from xmoe.storage.model_dirs import check_model_target, staged_model_directory
 from xmoe.training.rundir import RunDir
 
 __all__ = ["REAL_MODEL_HINT", "calibration_windows", "real_model_available", "sparsify_directory"]
@@ -89,9 +89,9 @@ def sparsify_directory(
     loaded dense model on windows of the calibration text), and write it (and the tokenizer,
     when there is one) to ``out``.
 
-    ``out`` is written as ``xmoe export`` writes (:func:`~xmoe.storage.staged_model_directory`):
-    staged, put in place only when complete, the weights carrying digests and the config they
-    were saved with, checked on load.
+    ``out`` is written as ``xmoe export`` writes
+    (:func:`~xmoe.storage.model_dirs.staged_model_directory`): staged, put in place only when
+    complete, the weights carrying digests and the config they were saved with, checked on load.
 
     Args:
         force: write into a non-empty ``out`` (replacing the model files there).

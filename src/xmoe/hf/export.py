@@ -16,7 +16,7 @@ from xmoe.data import EOT_TOKEN
 from xmoe.hf.configuration import XMoEConfig
 from xmoe.hf.modeling import XMoEForCausalLM
 from xmoe.models import TransformerLM
-from xmoe.storage import check_model_target, staged_model_directory
+from xmoe.storage.model_dirs import check_model_target, staged_model_directory
 
 HF_TOKENIZER_NAME = "tokenizer.json"
 """The file transformers' fast tokenizer writes, the same name as a run's own tokenizer file."""
@@ -63,7 +63,7 @@ def export_model(
     Refuses a file as ``out``, and a non-empty directory unless ``force`` or ``own`` (``out`` is
     the run the model comes from: its own ``tokenizer.json``, whose digest the run's checkpoint
     records, stays as it is). The files are written into a staging folder, then put in place
-    (:func:`~xmoe.storage.staged_model_directory`).
+    (:func:`~xmoe.storage.model_dirs.staged_model_directory`).
     """
     out = Path(out)
     check_model_target(out, force=force, own=own)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from xmoe.experts.ffn import separate_up_error
-from xmoe.storage import DamagedFileError, is_weight_file, read_verified, save_verified
+from xmoe.storage import DamagedFileError, read_verified, save_verified
+from xmoe.storage.model_dirs import is_weight_file
 
 CONFIG_KEY = "xmoe.config"
 """Weight-file metadata key holding the text of the ``config.json`` saved with the weights."""
