@@ -5,7 +5,7 @@ import torch
 
 from tests.compression.lm import ids, logits_of, tiny_lm
 from xmoe.compression import CompressionError, compress, load_compressed, save_compressed
-from xmoe.compression.prune import calibration_loss, wrap_routers
+from xmoe.compression.prune import calibration_loss, removal_loss, wrap_routers
 
 
 def test_greedy_pruning_loses_no_more_than_random_pruning():
@@ -20,6 +20,58 @@ def test_greedy_pruning_loses_no_more_than_random_pruning():
             tiny_lm(num_experts=4), [("prune", {"experts": 2, **baseline})], calibration
         )
         assert greedy_loss <= calibration_loss(model, calibration), baseline
+
+
+def test_one_round_removes_the_lowest_single_removal_losses_and_keeps_a_layer_alive():
+    calibration = ids(4, 16, seed=3)
+    model = tiny_lm(num_experts=4)
+    routers = wrap_routers(model, 0)
+    losses = {
+        (layer, e): removal_loss(model, routers, (layer, e), calibration)
+        for layer in range(len(routers))
+        for e in range(4)
+    }
+    # one round of 3: the three lowest scores, unless that would empty a layer
+    expected, kept = [], {layer: 4 for layer in range(len(routers))}
+    for choice in sorted(losses, key=lambda c: (losses[c], c)):
+        if len(expected) < 3 and kept[choice[0]] > 1:
+            expected.append(choice)
+            kept[choice[0]] -= 1
+    pruned = compress(
+        tiny_lm(num_experts=4), [("prune", {"experts": 3, "per_round": 3})], calibration
+    )
+    removed = [
+        (layer, e)
+        for layer, moe in enumerate(pruned.moe_layers)
+        for e in (~moe.router.alive_E).nonzero().squeeze(1).tolist()
+    ]
+    assert sorted(removed) == sorted(expected)
+    # a round larger than the budget, and more than a layer can give: still exact counts
+    pruned = compress(
+        tiny_lm(num_experts=4), [("prune", {"experts": 6, "per_round": 50})], calibration
+    )
+    alive = [int(moe.router.alive_E.sum()) for moe in pruned.moe_layers]
+    assert sum(4 - a for a in alive) == 6 and min(alive) >= 1
+
+
+def test_per_round_one_removes_the_argmin_of_fresh_scores_each_time():
+    calibration = ids(4, 16, seed=2)
+    model = tiny_lm(num_experts=4)
+    routers = wrap_routers(model, 0)
+    for _ in range(3):  # the reference loop: rescore every alive expert, remove the lowest
+        choices = [
+            (layer, e)
+            for layer, r in enumerate(routers)
+            if int(r.alive_E.sum()) > 1
+            for e in r.alive_E.nonzero().squeeze(1).tolist()
+        ]
+        layer, e = min(choices, key=lambda c: (removal_loss(model, routers, c, calibration), c))
+        routers[layer].alive_E[e] = False
+    pruned = compress(
+        tiny_lm(num_experts=4), [("prune", {"experts": 3, "per_round": 1})], calibration
+    )
+    for router, moe in zip(routers, pruned.moe_layers, strict=True):
+        assert torch.equal(router.alive_E, moe.router.alive_E)
 
 
 def test_pruned_experts_are_never_selected_nor_held_and_the_model_round_trips(tmp_path):
@@ -70,6 +122,10 @@ def test_kept_experts_whose_full_softmax_underflows_still_share_the_weight():
 def test_bad_prune_budgets_and_order_are_named():
     with pytest.raises(CompressionError, match="method='oracle' is invalid"):
         compress(tiny_lm(), [("prune", {"experts": 1, "method": "oracle"})], ids())
+    with pytest.raises(
+        CompressionError, match="per_round=0 is invalid: it must be an integer >= 1"
+    ):
+        compress(tiny_lm(), [("prune", {"experts": 1, "per_round": 0})], ids())
     with pytest.raises(CompressionError, match="experts=15 is more than the 14 that can go"):
         compress(tiny_lm(), [("prune", {"experts": 15})], ids())
     merged = compress(tiny_lm(), [("merge", {"groups": 4})], ids())

@@ -52,6 +52,19 @@ def _removed(experts: Experts, fraction: float) -> dict[str, Any]:
     return {"experts": total - max(experts.layers, math.floor(fraction * total))}
 
 
+GREEDY_ROUNDS = 6
+"""At most this many scoring rounds per greedy prune cell (``per_round`` experts go per round):
+exact greedy costs one calibration forward per candidate per removal, about 17k forwards for the
+xmoe-64 model's three cells, which is hours on a CPU."""
+
+
+def _greedy_removed(experts: Experts, fraction: float) -> dict[str, Any]:
+    """:func:`_removed`, in at most :data:`GREEDY_ROUNDS` scoring rounds."""
+    options = _removed(experts, fraction)
+    per_round = math.ceil(options["experts"] / GREEDY_ROUNDS)
+    return options | ({"per_round": per_round} if per_round > 1 else {})
+
+
 def _bits(experts: Experts, fraction: float, group_size: int = 64) -> dict[str, Any] | None:
     """The widest width whose codes plus one scale and zero per ``group_size`` weights fit the
     fraction (None when even 2 bits do not)."""
@@ -114,12 +127,13 @@ METHODS: tuple[Method, ...] = (
     Method("per-expert-svd", "residual", _with(_plain_rank, barycentre="zero"), ("residual",)),
     Method("quantize", "quantize", _bits),
     Method("uniform-bits", "quantize", _with(_bits, allocation="uniform"), ("quantize",)),
-    Method("prune", "prune", _removed),
+    Method("prune", "prune", _greedy_removed),
     Method("magnitude-pruning", "prune", _with(_removed, method="magnitude"), ("prune",)),
     Method("dynamic-prune", "dynamic-prune", lambda e, f: {"beta": 0.5}, sized=False),
 )  # fmt: skip
 """Every method and naive baseline of the table. A pass at a fraction: merge and reduce keep
-``floor(f·E)`` experts per layer, prune ``floor(f·E·layers)`` in all, quantize the widest width
+``floor(f·E)`` experts per layer, prune ``floor(f·E·layers)`` in all
+(greedy in at most :data:`GREEDY_ROUNDS` rounds), quantize the widest width
 whose codes and group scales fit ``f`` of the fp32 bytes (8 bits take 28%: quantize reaches
 only 25%, at 4 bits), residual the rank whose factors (and barycentre) fit ``f``; the biases
 these two hold as trained take their share first. Measured bytes, not these formulas, are what
