@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from xmoe.conversion.config import SparsifyConfig
-from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
-from xmoe.conversion.selection import select_experts
 from xmoe.experts import ExpertWeights, expert_ffn
 from xmoe.routing import route_pairs, switch_balance_loss
+from xmoe.routing.dense_split import select_experts
+from xmoe.routing.expert_norms import expert_output_norms, norm_shares
 
 SEPARATE_UP_KEY = "mlp.w_up"
 """How a sparsified MLP's up projection was named before 0.1.0, when it was stored apart from
