@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from xmoe.conversion.expert_norms import expert_output_norms
+from xmoe.routing.expert_norms import expert_output_norms
 
 from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with, time_interleaved
 

@@ -252,15 +252,18 @@ def hf_tiny_round_trip(save_dir, moe: dict, router_std: float) -> None:
 
 
 def pre_fusion_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A sparsified model's state in the layout before 0.1.0: each fused ``mlp.w_gate_up`` split
-    back into separate ``w_gate`` and ``w_up`` tensors."""
+    """A sparsified model's state in the layout before 0.1.0: each fused gate-and-up tensor
+    (``mlp.experts.w1``, or ``mlp.w_gate_up`` before SparseMLP was an MoELayer) split back into
+    separate ``mlp.w_gate`` and ``mlp.w_up`` tensors, and the down projection named
+    ``mlp.w_down``."""
     old = {}
     for key, value in tensors.items():
-        if key.endswith("mlp.w_gate_up"):
-            prefix = key[: -len("w_gate_up")]
+        fused = next((f for f in ("mlp.experts.w1", "mlp.w_gate_up") if key.endswith(f)), None)
+        if fused is not None:
+            prefix = key[: -len(fused)] + "mlp."
             old[prefix + "w_gate"], old[prefix + "w_up"] = (
                 t.contiguous() for t in value.chunk(2, dim=-1)
             )
         else:
-            old[key] = value
+            old[key.replace("mlp.experts.w2", "mlp.w_down")] = value
     return old

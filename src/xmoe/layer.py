@@ -163,7 +163,10 @@ class MoELayer(nn.Module):
 
     def _route(self, x_SD: torch.Tensor, state: torch.Tensor | None) -> Routed:
         config = self.config
-        routed = self.router(x_SD, state)
+        if self.router.needs_experts:  # a rule that scores with the experts themselves
+            routed = self.router(x_SD, state, experts=self.experts)
+        else:
+            routed = self.router(x_SD, state)
         capacity = (
             config.capacity(x_SD.shape[0]) if self.training or self.capacity_at_eval else None
         )

@@ -57,6 +57,7 @@ class Registry(Mapping[str, T], Generic[T]):
 ROUTERS: Registry = Registry(
     "router",
     {
+        "dense_split": "xmoe.routing.dense_split",
         "deepseek": "xmoe.routing.deepseek",
         "deepseek_threshold": "xmoe.routing.deepseek",
         "expert_choice": "xmoe.routing.expert_choice",

@@ -101,7 +101,7 @@ def test_a_damaged_output_is_refused_on_load(dense_dir, tmp_path, damage):
     out = tmp_path / "sparse"
     assert _sparsify(dense_dir, out) == 0
     weights = out / "model.safetensors"
-    name = "model.layers.0.mlp.w_down"
+    name = "model.layers.0.mlp.experts.w2"
     start, end = _tensor_span(weights, name)
     data = bytearray(weights.read_bytes())
     if damage == "flip":

@@ -3,6 +3,8 @@ random Llama configs (no download, seconds)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -114,6 +116,30 @@ def test_recovery_checkpoint_resume_is_exact(tmp_path):
     other = RecoveryConfig(tokens=64, batch_size=2, seq_len=16)
     with pytest.raises(Exception, match="another recovery config"):
         recover(again, data, other, teacher=dense, checkpoint=path, progress=False)
+
+
+def test_a_checkpoint_naming_the_experts_the_earlier_way_loads(tmp_path):
+    """Written before SparseMLP was an MoELayer: ``mlp.w_gate_up`` / ``mlp.w_down``."""
+    from xmoe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    dense = tiny_llama()
+    config = RecoveryConfig(tokens=2 * 16, batch_size=2, seq_len=16)  # one step
+    data, path = windows(8, 16), tmp_path / "recovery.ckpt"
+    fresh = sparsify(dense, 8, router="oracle")
+    trained = copy.deepcopy(fresh)
+    recover(trained, data, config, teacher=dense, checkpoint=path, progress=False)
+    checkpoint = load_checkpoint(path)
+    checkpoint.model_state = {
+        k.replace("mlp.experts.w1", "mlp.w_gate_up").replace("mlp.experts.w2", "mlp.w_down"): v
+        for k, v in checkpoint.model_state.items()
+    }
+    assert "model.layers.0.mlp.w_gate_up" in checkpoint.model_state
+    save_checkpoint(path, checkpoint)
+    again = copy.deepcopy(fresh)
+    assert recover(again, data, config, teacher=dense, checkpoint=path, progress=False).steps == 1
+    for (name, a), b in zip(trained.state_dict().items(), again.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
 
 
 def neurons_converted(dense):

@@ -34,10 +34,10 @@ from xmoe.conversion import (
     sparse_mlps,
     sparsify,
 )
-from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
 from xmoe.conversion.partition import balanced_kmeans, captured_mass, neuron_activations
 from xmoe.conversion.router_training import router_loss, train_router
 from xmoe.registry import FAMILIES
+from xmoe.routing.expert_norms import expert_output_norms, norm_shares
 
 from helpers import pre_fusion_layout
 
@@ -174,7 +174,7 @@ def _reference_rule(scores: list[float], top_k: int | None, threshold: float | N
 
 
 def _selected_sets(module: SparseMLP, x: torch.Tensor) -> list[set[int]]:
-    from xmoe.conversion.selection import select_experts
+    from xmoe.routing.dense_split import select_experts
 
     selection = select_experts(
         module.scores(x), module.settings.top_k(module.num_experts), module.settings.threshold

@@ -27,6 +27,10 @@ SMALL_CONFIGS: dict[str, tuple[dict, int | None]] = {
     "threshold": ({"threshold": 0.8, "router_options": {"logit_scale": 2.0}}, None),
     "topk": ({"top_k": 2, "capacity_factor": 1.0, "min_capacity": 1}, None),
     "topp": ({"threshold": 0.6}, None),
+    "dense_split": (  # a converted dense MLP's rule: the learned router's straight-through
+        {"activation": "swiglu", "bias": False, "router_options": {"selection": "threshold"}},
+        None,
+    ),
     "deepseek": (
         {"top_k": 2, "num_shared_experts": 1, "router_options": {"device_groups": 2}},
         None,

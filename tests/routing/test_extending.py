@@ -162,3 +162,24 @@ def test_hf_save_pretrained_writes_the_held_value(tmp_path):
     assert [layer.router.min_prob for layer in loaded.model.lm.moe_layers] == [0.1]
     ids = torch.randint(0, 60, (2, 9))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+class ExpertsSeenRouter(MinProbRouter):
+    """A rule that needs the layer's experts (``needs_experts``): it records what it is handed."""
+
+    needs_experts = True
+
+    def forward(self, x_SD, state=None, experts=None):
+        self.seen = experts
+        return super().forward(x_SD, state)
+
+
+def test_a_router_that_needs_the_experts_is_handed_the_layers(monkeypatch):
+    register_for_test(monkeypatch, ROUTERS, "sees_experts", ExpertsSeenRouter)
+    config = MoEConfig(d_model=16, num_experts=8, d_expert=8, router="sees_experts")
+    layer = make_layer(config)
+    layer(torch.randn(3, 16, dtype=torch.float64))
+    assert layer.router.seen is layer.experts
+    layer.router.seen = None
+    layer.route(torch.randn(2, 16, dtype=torch.float64))
+    assert layer.router.seen is layer.experts

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from xmoe import MoEConfig, MoELayer
-from xmoe.conversion.selection import select_experts
+from xmoe.routing.dense_split import select_experts
 from xmoe.routing.threshold import mass_prefix_mask, mass_prefix_rule
 
 

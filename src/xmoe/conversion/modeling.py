@@ -26,7 +26,7 @@ from xmoe.conversion.architecture import SPARSE_PREFIX
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.families import Family
 from xmoe.conversion.neuron_mlp import NeuronMLP
-from xmoe.conversion.sparse_mlp import SEPARATE_UP_KEY, SparseMLP
+from xmoe.conversion.sparse_mlp import LEGACY_KEYS, SEPARATE_UP_KEY, SparseMLP
 from xmoe.hf.verified import VerifiedWeightsMixin
 from xmoe.registry import FAMILIES
 
@@ -43,6 +43,12 @@ WEIGHT_CONFIG_FIELDS = frozenset(
 """config.json fields that decide how a sparsified model's weights are read (a change refuses
 the load; the selection rule, router and combine may change with a warning). The neurons mode's
 settings are among them: its threshold buffers were calibrated for them."""
+
+
+LEGACY_KEY_MAPPING = {rf"\.{old}$": f".{new}" for old, new in LEGACY_KEYS.items()}
+"""transformers' ``key_mapping`` of a SparseMLP's legacy weight names (:data:`LEGACY_KEYS`) to
+today's: ``from_pretrained`` of a sparse class passes it, so directories saved before SparseMLP
+was an MoELayer load too (transformers saves a model so loaded in the layout it was read in)."""
 
 
 class SavesModuleSettingsMixin:
@@ -82,6 +88,13 @@ def _sparse_classes(name: str, family: Family) -> tuple[type, type]:
         config_class = SparseConfig
         weight_config_fields = WEIGHT_CONFIG_FIELDS
         separate_up_key = SEPARATE_UP_KEY
+
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+            """Verified ``from_pretrained`` that also maps :data:`LEGACY_KEY_MAPPING` (a
+            ``key_mapping`` given here applies as well)."""
+            kwargs["key_mapping"] = LEGACY_KEY_MAPPING | (kwargs.get("key_mapping") or {})
+            return super().from_pretrained(*args, **kwargs)
 
         def __init__(self, config: Any) -> None:
             super().__init__(config)

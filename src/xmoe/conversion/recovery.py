@@ -7,7 +7,7 @@ divergence to the dense teacher's next-token distribution (distillation, ``disti
 language-model cross-entropy (``distill=0``), or a mix. Only the SparseMLP parameters train
 (routers, plus the experts unless ``train_experts=False``); attention, norms and embeddings stay
 frozen. The router learns through the combine weights (see
-:meth:`~xmoe.conversion.SparseMLP.combine_weights`). A neurons-mode model
+:meth:`~xmoe.routing.dense_split.DenseSplitRouter.combine_weights`). A neurons-mode model
 (:class:`~xmoe.conversion.NeuronMLP`) trains its gate, up and down weights with its calibrated
 masks in the forward pass and the straight-through estimator in the backward pass; its thresholds
 and scales are buffers and stay as calibrated.
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from xmoe.config import DictConfig, _is_int, _is_number, _require, _require_seed
 from xmoe.conversion.neuron_mlp import neuron_mlps
+from xmoe.conversion.sparse_mlp import upgraded_name
 from xmoe.conversion.sparsify import sparse_mlps
 from xmoe.training.step import StepLoss, train_step
 
@@ -244,11 +245,13 @@ def _load(
             f"{path} was written for another conversion {meta.get('key')}; this run is "
             f"{key} (delete it to start over)"
         )
-    if set(checkpoint.model_state) != set(params):
+    # a checkpoint written before SparseMLP was an MoELayer names its experts the old way
+    state = {upgraded_name(name): tensor for name, tensor in checkpoint.model_state.items()}
+    if set(state) != set(params):
         raise CheckpointError(f"{path} holds other tensors than this model's trainable ones")
     with torch.no_grad():
         for name, parameter in params.items():
-            parameter.copy_(checkpoint.model_state[name])
+            parameter.copy_(state[name])
     optimizer.load_state_dict(checkpoint.optimizer_state)
     torch.set_rng_state(checkpoint.rng_state["torch"])
     return int(meta["step"]), list(meta["losses"])

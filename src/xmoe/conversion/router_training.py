@@ -17,14 +17,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def router_loss(router: nn.Linear, x_SD: torch.Tensor, target_SE: torch.Tensor) -> torch.Tensor:
-    """Soft-label cross-entropy of ``router``'s softmax against the norm shares (a scalar)."""
-    log_probs_SE = F.log_softmax(router(x_SD).float(), dim=-1)
+def router_loss(router: nn.Module, x_SD: torch.Tensor, target_SE: torch.Tensor) -> torch.Tensor:
+    """Soft-label cross-entropy of the softmax of ``router``'s bias-free linear map (its
+    ``weight``, (E, D): a SparseMLP's router, or an ``nn.Linear`` without bias) against the norm
+    shares (a scalar)."""
+    log_probs_SE = F.log_softmax(F.linear(x_SD, router.weight).float(), dim=-1)
     return -(target_SE.float() * log_probs_SE).sum(dim=-1).mean()
 
 
 def train_router(
-    router: nn.Linear,
+    router: nn.Module,
     x_SD: torch.Tensor,
     target_SE: torch.Tensor,
     steps: int,

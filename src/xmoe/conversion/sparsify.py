@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from xmoe.conversion.architecture import supported_mlps
 from xmoe.conversion.calibration import collect_mlp_inputs, spaced_rows
 from xmoe.conversion.config import SparsifyConfig
-from xmoe.conversion.expert_norms import expert_output_norms, norm_shares
 from xmoe.conversion.families import DenseWeights
 from xmoe.conversion.modeling import SETTINGS_KEY, sparse_classes
 from xmoe.conversion.neuron_thresholds import convert_layer
@@ -26,6 +25,7 @@ from xmoe.conversion.partition import clustered_partition, contiguous_partition
 from xmoe.conversion.router_training import train_router
 from xmoe.conversion.sparse_mlp import SparseMLP
 from xmoe.registry import FAMILIES
+from xmoe.routing.expert_norms import expert_output_norms, norm_shares
 from xmoe.routing.stats import layer_mean
 
 

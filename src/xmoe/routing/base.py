@@ -83,6 +83,10 @@ class Router(nn.Module):
     has_weight: ClassVar[bool] = True
     """Whether the router computes its linear map (``MoEConfig.router_flops`` counts it); a rule
     with no learned router (THOR) has no ``weight`` and costs 0."""
+    needs_experts: ClassVar[bool] = False
+    """Whether the rule scores tokens with the layer's routed experts (an oracle that ranks them
+    by their true outputs): :class:`~xmoe.MoELayer` then calls it as
+    ``router(x_SD, state, experts=layer.experts)``, its ``forward`` taking that keyword."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()

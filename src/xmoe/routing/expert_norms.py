@@ -1,4 +1,5 @@
-"""The MoEfication target: how much each neuron-group expert contributes to each token.
+"""The MoEfication target: how much each neuron-group expert contributes to each token (what
+the ``dense_split`` router's oracle ranks by, and its learned router is fitted to).
 
 Shape legend: S tokens, D hidden size, E experts, H neurons per expert.
 """

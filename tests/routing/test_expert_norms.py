@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from xmoe.conversion.expert_norms import down_grams, expert_output_norms, gram_norms
+from xmoe.routing.expert_norms import down_grams, expert_output_norms, gram_norms
 
 
 def weights(experts: int, d_model: int, d_expert: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
