@@ -190,11 +190,11 @@ def write_report(
         "absolute times are noisy; the ratios come from interleaved rounds). One token through "
         "`SwiGLU` MLPs: the dense MLP in nn.Linear layout (`F.linear`) and in the row-major "
         "layout (`x @ W^T`), and `SparseDecodeMLP` (`xmoe.conversion.sparse_decode`: "
-        "`embedding_bag` over the kept rows) with thresholds keeping the given fraction of each "
-        "token's input channels and neurons, so FFN FLOPs = kept fraction. Times include "
-        "selecting the kept rows. The dense `mv`s use every thread; the kept rows are summed by "
-        "`embedding_bag` on one thread, or, with two or more and enough rows, half on a helper "
-        "thread (`kept_rows_sum`). "
+        "the kept rows summed by `kept_rows_sum`) with thresholds keeping the given fraction of "
+        "each token's input channels and neurons, so FFN FLOPs = kept fraction. Times include "
+        "selecting the kept rows. The dense `mv`s use every thread; the kept rows are summed on "
+        "one thread by the native C kernel (`xmoe.conversion.rows_kernel`), else by "
+        "`embedding_bag`. "
         f"Median of {args.rounds} interleaved rounds (minimum in "
         "brackets); speedup = the faster dense layout's median / the variant's median.",
     ]

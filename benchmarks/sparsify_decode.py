@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.conversion import NeuronMLP, ffn_flops_fraction, sparsify
+from xmoe.conversion.rows_kernel import using_kernel
 from xmoe.conversion.sparse_decode import row_major
 
 from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with, target_line
@@ -145,11 +146,13 @@ def real_setup(args) -> tuple[nn.Module, Data] | None:
 
 class Variant:
     """One model under test: its decode steps (recording each MLP's inputs the first time, and
-    the sparse MLPs' FFN-FLOP fraction), the MLPs replayed on those inputs, and prefill."""
+    the sparse MLPs' FFN-FLOP fraction), the MLPs replayed on those inputs, and prefill;
+    ``kernel`` sums the kept rows at decode (``xmoe.conversion.rows_kernel.KERNELS``)."""
 
-    def __init__(self, model: nn.Module, data: Data) -> None:
+    def __init__(self, model: nn.Module, data: Data, kernel: str = "native") -> None:
         self.model = model
         self.data = data
+        self.kernel = kernel
         self.mlps = [layer.mlp for layer in model.model.layers]
         self.mlp_inputs: list[tuple[nn.Module, torch.Tensor]] = []
         self.fractions: list[float] = []
@@ -200,14 +203,16 @@ def measure(variants: dict[str, Variant], args) -> dict[str, dict[str, list[floa
     samples = {name: {"decode": [], "MLPs": [], "prefill": []} for name in variants}
     with torch.inference_mode():
         for variant in variants.values():
-            variant.decode(record=True)
+            with using_kernel(variant.kernel):
+                variant.decode(record=True)
         for round_index in range(args.warmup + args.rounds):
             for name, variant in variants.items():
-                timings = {
-                    "decode": steps / variant.decode(),
-                    "MLPs": steps / variant.mlps_alone(),
-                    "prefill": prefill / variant.prefill(),
-                }
+                with using_kernel(variant.kernel):
+                    timings = {
+                        "decode": steps / variant.decode(),
+                        "MLPs": steps / variant.mlps_alone(),
+                        "prefill": prefill / variant.prefill(),
+                    }
                 if round_index >= args.warmup:
                     for key, value in timings.items():
                         samples[name][key].append(value)
@@ -231,6 +236,10 @@ def build_variants(model: nn.Module, data: Data, args) -> dict[str, Variant]:
             allocation=args.allocation,
         )  # fmt: skip
         variants[f"sparse, F = {target:.0%}"] = Variant(sparse, data)
+        if target == TARGET_FLOPS:  # the native kept-rows sum against its fallback
+            variants[f"sparse, F = {target:.0%}, embedding_bag"] = Variant(
+                sparse, data, "embedding_bag"
+            )
     return variants
 
 
@@ -271,7 +280,9 @@ def write_report(
         f"`sparsify(mode='neurons', target_flops=F, allocation='{args.allocation}')`, WINA "
         f"scores on gate/up's inputs and down's, calibrated on {data.calibration.numel()} tokens "
         f"of {data.source}; at one token their MLPs read only the kept rows of "
-        "a row-major weight copy (`NeuronMLP.decode`), and prefill runs the dense masked GEMMs. "
+        "a row-major weight copy (`NeuronMLP.decode`), summed by the native C kernel "
+        "(`xmoe.conversion.rows_kernel`; `embedding_bag`: by its fallback, "
+        "`XMOE_DECODE_KERNEL=embedding_bag`), and prefill runs the dense masked GEMMs. "
         f"Decode: {variants_steps(variants)} held-out tokens fed one at a time after a "
         f"{data.prompt.shape[1]}-token prompt (KV cache, batch 1); MLPs alone: the MLPs "
         "replayed on the inputs they saw there; prefill: one "

@@ -115,6 +115,7 @@ def test_sparsify_decode_benchmark_quick(tmp_path, monkeypatch):
     table = (tmp_path / "sparsify_decode_quick.md").read_text()
     assert "python -m benchmarks.sparsify_decode --quick" in table
     assert "| dense, row-major layout | 100% |" in table and "| sparse, F = 50% | " in table
+    assert "| sparse, F = 50%, embedding_bag | " in table  # the native kernel's fallback
     assert "- MLPs: " in table and "- whole model: " in table
 
 

@@ -6,9 +6,11 @@ TEAL/WINA-style input sparsity drops, per token, the input channels j of ``x`` w
 memory-bound: its time is the weight bytes read, so skipping a channel must skip reading its
 weights. Each site therefore keeps a row-major copy in which every input channel (gate/up site)
 and every neuron (down site) is one contiguous row, and sums the kept rows scaled by the kept
-activations with ``F.embedding_bag(..., per_sample_weights=..., mode="sum")``: a fused
-gather-axpy that never materialises the gathered rows (``index_select`` + ``mv`` copies them and
-is slower than dense; ``../shared/reviews/2026-12-02-sparsify-anchors.md`` §6).
+activations with a fused gather-axpy that never materialises the gathered rows
+(``index_select`` + ``mv`` copies them and is slower than dense;
+``../shared/reviews/2026-12-02-sparsify-anchors.md`` §6): a small C kernel
+(:mod:`~xmoe.conversion.rows_kernel`), else ``F.embedding_bag(..., per_sample_weights=...,
+mode="sum")``.
 
 Prefill (more than one token) applies the same per-token masks by zeroing the dropped
 activations and multiplying by the same row-major copies, one GEMM per site: the outputs equal
@@ -29,20 +31,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.conversion.architecture import supported_mlps
+from xmoe.conversion.rows_kernel import native_kept_rows_sum
 from xmoe.registry import FAMILIES
 
 
 def kept_rows_sum(a_SN: torch.Tensor, keep_SN: torch.Tensor, rows_NR: torch.Tensor) -> torch.Tensor:
     """``(a ⊙ keep) @ rows``: each token's kept rows scaled by its kept activations, (S, R).
 
-    At one token (S == 1) only the kept rows are read, by one ``embedding_bag`` over their
-    indices. Splitting the rows over a helper thread measured no faster once the weights come
-    from memory (30 MLPs) and about twice as slow when they sit in cache (one MLP): the hand-off
-    costs more than the second thread's reads gain. More tokens zero the dropped activations and
-    run one GEMM.
+    At one token (S == 1) only the kept rows are read: by the native kernel
+    (:func:`~xmoe.conversion.rows_kernel.native_kept_rows_sum`) where it applies, else by one
+    ``embedding_bag`` over their indices. Splitting the rows over a helper thread measured no
+    faster once the weights come from memory (30 MLPs) and about twice as slow when they sit in
+    cache (one MLP): the hand-off costs more than the second thread's reads gain. More tokens
+    zero the dropped activations and run one GEMM.
     """
     if a_SN.shape[0] != 1:
         return a_SN.masked_fill(~keep_SN, 0) @ rows_NR
+    summed = native_kept_rows_sum(a_SN, keep_SN, rows_NR)
+    if summed is not None:
+        return summed
     kept_K = keep_SN.reshape(-1).nonzero().view(-1)
     # take: at S == 1 a flat index is the column index, and it is the cheapest gather (µs count)
     weights_K = torch.take(a_SN, kept_K)
