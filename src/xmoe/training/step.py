@@ -97,7 +97,7 @@ def lm_step_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     cross-entropies (so the logged loss stays one cross-entropy) plus the ``consistency`` aux
     loss ``α/2 · ½[KL + KL]``. Routing statistics are the first pass's."""
     coef = max((layer.router.consistency_coef() for layer in model.moe_layers), default=0.0)
-    out = model(input_ids, targets)
+    out = model(input_ids, targets, return_logits=coef > 0)  # only the consistency reads them
     if coef == 0:
         return StepLoss(out.loss, out.aux_loss, out.aux_losses, out.routing)
     second = model(input_ids, targets)
