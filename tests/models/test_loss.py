@@ -1,4 +1,5 @@
-"""The chunked output projection + cross-entropy against ``F.cross_entropy`` of the logits."""
+"""The chunked output projection + losses against ``F.cross_entropy`` (and THOR's KL) of the
+whole logits."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from xmoe.models import loss as loss_module
-from xmoe.models.loss import fused_supported, linear_cross_entropy
+from xmoe.models.loss import (
+    fused_supported,
+    linear_cross_entropy,
+    paired_cross_entropy_and_kl,
+    symmetric_kl_per_position,
+)
 
 
 def _operands(dtype=torch.float64, tokens: int = 37, vocab: int = 50, width: int = 8):
@@ -60,3 +66,28 @@ def test_fused_only_without_autocast_in_fp32_or_fp64():
     assert not fused_supported(h_ND, weight_VD.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_supported(h_ND, weight_VD)
+
+
+def test_paired_losses_chunk_by_chunk_match_the_whole_logits(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 50 * 4)  # 4-row chunks, a ragged last one
+    h_a, weight, targets = _operands(torch.float32)
+    h_b = (
+        h_a.detach() + 0.3 * torch.randn(h_a.shape, generator=torch.Generator())
+    ).requires_grad_()
+    results = []
+    for paired in (
+        paired_cross_entropy_and_kl,
+        lambda a, b, w, t: (*(_plain(h, w, t) for h in (a, b)), _whole_kl(a, b, w, t)),
+    ):
+        leaves = [x.detach().clone().requires_grad_() for x in (h_a, h_b, weight)]
+        ce_a, ce_b, kl = paired(*leaves, targets)
+        (ce_a + 2 * ce_b + 3 * kl).backward()
+        results.append((ce_a, ce_b, kl, *(x.grad for x in leaves)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _whole_kl(h_a, h_b, weight, targets):
+    log_a, log_b = (F.linear(h, weight).log_softmax(-1) for h in (h_a, h_b))
+    kept = targets != -100
+    return symmetric_kl_per_position(log_a, log_b)[kept].sum() / kept.sum()

@@ -17,6 +17,7 @@ Shape legend: N tokens, D d_model, V vocab.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
@@ -127,3 +128,38 @@ def linear_cross_entropy(
     if torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad):
         return LinearCrossEntropy.apply(h_ND, weight_VD, targets_N)
     return _loss_and_grads(h_ND, weight_VD, targets_N, need_h=False, need_w=False)[0]
+
+
+def symmetric_kl_per_position(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)]`` at each position of (..., V) log-probabilities."""
+    return 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)
+
+
+def paired_cross_entropy_and_kl(
+    h_a_ND: torch.Tensor, h_b_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two passes' mean cross-entropies over targets != -100 and their mean
+    :func:`symmetric_kl_per_position` over those positions, of the fp32 log-softmaxes of the
+    logits ``h·Wᵀ`` (THOR's consistency objective), chunk of rows by chunk of rows under
+    autograd: each chunk's log-softmax serves its cross-entropy and the KL, and no (N, V)
+    tensor is allocated whole (its fresh pages and cache misses were a third of a THOR step on
+    CPU). The same numbers as on the whole logits up to the order of the sums over tokens.
+
+    Args:
+        h_a_ND, h_b_ND: (N, D) final hidden states of the two passes. weight_VD: (V, D).
+        targets_N: (N,) int64 target ids, -100 where ignored.
+    """
+    kept_N = targets_N != IGNORE_INDEX
+    rows = _chunk_rows(weight_VD.shape[0])
+    ce_a = ce_b = kl = weight_VD.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets_N.shape[0], rows):
+        chunk = slice(start, start + rows)
+        log_a, log_b = (
+            F.linear(h_ND[chunk], weight_VD).float().log_softmax(-1) for h_ND in (h_a_ND, h_b_ND)
+        )
+        targets_n = targets_N[chunk]
+        ce_a = ce_a + F.nll_loss(log_a, targets_n, ignore_index=IGNORE_INDEX, reduction="sum")
+        ce_b = ce_b + F.nll_loss(log_b, targets_n, ignore_index=IGNORE_INDEX, reduction="sum")
+        kl = kl + symmetric_kl_per_position(log_a, log_b)[kept_N[chunk]].sum()
+    count = kept_N.sum()
+    return ce_a / count, ce_b / count, kl / count.clamp_min(1)

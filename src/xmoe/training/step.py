@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from xmoe.models.loss import paired_cross_entropy_and_kl, symmetric_kl_per_position
 from xmoe.routing import RoutingStats
 
 Batch = TypeVar("Batch")
@@ -83,22 +83,9 @@ class StepLoss:
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor):
     """``½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)]`` of the softmaxes of (..., V) logits, in fp32,
     averaged over the positions where ``mask`` is True."""
-    return _symmetric_kl_of_log_probs(_log_probs(logits_a), _log_probs(logits_b), mask)
-
-
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().log_softmax(-1)
-
-
-def _symmetric_kl_of_log_probs(log_a: torch.Tensor, log_b: torch.Tensor, mask: torch.Tensor):
-    per_position = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)
+    log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)
+    per_position = symmetric_kl_per_position(log_a, log_b)
     return per_position[mask].sum() / mask.sum().clamp_min(1)
-
-
-def _cross_entropy_of_log_probs(log_p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The model's loss (``F.cross_entropy`` of the fp32 logits, which is this ``nll_loss`` of
-    their log-softmax) from log-probabilities computed once for it and the consistency."""
-    return F.nll_loss(log_p.view(-1, log_p.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 def lm_step_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> StepLoss:
@@ -109,22 +96,22 @@ def lm_step_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     micro-batch runs twice (each pass draws its own random experts) and the loss is half of
     THOR's objective ``CE₁ + CE₂ + α · ½[KL(p₁‖p₂) + KL(p₂‖p₁)]``: the mean of the two
     cross-entropies (so the logged loss stays one cross-entropy) plus the ``consistency`` aux
-    loss ``α/2 · ½[KL + KL]``. Routing statistics are the first pass's. Each pass's
-    log-softmax over the vocabulary is taken once, for its cross-entropy and the KL."""
+    loss ``α/2 · ½[KL + KL]``. Routing statistics are the first pass's. Neither path
+    materialises the (B, T, V) logits (:mod:`xmoe.models.loss`)."""
     coef = max((layer.router.consistency_coef() for layer in model.moe_layers), default=0.0)
-    if coef == 0:  # the loss alone: no (B, T, V) logits
+    if coef == 0:
         out = model(input_ids, targets, return_logits=False)
         return StepLoss(out.loss, out.aux_loss, out.aux_losses, out.routing)
-    out, second = model(input_ids), model(input_ids)
-    log_a, log_b = _log_probs(out.logits), _log_probs(second.logits)
-    consistency = 0.5 * coef * _symmetric_kl_of_log_probs(log_a, log_b, targets != -100)
+    out, second = model.run_backbone(input_ids), model.run_backbone(input_ids)
+    hidden = (o.last_hidden_state.flatten(0, 1) for o in (out, second))
+    ce_a, ce_b, kl = paired_cross_entropy_and_kl(*hidden, model.output_weight(), targets.flatten())
+    consistency = 0.5 * coef * kl
     aux_losses = {
         name: (out.aux_losses[name] + value) / 2 for name, value in second.aux_losses.items()
     }
     aux_losses["consistency"] = consistency
     aux_loss = (out.aux_loss + second.aux_loss) / 2 + consistency
-    loss = _cross_entropy_of_log_probs(log_a, targets) + _cross_entropy_of_log_probs(log_b, targets)
-    return StepLoss(loss / 2, aux_loss, aux_losses, out.routing)
+    return StepLoss((ce_a + ce_b) / 2, aux_loss, aux_losses, out.routing)
 
 
 @dataclass
