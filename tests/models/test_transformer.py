@@ -191,3 +191,22 @@ def test_expert_usage_counts_what_the_layers_computed():
     assert sum(usage.pairs) > first_call  # the second call was counted too
     model(ids)  # hooks are gone after the block
     assert usage.tokens == [24, 24]
+
+
+def test_loss_without_logits_matches_the_logits_loss_and_gradients():
+    model = _model().train()
+    ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, targets, return_logits=return_logits)
+        (out.loss + out.aux_loss).backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (with_logits, grads), (without, fused_grads) = results
+    assert with_logits.logits.shape == (3, 10, 50) and without.logits is None
+    torch.testing.assert_close(without.loss, with_logits.loss, rtol=1e-6, atol=0)
+    assert grads.keys() == fused_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -154,6 +154,15 @@ def test_the_step_runs_two_passes_and_adds_the_consistency_loss():
     torch.testing.assert_close(parts.aux_loss, expected)
 
 
+def test_each_pass_takes_one_log_softmax_for_its_loss_and_the_consistency():
+    model = _tiny_lm(consistency_coef=2.0).train()
+    x = torch.randint(64, (2, 16))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        lm_step_loss(model, x, x)
+    log_softmaxes = [event for event in profile.events() if event.name == "aten::_log_softmax"]
+    assert len(log_softmaxes) == 2  # not one for the cross-entropy and one for the KL each
+
+
 def test_without_the_consistency_loss_the_step_is_one_pass():
     model = _tiny_lm(consistency_coef=0.0).train()
     x = torch.randint(64, (2, 16))

@@ -6,12 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from xmoe import ConfigError
 from xmoe.data import synthetic_token_data
+from xmoe.models import TransformerLM, transformer
 from xmoe.training.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -98,6 +100,20 @@ def test_eval_is_deterministic(tmp_path):
     second = evaluate(model, val, 4, 32, max_batches=3)
     assert first == second and first.tokens == 3 * 4 * 32
     assert math.isclose(first.perplexity, math.exp(first.loss))
+
+
+def test_eval_takes_the_loss_without_the_logits(monkeypatch):
+    model = TransformerLM(_tiny().model)
+    val = synthetic_token_data(vocab_size=64).val
+    expected = evaluate(model, val, 4, 32, max_batches=2)
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("evaluate materialised the (B, T, V) logits")
+
+    monkeypatch.setattr(transformer, "F", SimpleNamespace(linear=no_logits))
+    fused = evaluate(model, val, 4, 32, max_batches=2)
+    assert fused.loss == pytest.approx(expected.loss, rel=1e-6)
+    assert fused.experts_per_token == expected.experts_per_token
 
 
 def _small_checkpoint(value: float) -> Checkpoint:

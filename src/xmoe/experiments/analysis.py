@@ -55,7 +55,7 @@ def measure_adaptivity(
     device = next(model.parameters()).device
     ids, experts, loads = [], [], []
     for x_BT, _ in eval_batches(tokens, batch_size, seq_len, max_batches):
-        out = model(x_BT.to(device))
+        out = model.run_backbone(x_BT.to(device))  # routing only: no output projection
         if not out.routing:
             raise ValueError("measure_adaptivity needs a model with MoE layers")
         ids.append(x_BT.reshape(-1).numpy())

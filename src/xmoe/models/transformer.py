@@ -24,6 +24,7 @@ from xmoe.models.attention import (
 )
 from xmoe.models.blocks import Block
 from xmoe.models.config import ModelConfig
+from xmoe.models.loss import fused_supported, linear_cross_entropy
 from xmoe.routing import RoutingStats
 
 INPUT_ID_DTYPES = (torch.int64, torch.int32)
@@ -68,7 +69,8 @@ class LMOutput:
     """Output of :class:`TransformerLM`.
 
     Attributes:
-        logits: (B, T, V).
+        logits: (B, T, V), or None when the call asked for the loss alone
+            (``return_logits=False``).
         loss: mean next-token cross-entropy over targets != -100, or None without targets.
         aux_loss: scalar sum of the MoE layers' auxiliary losses (0 for dense models and in eval
             mode).
@@ -76,7 +78,7 @@ class LMOutput:
         aux_losses: each named router loss (``balance``, ``entropy``, ...) summed over layers.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None
     aux_loss: torch.Tensor
     routing: list[RoutingStats]
@@ -318,6 +320,7 @@ class TransformerLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KeyValueCache | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
         """Args:
         input_ids: (B, T) token ids (int64 or int32) in [0, vocab_size); other shapes or dtypes
@@ -327,11 +330,20 @@ class TransformerLM(nn.Module):
         position_ids: (B, T) rotary positions; default ``past + arange(T)``.
         attention_mask: (B, past + T) 1 for real tokens, 0 for padding, or None.
         cache: a :class:`KeyValueCache` to read and extend, or None.
+        return_logits: False (with ``targets``) leaves ``LMOutput.logits`` None and takes the
+            loss chunk by chunk without the (B, T, V) logits
+            (:func:`xmoe.models.loss.linear_cross_entropy`; the same loss up to the order of
+            its sums), where the operands allow; training steps that read only the loss.
         """
         out = self.run_backbone(
             input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache
         )
-        logits_BTV = F.linear(out.last_hidden_state, self.output_weight())
+        h_BTD, weight_VD = out.last_hidden_state, self.output_weight()
+        if not return_logits and targets is not None and fused_supported(h_BTD, weight_VD):
+            h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])
+            loss = linear_cross_entropy(h_ND, weight_VD, targets.reshape(-1))
+            return LMOutput(None, loss, out.aux_loss, out.routing, out.aux_losses)
+        logits_BTV = F.linear(h_BTD, weight_VD)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

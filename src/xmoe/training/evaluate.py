@@ -75,7 +75,7 @@ def evaluate(
     for x_BT, y_BT in eval_batches(tokens, batch_size, seq_len, max_batches or None):
         x_BT, y_BT = x_BT.to(device), y_BT.to(device)
         with autocast_context(precision, device):
-            out = model(x_BT, y_BT)
+            out = model(x_BT, y_BT, return_logits=False)  # the loss alone: no (B, T, V) logits
         count = y_BT.numel()
         total_loss += float(out.loss) * count
         total_tokens += count

@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from xmoe.models.loss import paired_cross_entropy_and_kl, symmetric_kl_per_position
 from xmoe.routing import RoutingStats
 
 Batch = TypeVar("Batch")
@@ -83,7 +84,7 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Ten
     """``½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)]`` of the softmaxes of (..., V) logits, in fp32,
     averaged over the positions where ``mask`` is True."""
     log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)
-    per_position = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)
+    per_position = symmetric_kl_per_position(log_a, log_b)
     return per_position[mask].sum() / mask.sum().clamp_min(1)
 
 
@@ -95,19 +96,22 @@ def lm_step_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     micro-batch runs twice (each pass draws its own random experts) and the loss is half of
     THOR's objective ``CE₁ + CE₂ + α · ½[KL(p₁‖p₂) + KL(p₂‖p₁)]``: the mean of the two
     cross-entropies (so the logged loss stays one cross-entropy) plus the ``consistency`` aux
-    loss ``α/2 · ½[KL + KL]``. Routing statistics are the first pass's."""
+    loss ``α/2 · ½[KL + KL]``. Routing statistics are the first pass's. Neither path
+    materialises the (B, T, V) logits (:mod:`xmoe.models.loss`)."""
     coef = max((layer.router.consistency_coef() for layer in model.moe_layers), default=0.0)
-    out = model(input_ids, targets)
     if coef == 0:
+        out = model(input_ids, targets, return_logits=False)
         return StepLoss(out.loss, out.aux_loss, out.aux_losses, out.routing)
-    second = model(input_ids, targets)
-    consistency = 0.5 * coef * symmetric_kl(out.logits, second.logits, targets != -100)
+    out, second = model.run_backbone(input_ids), model.run_backbone(input_ids)
+    hidden = (o.last_hidden_state.flatten(0, 1) for o in (out, second))
+    ce_a, ce_b, kl = paired_cross_entropy_and_kl(*hidden, model.output_weight(), targets.flatten())
+    consistency = 0.5 * coef * kl
     aux_losses = {
         name: (out.aux_losses[name] + value) / 2 for name, value in second.aux_losses.items()
     }
     aux_losses["consistency"] = consistency
     aux_loss = (out.aux_loss + second.aux_loss) / 2 + consistency
-    return StepLoss((out.loss + second.loss) / 2, aux_loss, aux_losses, out.routing)
+    return StepLoss((ce_a + ce_b) / 2, aux_loss, aux_losses, out.routing)
 
 
 @dataclass
