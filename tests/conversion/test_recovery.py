@@ -58,6 +58,12 @@ def kd_loss(model, teacher, ids) -> float:
     return float((t.exp() * (t - s)).sum(-1).mean())
 
 
+def assert_same_state(model: torch.nn.Module, other: torch.nn.Module) -> None:
+    """Every tensor of ``model``'s state dict equals ``other``'s, bit for bit, in order."""
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_recovery_lowers_the_distillation_loss_and_trains_routers():
     dense = tiny_llama()
     sparse = converted(dense, 0.25)
@@ -107,9 +113,7 @@ def test_recovery_checkpoint_resume_is_exact(tmp_path):
     rest = recover(again, data, config, teacher=dense, checkpoint=path, progress=False)
     assert rest.resumed_from == 3 and rest.steps == 6
     assert rest.losses == full.losses  # bit for bit
-    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values(),
-                            strict=True):  # fmt: skip
-        assert torch.equal(a, b), name
+    assert_same_state(straight, again)
     # a finished checkpoint only loads: no further steps
     done = converted(dense, partition="contiguous")
     assert recover(done, data, config, teacher=dense, checkpoint=path, progress=False).steps == 6
@@ -201,9 +205,7 @@ def test_neurons_mode_recovery_resume_is_exact(tmp_path):
     rest = recover(again, data, config, teacher=dense, checkpoint=path, progress=False)
     assert rest.resumed_from == 3 and rest.steps == 5
     assert rest.losses == full.losses  # bit for bit
-    for (name, a), b in zip(straight.state_dict().items(), again.state_dict().values(),
-                            strict=True):  # fmt: skip
-        assert torch.equal(a, b), name
+    assert_same_state(straight, again)
     experts = converted(dense, partition="contiguous")  # another kind of model: refused
     with pytest.raises(Exception, match="other tensors than this model's trainable ones"):
         recover(experts, data, config, teacher=dense, checkpoint=path, progress=False)

@@ -11,11 +11,20 @@ import torch
 from xmoe import ConfigError, MoEConfig
 from xmoe.dispatch import ENGINES
 from xmoe.models import TransformerLM
+from xmoe.models.loss import symmetric_kl_per_position
 from xmoe.training.presets import preset
-from xmoe.training.step import lm_step_loss, symmetric_kl
+from xmoe.training.step import lm_step_loss
 
 from helpers import assert_close_grads, make_layer, train_tiny_lm, use_host_reads
 from reference import _expert, layer_params
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor):
+    """The reference: ``½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)]`` of the softmaxes of (..., V)
+    logits, in fp32, averaged over the positions where ``mask`` is True."""
+    log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)
+    per_position = symmetric_kl_per_position(log_a, log_b)
+    return per_position[mask].sum() / mask.sum().clamp_min(1)
 
 
 def _config(**fields) -> MoEConfig:

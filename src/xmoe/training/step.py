@@ -11,7 +11,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from xmoe.models.loss import paired_cross_entropy_and_kl, symmetric_kl_per_position
+from xmoe.models.loss import paired_cross_entropy_and_kl
 from xmoe.routing import RoutingStats
 
 Batch = TypeVar("Batch")
@@ -78,14 +78,6 @@ class StepLoss:
     aux_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     routing: list[RoutingStats] = field(default_factory=list)
-
-
-def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor):
-    """``½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)]`` of the softmaxes of (..., V) logits, in fp32,
-    averaged over the positions where ``mask`` is True."""
-    log_a, log_b = logits_a.float().log_softmax(-1), logits_b.float().log_softmax(-1)
-    per_position = symmetric_kl_per_position(log_a, log_b)
-    return per_position[mask].sum() / mask.sum().clamp_min(1)
 
 
 def lm_step_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> StepLoss:
