@@ -56,7 +56,9 @@ def test_the_grid_holds_the_neurons_cells_and_recovers_after_them():
                for f in (0.75, 0.6, 0.5, 0.35)]  # fmt: skip
     recovered = [f"neurons-recovered-T{t}" for t in (250_000, 1_000_000, 2_000_000)]
     assert set(oracle + methods + recovered) <= set(names)
+    # the budget-bound recoveries run last, after every training-free cell they choose from
     assert max(map(names.index, methods)) < min(map(names.index, recovered))
+    assert names[-len(recovered) :] == recovered
     assert {"clustered-H4-oracle-f0.5", "contiguous-H4-trained-f0.5"} <= set(names)
     no_neurons = EvalSettings(neuron_oracle=(), neuron_methods=())
     assert not [n for n in iter_names(no_neurons) if n.startswith("neuron")]

@@ -56,9 +56,12 @@ Job = tuple[list[str], Callable[[Runner], None]]
 
 
 def plan(settings: EvalSettings) -> list[Job]:
-    """The cells in the order they run: dense; the first partition's expert sizes, each followed
-    by the recoveries (and the XMoE route) that start from it; then the other partitions. Each
-    entry is ``(cell names, job)``; a job measures one conversion's cells, skipping cached ones."""
+    """The cells in the order they run: dense; the neurons mode's training-free cells; the first
+    partition's expert sizes, each followed by the recoveries (and the XMoE route) that start
+    from it; then the other partitions; last the neurons mode's recoveries, the only cells whose
+    cost grows with a token budget (hours each on CPU, resumable), so that an interrupted CPU run
+    has every cheap cell first. Each entry is ``(cell names, job)``; a job measures one
+    conversion's cells, skipping cached ones."""
     jobs: list[Job] = []
 
     def dense_job(runner: Runner) -> None:
@@ -149,12 +152,12 @@ def plan(settings: EvalSettings) -> list[Job]:
     for partition in rest:
         for size in settings.expert_sizes:
             jobs.append(group(size, partition, full=False))
+    jobs += neuron_recovery_jobs(settings)
     return jobs
 
 
 def neuron_jobs(settings: EvalSettings) -> list[Job]:
-    """The neurons-mode cells: the per-neuron oracle, each method at each F, then the
-    recoveries of the best method at ``recovery_flops`` (after the cells they choose from)."""
+    """The neurons mode's training-free cells: the per-neuron oracle, each method at each F."""
     jobs: list[Job] = []
     if settings.neuron_oracle:
         names = [cell_name("neuron", 1, "oracle", f) for f in settings.neuron_oracle]
@@ -185,11 +188,17 @@ def neuron_jobs(settings: EvalSettings) -> list[Job]:
                     runner.measure(name, runner.neuron_model(method, target), meta, timed=False)
 
             jobs.append(([name], method_job))
-    if settings.neuron_methods:
-        for budget in settings.recovery_budgets:
-            name = recovered_cell_name(budget)
-            jobs.append(([name], partial(recovery_job, name=name, budget=budget)))
     return jobs
+
+
+def neuron_recovery_jobs(settings: EvalSettings) -> list[Job]:
+    """The recoveries of the best neurons-mode method at ``recovery_flops``, one per budget
+    (they choose among the training-free cells, so they run after them)."""
+    if not settings.neuron_methods:
+        return []
+    names = [recovered_cell_name(budget) for budget in settings.recovery_budgets]
+    return [([name], partial(recovery_job, name=name, budget=budget))
+            for name, budget in zip(names, settings.recovery_budgets, strict=True)]  # fmt: skip
 
 
 def recovery_job(runner: Runner, name: str, budget: int) -> None:
