@@ -189,12 +189,19 @@ def test_report_tables_from_records(tmp_path, monkeypatch):
         suite="routers", presets=("top2",), ablations=(), seeds=2, tokens=640, docs=tmp_path
     )
     data = SimpleNamespace(val=np.zeros(12_345, dtype=np.uint16))
-    text = write_routers_report(RECORDS, settings, data, elapsed_s=60.0).read_text()
+    speeds = {"top2": 1000.0, "xmoe-32": 1500.0}  # deepseek, threshold+shared: not timed
+    text = write_routers_report(RECORDS, settings, data, 60.0, speeds).read_text()
     lines = text.splitlines()
     assert (
         "| top2 | topk | 2 | 3.70M | 100.00 ± 0.00 | 0.500 ± 0.000 | 2.00 ± 0.00 | 1.0 ± 0.0 "
-        "| 3.0 ± 0.0 | 0.100 ± 0.000 | 2.00 ± 0.00 | 1000 ± 0 |"
+        "| 3.0 ± 0.0 | 0.100 ± 0.000 | 2.00 ± 0.00 | 1000 (1.00x) |"
     ) in lines
+    assert lines[[line.startswith("| xmoe-32 |") for line in lines].index(True)].endswith(
+        "| 1500 (1.50x) |"
+    )
+    assert lines[[line.startswith("| deepseek |") for line in lines].index(True)].endswith(
+        "| n/a |"
+    )
     assert "| threshold+shared t=0.9 | 97.10 | 0.350 |" in lines
     assert "Every run: 640 training tokens (10 steps of 4x16)" in text
     for note in available_rows()[1]:  # each row whose router is not registered is named

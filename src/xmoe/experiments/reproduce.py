@@ -18,6 +18,7 @@ from pathlib import Path
 from xmoe.experiments.grid import FAMILY, QUICK, SWEEP_THRESHOLDS, ReproduceSettings, run_all
 from xmoe.experiments.report import HEADLINE_THRESHOLD, summarize, target_lines, write_report
 from xmoe.experiments.router_report import write_routers_report
+from xmoe.experiments.train_speed import training_speeds
 from xmoe.training.presets import preset
 from xmoe.training.trainer import load_token_data
 
@@ -42,5 +43,7 @@ def reproduce(settings: ReproduceSettings) -> Path:
     data = load_token_data(preset(settings.base_preset), progress=settings.progress)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are processes
     records = run_all(settings, data)
-    write = write_report if settings.suite == "lm" else write_routers_report
-    return write(records, settings, data, time.perf_counter() - started)
+    if settings.suite == "lm":
+        return write_report(records, settings, data, time.perf_counter() - started)
+    speeds = training_speeds(list(dict.fromkeys(r["preset"] for r in records)), settings.out, data)
+    return write_routers_report(records, settings, data, time.perf_counter() - started, speeds)

@@ -131,10 +131,23 @@ def moonshot_lines(records: list[dict], table: dict, all_points: list) -> list[s
     return lines
 
 
+def _speed(speeds: dict[str, float], name: str) -> str:
+    if name not in speeds:
+        return "n/a"
+    ratio = f" ({speeds[name] / speeds['top2']:.2f}x)" if "top2" in speeds else ""
+    return f"{speeds[name]:.0f}{ratio}"
+
+
 def write_routers_report(
-    records: list[dict], settings: ReproduceSettings, data: TokenData, elapsed_s: float
+    records: list[dict],
+    settings: ReproduceSettings,
+    data: TokenData,
+    elapsed_s: float,
+    speeds: dict[str, float],
 ) -> Path:
-    """Write ``routers.md`` and its plot into ``settings.docs``; returns the markdown path."""
+    """Write ``routers.md`` and its plot into ``settings.docs``; returns the markdown path.
+    ``speeds`` is each row's training tokens/s timed side by side
+    (:func:`~xmoe.experiments.train_speed.training_speeds`)."""
     from xmoe.experiments.plots import plot_ppl_vs_flops
 
     settings.docs.mkdir(parents=True, exist_ok=True)
@@ -158,7 +171,9 @@ def write_routers_report(
         "Evaluation is dropless; 'MoE MFLOP' counts what was computed (kept pairs at their "
         "experts' costs, shared experts, routers); experts/token counts routed experts (a row "
         "with K_s shared experts computes K_s more). Load: the busiest expert's share over the "
-        "mean (1 = balanced). Training tokens/s are rough (runs share the machine).",
+        "mean (1 = balanced). Training tokens/s: every row's trained seed-0 model taking the same "
+        "optimizer steps on the same batches, rows interleaved in one process, median of rounds "
+        "(`xmoe/experiments/train_speed.py`; a run's own log says how busy the machine was).",
         "",
         "## Findings and targets",
         "",
@@ -171,7 +186,7 @@ def write_routers_report(
         "## All rows (each at its trained setting)",
         "",
         "| row | router | seeds | params | val perplexity | MoE MFLOP/token | experts/token "
-        "| p10 | p90 | train drop rate | load (max/mean) | train tokens/s |",
+        "| p10 | p90 | train drop rate | load (max/mean) | train tokens/s (vs top-2) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
@@ -181,7 +196,7 @@ def write_routers_report(
             f"| {_fmt(row['moe_mflops'], 3)} | {_fmt(row['experts_per_token'])} "
             f"| {_opt(row, 'p10', 1)} | {_opt(row, 'p90', 1)} "
             f"| {_fmt(row['train_drop_fraction'], 3)} | {_fmt(row['load_imbalance'])} "
-            f"| {_fmt(row['tokens_per_second'], 0)} |"
+            f"| {_speed(speeds, name)} |"
         )
     lines += [
         "",

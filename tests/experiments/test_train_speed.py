@@ -1,0 +1,92 @@
+"""The routers suite's training speeds: every row's trained model stepping on the same batches,
+interleaved in one process, cached under the settings that made them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from xmoe.experiments import train_speed
+from xmoe.experiments.router_suite import row_config
+from xmoe.training.config import apply_overrides
+from xmoe.training.trainer import load_token_data, train
+
+ROWS = ["top2", "thor"]  # thor: two forward passes per step
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    data = None
+    for row in ROWS:
+        config = apply_overrides(row_config(row, "tiny"), ["max_steps=2", "eval_interval=2"])
+        data = data or load_token_data(config, progress=False)
+        train(config, out / row / "seed0", data=data, progress=False)
+    other = apply_overrides(row_config("top2", "tiny"), ["max_steps=1", "batch_size=4"])
+    train(other, out / "top2-b4" / "seed0", data=data, progress=False)
+    return out, data
+
+
+def test_every_row_steps_the_same_batches_and_the_result_is_cached(suite, monkeypatch):
+    out, data = suite
+    calls = []
+    real_step = train_speed.train_step
+
+    def counted(model, optimizer, batches, loss_of, **kwargs):
+        batches = list(batches)
+        calls.append((id(model), [b[0].clone() for b in batches]))
+        return real_step(model, optimizer, batches, loss_of, **kwargs)
+
+    monkeypatch.setattr(train_speed, "train_step", counted)
+    speeds = train_speed.training_speeds(ROWS, out, data, steps=2, rounds=3)
+    assert list(speeds) == ROWS and all(math.isfinite(s) and s > 0 for s in speeds.values())
+    models = list(dict.fromkeys(model for model, _ in calls))
+    assert len(models) == 2
+    for model in models:  # one warm-up step, then steps x rounds timed
+        assert sum(m == model for m, _ in calls) == 1 + 2 * 3
+    cached = json.loads((out / "train_speed.json").read_text())
+    assert cached["tokens_per_second"] == speeds
+
+    calls.clear()  # same settings: read back, nothing trained
+    assert train_speed.training_speeds(ROWS, out, data, steps=2, rounds=3) == speeds
+    assert calls == []
+    train_speed.training_speeds(ROWS, out, data, steps=1, rounds=1)  # other settings: timed again
+    assert len(calls) == 2 * (1 + 1)
+
+
+def test_rows_step_the_same_batches(suite, monkeypatch):
+    out, data = suite
+    seen = {}
+    real_step = train_speed.train_step
+
+    def record(model, optimizer, batches, loss_of, **kwargs):
+        batches = list(batches)
+        seen.setdefault(id(model), []).append(batches[0][0].clone())
+        return real_step(model, optimizer, batches, loss_of, **kwargs)
+
+    monkeypatch.setattr(train_speed, "train_step", record)
+    train_speed.training_speeds(ROWS, out, data, steps=2, rounds=2)
+    first, second = seen.values()
+    assert len(first) == len(second) == 1 + 2 * 2
+    assert all((a == b).all() for a, b in zip(first, second, strict=True))
+    assert not (first[1] == first[2]).all()  # two different batches per round
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rows": []}, r"rows=\[\] is invalid"),
+        ({"steps": 0}, "steps=0 is invalid: it must be >= 1"),
+        ({"rounds": -1}, "rounds=-1 is invalid: it must be >= 1"),
+        (
+            {"rows": ["top2", "top2-b4"]},
+            r"train on different batch shapes \[\(4, 32\), \(8, 32\)\]",
+        ),
+    ],
+)
+def test_bad_settings_are_named(suite, kwargs, message):
+    out, data = suite
+    with pytest.raises(ValueError, match=message):
+        train_speed.training_speeds(**{"rows": ROWS, "out": out, "data": data, **kwargs})
