@@ -53,7 +53,7 @@ def test_the_grid_holds_the_neurons_cells_and_recovers_after_them():
     names = list(iter_names(EvalSettings()))
     oracle = [f"neuron-H1-oracle-f{f:g}" for f in (0.4, 0.5, 0.6, 0.7)]
     methods = [f"neurons-{m}-F{f:g}" for m in ("teal", "wina", "wina-greedy", "gate-first")
-               for f in (0.75, 0.6, 0.5, 0.35)]  # fmt: skip
+               for f in (0.75, 0.67, 0.6, 0.5, 0.35)]  # fmt: skip
     recovered = [f"neurons-recovered-T{t}" for t in (250_000, 1_000_000, 2_000_000)]
     assert set(oracle + methods + recovered) <= set(names)
     # the budget-bound recoveries run last, after every training-free cell they choose from
