@@ -146,6 +146,26 @@ def test_statistics_are_finite_and_non_negative(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_threshold_decides_exactly_when_the_threshold_changes_the_routing(name):
+    """What ``xmoe reproduce`` sweeps t on: a router that says the threshold decides routes
+    differently at t=0.3 and t=0.95; one with a threshold it ignores routes the same."""
+    config, state_width = _config(name)
+    layer = make_layer(config, seed=5).eval()
+    x = torch.randn(64, config.d_model, dtype=torch.float64)
+    state = None if state_width is None else torch.randn(64, state_width).double()
+
+    def kept_at(threshold: float) -> torch.Tensor:
+        if layer.router.uses_threshold:
+            layer.router.set_threshold(threshold)
+        with torch.no_grad():
+            return layer(x, state).routing.kept_per_token
+
+    changed = not torch.equal(kept_at(0.3), kept_at(0.95))
+    assert changed == layer.router.threshold_decides()
+    assert layer.router.uses_threshold or not layer.router.threshold_decides()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_a_bad_option_name_is_rejected_by_name(name):
     fields, _ = _fields(name)
     options = {**fields.get("router_options", {}), "no_such_option": 1}

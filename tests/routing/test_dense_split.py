@@ -45,8 +45,10 @@ def test_bad_options_raise_named_errors(options, fields, message):
 def test_the_rule_is_a_set_of_tunables_a_saved_recipe_rebuilds():
     layer = MoELayer(_config(router_options={"selection": "threshold"}, threshold=0.5))
     router = layer.router
+    assert router.threshold_decides()
     router.set_top_k(3)
     router.set_rule("learned", "topk", "weighted")
+    assert not router.threshold_decides()  # top-k ignores t: a t sweep would change nothing
     held = layer.tunables()
     assert held == {
         "capacity_at_eval": False,

@@ -177,6 +177,12 @@ class Router(nn.Module):
         record to rebuild it as it is)."""
         return {name: getattr(self, name) for name in self.tunable_names}
 
+    def threshold_decides(self) -> bool:
+        """Whether the mass threshold decides this router's selection as it is now configured
+        (so a threshold sweep changes its routing); a router with a threshold among other
+        rules overrides it."""
+        return self.uses_threshold
+
     def end_step(self) -> None:
         """Called once after each optimizer step (routers that adapt between steps)."""
 

@@ -163,6 +163,10 @@ class DenseSplitRouter(Router):
         require_threshold(threshold)
         self.threshold = float(threshold)
 
+    def threshold_decides(self) -> bool:
+        """Only under ``selection="threshold"``; top-k ignores the threshold."""
+        return self.selection == "threshold"
+
     def set_rule(self, scoring: str, selection: str, combine: str) -> None:
         """Score, select and combine this way from now on (the weights are unchanged).
 
