@@ -28,7 +28,6 @@ from xmoe.experiments.analysis import (
     measure_adaptivity,
 )
 from xmoe.experiments.router_suite import available_rows, row_config
-from xmoe.registry import ROUTERS
 from xmoe.storage import atomic_write_text
 from xmoe.training.config import TrainConfig, apply_overrides
 from xmoe.training.evaluate import evaluate
@@ -175,7 +174,7 @@ def run_one(name: str, seed: int, settings: ReproduceSettings, data: TokenData) 
     sweep, adaptivity = [], None
     if moe is not None:
         adaptivity = _adaptivity_record(model, config, data, batches)
-    if moe is not None and ROUTERS[moe.router].uses_threshold:
+    if any(layer.router.threshold_decides() for layer in model.moe_layers):
         for threshold in SWEEP_THRESHOLDS:
             model.set_threshold(threshold)
             point = evaluate(model, data.val, batch, seq, batches)

@@ -159,7 +159,8 @@ def write_routers_report(
         "",
         f"Made by `{settings.command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"devices {sorted({r['device'] for r in records})}, {settings.jobs} runs at a time, "
-        f"{elapsed_s / 60:.1f} min of wall time.",
+        f"{elapsed_s / 60:.1f} min of wall time in this invocation (runs finished earlier "
+        "are read back, not retrained; an interrupted run resumes from its checkpoint).",
         "",
         f"Every run: {settings.tokens:,} training tokens ({first['max_steps']} steps of "
         f"{first['batch_size']}x{first['seq_len']}), the model, corpus, trainer and validation "
