@@ -300,3 +300,8 @@ def test_overrides_return_a_new_validated_config():
     changed = apply_overrides(config, ["moe.threshold=0.5", "lr=1e-3"])
     assert changed.model.moe.threshold == 0.5 and changed.lr == 1e-3
     assert config.model.moe.threshold == 0.9 and not math.isclose(config.lr, 1e-3)
+
+
+@pytest.mark.parametrize(("grad_clip", "clip_norm"), [(0.5, 0.5), (0.0, math.inf)])
+def test_clip_norm_is_grad_clip_or_no_clipping(grad_clip, clip_norm):
+    assert TrainConfig(**TRAIN_BASE, grad_clip=grad_clip).clip_norm == clip_norm

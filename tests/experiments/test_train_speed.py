@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from xmoe.experiments import train_speed
 from xmoe.experiments.router_suite import row_config
@@ -26,6 +27,9 @@ def suite(tmp_path_factory):
         train(config, out / row / "seed0", data=data, progress=False)
     other = apply_overrides(row_config("top2", "tiny"), ["max_steps=1", "batch_size=4"])
     train(other, out / "top2-b4" / "seed0", data=data, progress=False)
+    bf16 = apply_overrides(row_config("top2", "tiny"), ["max_steps=1", "precision=bf16",
+                                                        "grad_clip=0"])  # fmt: skip
+    train(bf16, out / "top2-bf16" / "seed0", data=data, progress=False)
     return out, data
 
 
@@ -72,6 +76,28 @@ def test_rows_step_the_same_batches(suite, monkeypatch):
     assert len(first) == len(second) == 1 + 2 * 2
     assert all((a == b).all() for a, b in zip(first, second, strict=True))
     assert not (first[1] == first[2]).all()  # two different batches per round
+
+
+def test_rows_step_under_their_own_precision_and_clip(suite, monkeypatch):
+    """A bf16 row's steps run under autocast and a row with grad_clip=0 clips nothing, as their
+    trainer steps them, so the timing is of the training the row does."""
+    out, data = suite
+    seen = []
+    real_step, real_loss = train_speed.train_step, train_speed.lm_step_loss
+
+    def record_step(model, optimizer, batches, loss_of, **kwargs):
+        seen.append(("clip", kwargs["max_norm"]))
+        return real_step(model, optimizer, batches, loss_of, **kwargs)
+
+    def record_loss(model, *batch):
+        seen.append(("autocast", torch.is_autocast_enabled("cpu")))
+        return real_loss(model, *batch)
+
+    monkeypatch.setattr(train_speed, "train_step", record_step)
+    monkeypatch.setattr(train_speed, "lm_step_loss", record_loss)
+    train_speed.training_speeds(["top2", "top2-bf16"], out, data, steps=1, rounds=1)
+    # per round: top2 (fp32, clip 1.0), then top2-bf16 (autocast, no clip); two rounds
+    assert seen == [("clip", 1.0), ("autocast", False), ("clip", math.inf), ("autocast", True)] * 2
 
 
 @pytest.mark.parametrize(

@@ -14,22 +14,38 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from xmoe.data import TokenData, random_batch
 from xmoe.storage import atomic_write_text
+from xmoe.training.config import TrainConfig
+from xmoe.training.evaluate import autocast_context
 from xmoe.training.rundir import RunDir
-from xmoe.training.step import lm_step_loss, train_step
+from xmoe.training.step import StepLoss, lm_step_loss, train_step
 from xmoe.training.trainer import build_optimizer
+
+
+def _loss(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> StepLoss:
+    """The row's training loss of one batch, under the run's precision (bf16 autocast or fp32),
+    as its trainer computes it."""
+    with autocast_context(config.precision, device):
+        return lm_step_loss(model, *batch)
 
 
 def training_speeds(
     rows: list[str], out: Path, data: TokenData, *, steps: int = 2, rounds: int = 3
 ) -> dict[str, float]:
     """Training tokens/s of each row in ``rows``: seed 0's trained model from ``out/<row>/seed0``
-    with a fresh AdamW (the run's own settings), stepping on batches shared by every row.
+    with a fresh AdamW, gradient clip and precision (the run's own settings), stepping on
+    batches shared by every row.
 
     Each round times ``steps`` optimizer steps of every row in turn, after a first untimed
     round of one warm-up step each. Returns ``{row: tokens/s}`` (the median over ``rounds``).
@@ -79,8 +95,8 @@ def training_speeds(
             started = time.perf_counter()
             for batch in batches[: 1 if round_index == 0 else None]:
                 train_step(
-                    model, optimizer, [batch], lambda b, m=model: lm_step_loss(m, *b),
-                    max_norm=config.grad_clip if config.grad_clip > 0 else float("inf"),
+                    model, optimizer, [batch], partial(_loss, model, config, device),
+                    max_norm=config.clip_norm,
                 )  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -140,6 +140,12 @@ class TrainConfig(DictConfig):
         _require_choice("device", self.device, DEVICES)
         _require(isinstance(self.preset, str), "preset", self.preset, "a str")
 
+    @property
+    def clip_norm(self) -> float:
+        """The ``max_norm`` a training step clips the gradient to: ``grad_clip``, or infinity
+        (measure the norm, clip nothing) when ``grad_clip`` is 0."""
+        return self.grad_clip if self.grad_clip > 0 else float("inf")
+
     def resolve_device(self):
         """The ``torch.device`` this config trains on; ``cuda`` without a GPU is an error."""
         import torch

@@ -318,7 +318,7 @@ def _train_locked(
                 group["lr"] = lr
             stats = train_step(
                 model, optimizer, micro_batches(), loss_of, accumulation=config.grad_accum_steps,
-                max_norm=config.grad_clip if config.grad_clip > 0 else float("inf"),
+                max_norm=config.clip_norm,
                 parallel=par, what=f"step {step + 1}",
             )  # fmt: skip
             loss_sum, aux_sum, grad_norm = stats.loss, stats.aux_loss, stats.grad_norm
