@@ -211,6 +211,35 @@ def test_neurons_mode_recovery_resume_is_exact(tmp_path):
         recover(experts, data, config, teacher=dense, checkpoint=path, progress=False)
 
 
+def test_a_longer_budget_extends_a_shorter_ones_checkpoint_exactly(tmp_path):
+    dense = neurons_dense()
+    base = {"batch_size": 2, "seq_len": 16, "lr": 1e-3, "checkpoint_every": 2}
+    short, long = RecoveryConfig(tokens=2 * 32, **base), RecoveryConfig(tokens=5 * 32, **base)
+    data = windows(8, 16)
+    straight = neurons_converted(dense)
+    full = recover(straight, data, long, teacher=dense, progress=False)
+    first = tmp_path / "short.ckpt"
+    recover(neurons_converted(dense), data, short, teacher=dense, checkpoint=first,
+            progress=False)  # fmt: skip
+    before = first.read_bytes()
+    extended = neurons_converted(dense)
+    result = recover(extended, data, long, teacher=dense, checkpoint=tmp_path / "long.ckpt",
+                     extends=first, progress=False)  # fmt: skip
+    assert result.resumed_from == 2 and result.steps == 5
+    assert result.losses == full.losses  # bit for bit: the short run is the long one's prefix
+    assert_same_state(straight, extended)
+    assert first.read_bytes() == before  # only read
+    # the long checkpoint now exists, so it is the one resumed (finished: no steps)
+    again = recover(neurons_converted(dense), data, long, teacher=dense,
+                    checkpoint=tmp_path / "long.ckpt", extends=first, progress=False)  # fmt: skip
+    assert again.resumed_from == 5
+    other_lr = RecoveryConfig(tokens=5 * 32, **base | {"lr": 2e-3})
+    for config, start in ((short, tmp_path / "long.ckpt"), (other_lr, first)):  # longer; other
+        with pytest.raises(Exception, match="another recovery config"):
+            recover(neurons_converted(dense), data, config, teacher=dense,
+                    checkpoint=tmp_path / "x.ckpt", extends=start, progress=False)  # fmt: skip
+
+
 def test_neurons_mode_recovery_refuses_bad_budgets_and_router_only_training():
     with pytest.raises(ConfigError, match=r"tokens=100 is invalid: .*batch_size·seq_len = 512"):
         RecoveryConfig(tokens=100, batch_size=4, seq_len=128)

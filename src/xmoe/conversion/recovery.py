@@ -228,14 +228,20 @@ def _load(
     optimizer: torch.optim.Optimizer,
     config: RecoveryConfig,
     key: dict | None,
+    shorter: bool = False,
 ) -> tuple[int, list[float]]:
+    """Load the checkpoint at ``path`` into ``params`` and ``optimizer``; returns its step and
+    losses. ``shorter``: it may come from a run with a smaller token budget, equal otherwise."""
     from xmoe.training.checkpoint import CheckpointError, load_checkpoint
 
     checkpoint = load_checkpoint(path)
     meta = checkpoint.meta
     if meta.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a recovery checkpoint (kind={meta.get('kind')!r})")
-    if meta.get("config") != config.to_dict():
+    theirs, ours = dict(meta.get("config") or {}), config.to_dict()
+    if shorter and theirs.get("tokens", math.inf) <= ours["tokens"]:
+        theirs["tokens"] = ours["tokens"]  # a prefix of this run
+    if theirs != ours:
         raise CheckpointError(
             f"{path} was written with another recovery config {meta.get('config')}; "
             f"this run has {config.to_dict()} (delete it to start over)"
@@ -267,6 +273,7 @@ def recover(
     desc: str = "recovery",
     stop_after: int | None = None,
     key: dict | None = None,
+    extends: str | os.PathLike[str] | None = None,
 ) -> RecoveryResult:
     """Fine-tune ``model``'s SparseMLPs (or NeuronMLPs) in place; leaves it in ``eval`` mode.
 
@@ -282,6 +289,10 @@ def recover(
             budget; a later call resumes (for time-sliced runs).
         key: JSON values naming what the checkpoint belongs to beyond ``config`` (the model and
             conversion it trains), saved with it; a checkpoint of another key is refused.
+        extends: a checkpoint of this same run under a smaller token budget (its config equal
+            but for ``tokens``), the start when ``checkpoint`` holds none yet. It is exact: the
+            learning rate is constant and the windows come in one seeded order, so a shorter
+            budget's run is the first steps of a longer one's. It is only read.
 
     Raises:
         DivergenceError: a non-finite loss or gradient norm (before the update that would
@@ -303,6 +314,8 @@ def recover(
     start, losses = 0, []
     if path is not None and path.is_file():
         start, losses = _load(path, params, optimizer, config, key)
+    elif extends is not None:
+        start, losses = _load(Path(extends), params, optimizer, config, key, shorter=True)
     result = RecoveryResult(losses, start, start)
     order = window_order(windows_BT.shape[0], config.seed)
     device = next(model.parameters()).device
