@@ -64,6 +64,20 @@ def test_the_grid_holds_the_neurons_cells_and_recovers_after_them():
     assert not [n for n in iter_names(no_neurons) if n.startswith("neuron")]
 
 
+def test_modes_choose_the_cells():
+    neurons = list(iter_names(EvalSettings(modes=("neurons",))))
+    experts = list(iter_names(EvalSettings(modes=("experts",))))
+    assert neurons[0] == experts[0] == "dense"
+    assert all(n.startswith("neuron") for n in neurons[1:])
+    assert "neurons-recovered-T250000" in neurons
+    assert not [n for n in experts if n.startswith("neuron")]
+    assert {"clustered-H16-recovered-f0.5", "xmoe-H16-t0.5"} <= set(experts)
+    assert sorted(neurons + experts[1:]) == sorted(iter_names(EvalSettings()))
+    for modes in ((), ("neurons", "routers")):
+        with pytest.raises(ValueError, match=r"modes=.* is invalid: choose from \('neurons'"):
+            EvalSettings(modes=modes)
+
+
 QUICK = dict(
     quick=True, expert_sizes=(16,), fractions=(0.5,), partitions=("contiguous",), router_steps=1,
     routers=("oracle",), recover=(), xmoe_route=0, neuron_oracle=(0.5,),
@@ -105,6 +119,31 @@ def test_quick_grid_measures_neurons_cells_and_recovers_the_best(tmp_path, monke
     assert "## Targets of issue 26" in report and "## Quality against granularity" in report
     assert "| 1 | oracle (a bound: ranks on the dense FFN) |" in report
     assert "+ recovery (512 tokens)" in report and "Not measured yet" not in report
+
+
+def test_each_budget_extends_the_last_shorter_one_and_waits_for_every_method(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(model, windows, config, **options):  # writes its checkpoint, as recover does
+        calls.append((config.tokens, options["checkpoint"], options["extends"]))
+        options["checkpoint"].write_text("done")
+
+    monkeypatch.setattr(sparsify_grid, "recover", fake)
+    monkeypatch.setattr(sparsify_report, "write_plot", lambda *a: False)
+    settings = EvalSettings(out=tmp_path / "run", docs=tmp_path / "docs",
+                            **QUICK | {"recovery_budgets": (512, 1536, 1024)})  # fmt: skip
+    run_eval(settings)
+    (t1, p1, e1), (t2, p2, e2), (t3, p3, e3) = calls  # in the settings' order
+    assert (t1, t2, t3) == (512, 1536, 1024) and e1 is None
+    assert e2 == p1 and e3 == p1  # 1536 ran before 1024 had a checkpoint: it extends 512
+    assert all(p.name.endswith(f"-T{t}.ckpt") for t, p in ((t1, p1), (t2, p2), (t3, p3)))
+    # a method's cell at recovery_flops missing: no recovery starts
+    cells = tmp_path / "run/cells"
+    for name in ("neurons-wina-F0.5", "neurons-recovered-T512"):
+        (cells / f"{name}.json").unlink()
+    calls.clear()
+    sparsify_grid.recovery_job(Runner(settings), "neurons-recovered-T512", 512)
+    assert calls == [] and not (cells / "neurons-recovered-T512.json").exists()
 
 
 def test_a_recovery_refused_is_stored_skipped_and_retried(tmp_path, monkeypatch):

@@ -56,12 +56,11 @@ Job = tuple[list[str], Callable[[Runner], None]]
 
 
 def plan(settings: EvalSettings) -> list[Job]:
-    """The cells in the order they run: dense; the neurons mode's training-free cells; the first
-    partition's expert sizes, each followed by the recoveries (and the XMoE route) that start
-    from it; then the other partitions; last the neurons mode's recoveries, the only cells whose
-    cost grows with a token budget (hours each on CPU, resumable), so that an interrupted CPU run
-    has every cheap cell first. Each entry is ``(cell names, job)``; a job measures one
-    conversion's cells, skipping cached ones."""
+    """The cells in the order they run, of the modes in ``settings.modes``: dense; the neurons
+    mode's training-free cells; the expert mode's cells (:func:`expert_jobs`); last the neurons
+    mode's recoveries, the only cells whose cost grows with a token budget (hours each on CPU,
+    resumable), so that an interrupted CPU run has every cheap cell first. Each entry is
+    ``(cell names, job)``; a job measures one conversion's cells, skipping cached ones."""
     jobs: list[Job] = []
 
     def dense_job(runner: Runner) -> None:
@@ -71,7 +70,18 @@ def plan(settings: EvalSettings) -> list[Job]:
             runner.measure("dense", runner.dense, meta, timed=False)
 
     jobs.append((["dense"], dense_job))
-    jobs += neuron_jobs(settings)
+    neurons = "neurons" in settings.modes
+    jobs += neuron_jobs(settings) if neurons else []
+    if "experts" in settings.modes:
+        jobs += expert_jobs(settings)
+    jobs += neuron_recovery_jobs(settings) if neurons else []
+    return jobs
+
+
+def expert_jobs(settings: EvalSettings) -> list[Job]:
+    """The expert mode's cells: the first partition's expert sizes, each followed by the
+    recoveries (and the XMoE route) that start from it, then the other partitions."""
+    jobs: list[Job] = []
 
     def group(size: int, partition: str, full: bool) -> Job:
         names = []
@@ -152,7 +162,6 @@ def plan(settings: EvalSettings) -> list[Job]:
     for partition in rest:
         for size in settings.expert_sizes:
             jobs.append(group(size, partition, full=False))
-    jobs += neuron_recovery_jobs(settings)
     return jobs
 
 
@@ -202,11 +211,12 @@ def neuron_recovery_jobs(settings: EvalSettings) -> list[Job]:
 
 
 def recovery_job(runner: Runner, name: str, budget: int) -> None:
-    """Recover the best measured neurons-mode cell at ``recovery_flops`` (lowest worst-domain
-    perplexity ratio) with ``budget`` tokens of distillation, and measure it. Nothing to start
-    from yet (no dense or no such cell measured): the cell stays unmeasured. A recovery that
-    refuses the model (``conversion.recovery.recover`` raising ValueError, as it does for a model
-    without SparseMLPs) is stored as skipped with its message."""
+    """Recover the best neurons-mode cell at ``recovery_flops`` (lowest worst-domain perplexity
+    ratio) with ``budget`` tokens of distillation, and measure it. Nothing to start from yet
+    (no dense, or a method's cell at ``recovery_flops`` not measured): the cell stays
+    unmeasured. The run continues the largest smaller budget's checkpoint when there is one. A
+    recovery that refuses the model (``conversion.recovery.recover`` raising ValueError, as it
+    does for a model without SparseMLPs) is stored as skipped with its message."""
     settings = runner.settings
     if runner.cached(name) is not None:
         return
@@ -214,11 +224,17 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
     dense = next((c for c in cells if c["kind"] == "dense"), None)
     sources = [c for c in cells if c["kind"] == "neurons" and c["router"] != "recovered"
                and c["fraction"] == settings.recovery_flops]  # fmt: skip
-    if dense is None or not sources:
-        return
+    if dense is None or set(settings.neuron_methods) - {c["method"] for c in sources}:
+        return  # every budget recovers the best of all the methods, so the same one
     source = min(sources, key=lambda c: worst_ratio(c, dense))
     method, target = source["method"], source["fraction"]
     config = dataclasses.replace(settings.recovery, tokens=budget)
+
+    def checkpoint(tokens: int) -> Path:
+        return runner.out / "models" / f"neurons-{method}-F{target:g}-T{tokens}.ckpt"
+
+    # a shorter budget's run is the first steps of this one (conversion.recovery.recover)
+    shorter = [b for b in settings.recovery_budgets if b < budget and checkpoint(b).is_file()]
     meta = {"kind": "neurons", "router": "recovered", "method": method, "partition": "neuron",
             "expert_size": 1, "num_experts": None, "fraction": target,
             "recovered_from": source["name"], "recovery": config.to_dict()}  # fmt: skip
@@ -229,7 +245,8 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
             runner.data["recovery_budgets"],
             config,
             teacher=runner.dense,
-            checkpoint=runner.out / "models" / f"neurons-{method}-F{target:g}-T{budget}.ckpt",
+            checkpoint=checkpoint(budget),
+            extends=checkpoint(max(shorter)) if shorter else None,
             progress=settings.progress,
             desc=f"recovery {method} F={target:g} {budget} tokens",
         )

@@ -12,6 +12,10 @@ from typing import Any
 from xmoe.conversion.config import PARTITIONS
 from xmoe.conversion.recovery import RecoveryConfig
 
+GRID_MODES = ("neurons", "experts")
+"""The conversions a grid measures: ``neurons`` (the neurons mode's cells and their recoveries)
+and ``experts`` (the expert groups, their recoveries and the XMoE route)."""
+
 GRID_ROUTERS = ("trained", "oracle")
 """``trained``: the learned router fit on calibration states. ``oracle``: the true expert output
 norms (no router)."""
@@ -43,6 +47,8 @@ class EvalSettings:
     Args:
         out: run directory (cells, converted models, recovery checkpoints).
         docs: folder of the report ``sparsify.md`` and plot ``sparsify.png``.
+        modes: the modes whose cells the grid measures (:data:`GRID_MODES`; the dense row is
+            always measured).
         expert_sizes: neurons per expert, each dividing the FFN width (1536 for SmolLM2).
         fractions: top-k active fractions in (0, 1].
         partitions: ``clustered`` and/or ``contiguous``; the first one's groups run first.
@@ -79,6 +85,7 @@ class EvalSettings:
 
     out: Path = Path("runs/sparsify-eval")
     docs: Path = Path("docs/results")
+    modes: tuple[str, ...] = field(default=GRID_MODES, metadata={"choices": GRID_MODES})
     expert_sizes: tuple[int, ...] = (16, 64, 4)
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     partitions: tuple[str, ...] = field(
@@ -110,6 +117,8 @@ class EvalSettings:
     quick: bool = False
 
     def __post_init__(self) -> None:
+        if not self.modes or not set(self.modes) <= set(GRID_MODES):
+            raise ValueError(f"modes={self.modes!r} is invalid: choose from {GRID_MODES}")
         _positive_ints("expert_sizes", self.expert_sizes)
         if not self.fractions or not all(
             isinstance(f, (int, float)) and 0 < f <= 1 for f in self.fractions
@@ -201,4 +210,4 @@ class EvalSettings:
         return key | {"quick": True} if self.quick else key  # the real run's cells stay valid
 
 
-__all__ = ["GRID_ROUTERS", "NEURON_METHODS", "EvalSettings"]
+__all__ = ["GRID_MODES", "GRID_ROUTERS", "NEURON_METHODS", "EvalSettings"]
