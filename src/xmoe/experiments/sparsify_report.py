@@ -248,8 +248,9 @@ def target_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> list[str
         )
     lines.append(
         "- Decode at 50% of FFN FLOPs (MLPs ≥ 1.4×, end-to-end ≥ 1.2×; moonshot 1.6× / 1.25×, "
-        "batch 1): not measured by this grid, whose forward passes are prefill-sized; the "
-        "neurons-mode cells are not timed here."
+        "batch 1): not measured by this grid, whose forward passes are prefill-sized, but by "
+        "`python -m benchmarks.sparsify_decode` (`make bench`), which writes its table and "
+        "verdicts to `docs/results/sparsify_decode.md`."
     )
     return lines
 
