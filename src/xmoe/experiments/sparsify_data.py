@@ -13,12 +13,8 @@ from pathlib import Path
 
 import torch
 
-from xmoe.experiments.sparsify_settings import EvalSettings
+from xmoe.experiments.sparsify_settings import DOMAINS, EvalSettings
 from xmoe.storage import read_verified, save_verified
-
-DOMAINS = ("shakespeare", "kjv")
-"""The held-out domains every model is measured on (the LM corpus's fixed held-out works and
-books)."""
 
 
 def spaced_windows(ids: list[int], tokens: int, seq_len: int) -> torch.Tensor:
@@ -34,8 +30,9 @@ def spaced_windows(ids: list[int], tokens: int, seq_len: int) -> torch.Tensor:
 
 def corpus_data(tokenizer, settings: EvalSettings) -> dict[str, torch.Tensor]:
     """Token windows, from the project's corpus and its fixed split (:mod:`xmoe.data.corpus`):
-    ``calibration`` (Shakespeare training works), ``recovery`` (both training splits, windows
-    alternating between the domains, ``settings.recovery.tokens`` of them), ``recovery_budgets``
+    ``calibration`` (both training splits, windows alternating between the domains:
+    quantile thresholds calibrated on one domain over-prune the other), ``recovery`` (the same,
+    ``settings.recovery.tokens`` of them), ``recovery_budgets``
     (the same for the largest recovery budget) and ``eval_<domain>`` (the held-out works /
     books)."""
     from xmoe.data.corpus import load_documents, split_documents
@@ -51,8 +48,8 @@ def corpus_data(tokenizer, settings: EvalSettings) -> dict[str, torch.Tensor]:
         held_out = ids(val, domain)
         data[f"eval_{domain}"] = spaced_windows(held_out, settings.eval_tokens, settings.seq_len)
     train_ids = {domain: ids(train, domain) for domain in DOMAINS}
-    data["calibration"] = spaced_windows(
-        train_ids["shakespeare"], settings.calibration_tokens, settings.seq_len
+    data["calibration"] = alternating_windows(
+        train_ids, settings.calibration_tokens, settings.seq_len
     )
     seq_len = settings.recovery.seq_len
     data["recovery"] = alternating_windows(train_ids, settings.recovery.tokens, seq_len)

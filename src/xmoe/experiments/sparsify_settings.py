@@ -12,6 +12,10 @@ from typing import Any
 from xmoe.conversion.config import PARTITIONS
 from xmoe.conversion.recovery import RecoveryConfig
 
+DOMAINS = ("shakespeare", "kjv")
+"""The corpus's domains: every model is measured on each one's held-out works / books, and
+calibrated and recovered on windows of both training splits."""
+
 GRID_MODES = ("neurons", "experts")
 """The conversions a grid measures: ``neurons`` (the neurons mode's cells and their recoveries)
 and ``experts`` (the expert groups, their recoveries and the XMoE route)."""
@@ -69,7 +73,8 @@ class EvalSettings:
             route near the dense model (E·p ≈ 1).
         eval_tokens: held-out tokens per domain (windows of ``seq_len``, evenly spaced).
         seq_len: evaluation and calibration window length.
-        calibration_tokens: Shakespeare training tokens the partition and routers learn from.
+        calibration_tokens: training tokens, half from each domain, the partition, the routers
+            and the neurons mode's thresholds are calibrated on.
         router_steps: full-batch Adam steps per layer router.
         recovery: the recovery fine-tune settings (token budget, lr, ...).
         timing_tokens: tokens per timed forward (windows of ``seq_len``).
@@ -204,10 +209,11 @@ class EvalSettings:
             "eval_tokens": self.eval_tokens,
             "seq_len": self.seq_len,
             "calibration_tokens": self.calibration_tokens,
+            "calibration_domains": list(DOMAINS),
             "router_steps": self.router_steps,
             "timing_tokens": self.timing_tokens,
         }
         return key | {"quick": True} if self.quick else key  # the real run's cells stay valid
 
 
-__all__ = ["GRID_MODES", "GRID_ROUTERS", "NEURON_METHODS", "EvalSettings"]
+__all__ = ["DOMAINS", "GRID_MODES", "GRID_ROUTERS", "NEURON_METHODS", "EvalSettings"]
