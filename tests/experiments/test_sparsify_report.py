@@ -50,7 +50,9 @@ def test_report_gives_each_issue_target_and_the_granularity_curve(tmp_path):
         _cell("n-oracle", "oracle", 0.5, 10.2, 5.05, partition="neuron", expert_size=1),
         _neurons("n-teal", "teal", 0.61, 10.4, 5.1),  # +4%: within 5% at <= 67%
         _neurons("n-wina", "wina", 0.5, 13.0, 6.0),
-        _neurons("n-rec", "recovered", 0.5, 11.0, 5.25, method="wina", recovery=recovery),
+        _neurons(
+            "n-rec", "recovered", 0.524, 11.0, 5.25, method="wina", recovery=recovery, fraction=0.5
+        ),
         # over the 2M budget: no target counts it
         _neurons("n-big", "recovered", 0.5, 10.1, 5.0, method="wina", recovery=big),
         _cell("e-16", "trained", 0.52, 20.0, 9.0),
@@ -66,6 +68,8 @@ def test_report_gives_each_issue_target_and_the_granularity_curve(tmp_path):
         "- After ≤ 2M tokens of recovery: ≤ +15% at 50% of FFN FLOPs: **met**; best: neurons "
         "mode, TEAL + WINA + recovery (1000000 tokens), F=50%"
     ) in text
+    assert "KJV 5.25 (+5.0%). Its FFN FLOPs are 2.4 points over the budget, within the " in text
+    assert "(+2.0%).\n" in text  # the training-free best, under its budget: no such sentence
     assert "- Moonshot, its quality: ≤ +5% at 50% after ≤ 2M tokens: **missed**; best:" in text
     assert "| 1 | oracle (a bound: ranks on the dense FFN) | - | +2.0% | +2.0% |" in text
     assert "| 1 | training-free | - | +30.0% | +4.0% | +4.0% | +4.0% |" in text  # 61% + slack
