@@ -11,6 +11,7 @@ import torch
 
 from xmoe.experiments import train_speed
 from xmoe.experiments.router_suite import row_config
+from xmoe.training import trainer
 from xmoe.training.config import apply_overrides
 from xmoe.training.trainer import load_token_data, train
 
@@ -83,7 +84,7 @@ def test_rows_step_under_their_own_precision_and_clip(suite, monkeypatch):
     trainer steps them, so the timing is of the training the row does."""
     out, data = suite
     seen = []
-    real_step, real_loss = train_speed.train_step, train_speed.lm_step_loss
+    real_step, real_loss = train_speed.train_step, trainer.lm_step_loss
 
     def record_step(model, optimizer, batches, loss_of, **kwargs):
         seen.append(("clip", kwargs["max_norm"]))
@@ -94,7 +95,7 @@ def test_rows_step_under_their_own_precision_and_clip(suite, monkeypatch):
         return real_loss(model, *batch)
 
     monkeypatch.setattr(train_speed, "train_step", record_step)
-    monkeypatch.setattr(train_speed, "lm_step_loss", record_loss)
+    monkeypatch.setattr(trainer, "lm_step_loss", record_loss)
     train_speed.training_speeds(["top2", "top2-bf16"], out, data, steps=1, rounds=1)
     # per round: top2 (fp32, clip 1.0), then top2-bf16 (autocast, no clip); two rounds
     assert seen == [("clip", 1.0), ("autocast", False), ("clip", math.inf), ("autocast", True)] * 2

@@ -247,7 +247,7 @@ def target_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> list[str
         slack = (
             f" Its FFN FLOPs are {over:.1f} points over the budget, within the "
             f"{SLACK * 100:g}-point slack of this page."
-            if over > 0.05
+            if over > 0.05  # over by at least 0.1 point as printed
             else ""
         )
         lines.append(

@@ -21,23 +21,9 @@ import torch
 
 from xmoe.data import TokenData, random_batch
 from xmoe.storage import atomic_write_text
-from xmoe.training.config import TrainConfig
-from xmoe.training.evaluate import autocast_context
 from xmoe.training.rundir import RunDir
-from xmoe.training.step import StepLoss, lm_step_loss, train_step
-from xmoe.training.trainer import build_optimizer
-
-
-def _loss(
-    model: torch.nn.Module,
-    config: TrainConfig,
-    device: torch.device,
-    batch: tuple[torch.Tensor, torch.Tensor],
-) -> StepLoss:
-    """The row's training loss of one batch, under the run's precision (bf16 autocast or fp32),
-    as its trainer computes it."""
-    with autocast_context(config.precision, device):
-        return lm_step_loss(model, *batch)
+from xmoe.training.step import train_step
+from xmoe.training.trainer import build_optimizer, training_loss
 
 
 def training_speeds(
@@ -95,7 +81,7 @@ def training_speeds(
             started = time.perf_counter()
             for batch in batches[: 1 if round_index == 0 else None]:
                 train_step(
-                    model, optimizer, [batch], partial(_loss, model, config, device),
+                    model, optimizer, [batch], partial(training_loss, model, config, device),
                     max_norm=config.clip_norm,
                 )  # fmt: skip
             if device.type == "cuda":

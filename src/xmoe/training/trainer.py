@@ -9,6 +9,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,6 +68,18 @@ def build_optimizer(model: TransformerLM, config: TrainConfig) -> torch.optim.Ad
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def training_loss(
+    model: TransformerLM,
+    config: TrainConfig,
+    device: torch.device,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> StepLoss:
+    """The training loss of one ``(inputs_BT, targets_BT)`` batch under the run's precision
+    (bf16 autocast or fp32): what every training step of ``config`` computes."""
+    with autocast_context(config.precision, device):
+        return lm_step_loss(model, *batch)
 
 
 def comparable_config(config_dict: dict) -> dict:
@@ -299,10 +312,7 @@ def _train_locked(
             if par.owns_micro_batch(index, config.grad_accum_steps):  # every rank draws all,
                 yield x_BT.to(device), y_BT.to(device)  # so the generators agree
 
-    def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> StepLoss:
-        with autocast_context(config.precision, device):
-            return lm_step_loss(model, *batch)
-
+    loss_of = partial(training_loss, model, config, device)
     last_step = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
     model.train()
     log = run.open_log() if par.is_main else _NoLog()
