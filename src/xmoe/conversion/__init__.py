@@ -5,9 +5,11 @@ families in ``xmoe.registry.FAMILIES`` (Llama, Mistral, Qwen2; one :class:`Famil
 neuron-group experts with a router; ``sparsify(model, mode="neurons", target_flops=F, ...)``
 instead skips each input channel and neuron below a calibrated threshold (:class:`NeuronMLP`);
 ``set_active_fraction`` / ``set_threshold`` pick how many run
-per token; ``save_pretrained`` + :func:`load_sparsified` (or ``AutoModelForCausalLM``) round-trip
-it. Importing this package registers the families' sparse model types with the Auto classes (it
-imports their transformers classes anyway); ``import xmoe`` alone does not load it.
+per token; ``set_target_flops`` re-solves the neurons mode's thresholds on the current weights
+(after recovery); ``save_pretrained`` + :func:`load_sparsified` (or ``AutoModelForCausalLM``)
+round-trip it. Importing this package registers the families' sparse model types with the
+Auto classes (it imports their transformers classes anyway); ``import xmoe`` alone does not
+load it.
 """
 
 from xmoe.conversion.architecture import UnsupportedModelError
@@ -22,6 +24,7 @@ from xmoe.conversion.sparsify import (
     set_active_fraction,
     set_combine,
     set_router,
+    set_target_flops,
     set_threshold,
     sparse_mlps,
     sparsify,
@@ -48,6 +51,7 @@ __all__ = [
     "set_active_fraction",
     "set_combine",
     "set_router",
+    "set_target_flops",
     "set_threshold",
     "sparse_classes",
     "sparse_mlps",

@@ -14,6 +14,7 @@ Shape legend: S tokens, D hidden size, I FFN width.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -130,19 +131,48 @@ class LayerCalibration:
 
     def solve(self, levels: Levels, sites: tuple[str, ...], target: float) -> Levels:
         """``levels`` with ``sites`` raised together, from where they are, just far enough that
-        the fraction is at most ``target`` (bisection on :meth:`fraction`)."""
+        the fraction is at most ``target`` (each site's kept share scaled by one factor)."""
+        return self.bisect(
+            lambda t: levels | {s: levels[s] + t * (1 - levels[s]) for s in sites}, target
+        )
 
-        def raised(t: float) -> Levels:
-            return levels | {s: levels[s] + t * (1 - levels[s]) for s in sites}
-
+    def bisect(self, path: Callable[[float], Levels], target: float) -> Levels:
+        """``path(t)`` at the least t in [0, 1] (0 exactly, else to 2⁻¹⁶) whose fraction is at
+        most ``target``, for a ``path`` along which the fraction does not rise and ``path(1)``
+        reaches it."""
+        if self.fraction(path(0.0)) <= target:
+            return path(0.0)
         low, high = 0.0, 1.0
         for _ in range(BISECTION_STEPS):
             middle = (low + high) / 2
-            if self.fraction(raised(middle)) <= target:
+            if self.fraction(path(middle)) <= target:
                 high = middle
             else:
                 low = middle
-        return raised(high)
+        return path(high)
+
+    def levels_of(self, thresholds: dict[str, torch.Tensor]) -> Levels:
+        """The sparsity per site that ``thresholds`` (0-dim, per site) give on the calibration
+        inputs: the share of the site's scores below its threshold (the neuron sites' scores
+        behind the ``gate_up`` mask those thresholds give). :meth:`measure` of the result sets
+        thresholds that keep the same entries of these inputs."""
+        mlp, levels = self.mlp, {}
+        with torch.no_grad():
+            if "gate_up" in self.sites:
+                scores = mlp.score("gate_up", self.x_SD)
+                levels["gate_up"] = _share_below(scores, thresholds["gate_up"])
+            _, _, activated, up = self.gate_up(levels.get("gate_up", 0.0))
+            for site in ("down", "gate"):
+                if site in self.sites:
+                    scores = mlp.score(site, activated if site == "gate" else activated * up)
+                    levels[site] = _share_below(scores, thresholds[site])
+        return levels
+
+
+def _share_below(scores: torch.Tensor, threshold: torch.Tensor) -> float:
+    """The share of ``scores`` below ``threshold``, compared in the scores' dtype as
+    :meth:`NeuronMLP.keep` compares them."""
+    return float((scores < threshold.to(scores.dtype)).double().mean())
 
 
 def uniform_levels(layer: LayerCalibration, target: float) -> Levels:
@@ -195,5 +225,29 @@ def convert_layer(
     layer = LayerCalibration(mlp, x_SD)
     allocate = greedy_levels if settings.allocation == "greedy" else uniform_levels
     levels = allocate(layer, settings.target_flops)
+    layer.measure(levels, error=False)  # its thresholds in the MLP
+    return levels
+
+
+def resolve_layer(mlp: NeuronMLP, x_SD: torch.Tensor, target: float) -> Levels:
+    """Re-solve ``mlp``'s thresholds on its current weights so that it computes ``target`` of
+    its dense FFN FLOPs on ``x_SD`` (S, D), its MLP inputs; returns the sparsity per site.
+
+    After the weights change (recovery), fixed thresholds keep another share of the entries.
+    The scales stay as they are, and so does the allocation's shape: the sparsities that the
+    current thresholds give on ``x_SD`` move together along one path, the kept shares of the
+    sites the allocation sparsified scaled by one factor when the layer computes too much, the
+    sparsities of every site scaled by one factor when it computes too little. A site the
+    allocation left dense stays dense (but for a layer left wholly dense, whose every site
+    rises together, as ``uniform`` would)."""
+    x_SD = spaced_rows(x_SD.to(mlp.gate_proj.weight.dtype), CALIBRATION_TOKENS)
+    thresholds = {site: getattr(mlp, f"threshold_{site}").clone() for site in SITES}
+    layer = LayerCalibration(mlp, x_SD)
+    levels = layer.levels_of(thresholds)
+    if layer.fraction(levels) > target:
+        sparsified = tuple(site for site in layer.sites if levels[site] > 0)
+        levels = layer.solve(levels, sparsified or layer.sites, target)
+    else:
+        levels = layer.bisect(lambda t: {s: t * level for s, level in levels.items()}, target)
     layer.measure(levels, error=False)  # its thresholds in the MLP
     return levels

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from xmoe.conversion.architecture import supported_mlps
+from xmoe.conversion.architecture import layer_mlps, supported_mlps
 from xmoe.conversion.calibration import collect_mlp_inputs, spaced_rows
 from xmoe.conversion.config import SparsifyConfig
 from xmoe.conversion.families import DenseWeights
 from xmoe.conversion.modeling import SETTINGS_KEY, sparse_classes
-from xmoe.conversion.neuron_thresholds import convert_layer
+from xmoe.conversion.neuron_mlp import neuron_mlps
+from xmoe.conversion.neuron_thresholds import convert_layer, resolve_layer
 from xmoe.conversion.partition import clustered_partition, contiguous_partition
 from xmoe.conversion.router_training import train_router
 from xmoe.conversion.sparse_mlp import SparseMLP
@@ -226,6 +227,53 @@ def set_combine(model: nn.Module, combine: str) -> None:
 def set_router(model: nn.Module, router: str) -> None:
     """Switch every SparseMLP of ``model`` between the ``learned`` and ``oracle`` routers."""
     _reconfigure(model, router=router)
+
+
+def set_target_flops(
+    model: nn.Module,
+    target_flops: float,
+    calibration: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> None:
+    """Re-solve the thresholds of every NeuronMLP of ``model`` (the ``neurons`` mode) on its
+    current weights, so that each layer computes ``target_flops`` of its dense FFN FLOPs on
+    ``calibration`` (``save_pretrained`` records the new target). For a model whose weights
+    changed since they were calibrated (after ``recover``, whose masks are the fixed thresholds
+    and which moves the scores across them), or to move a converted model to another F.
+
+    Each layer's scales and allocation stay as they are; its sites' sparsities move together
+    (:func:`~xmoe.conversion.neuron_thresholds.resolve_layer`). The MLP inputs come from one
+    pass of ``model`` as it is before the re-solve (not of the dense model, as in
+    ``sparsify``: its weights may have moved away from the dense model's).
+
+    Args:
+        target_flops: F in (0, 1].
+        calibration: (B, T) int64 token ids. batch_size: sequences per forward pass.
+        progress: tqdm bars on calibration and layers.
+
+    Raises:
+        ConfigError: ``target_flops`` outside (0, 1] or below what the model's sites can reach
+            (nothing changes then).
+        ValueError: the model has no NeuronMLP; ``calibration`` is not (B, T) int64.
+    """
+    modules = neuron_mlps(model)
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no NeuronMLP: convert it with sparsify(mode='neurons')"
+        )
+    settings = dataclasses.replace(modules[0].settings, target_flops=target_flops)  # validates
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = collect_mlp_inputs(model, layer_mlps(model), calibration, batch_size, progress)
+        for module, x_SD in zip(
+            tqdm(modules, desc="layers", disable=not progress), inputs, strict=True
+        ):
+            resolve_layer(module, x_SD, target_flops)
+            module.settings = settings  # save_pretrained records the modules' settings
+    finally:
+        model.train(was_training)
 
 
 def experts_per_token(model: nn.Module) -> float:
