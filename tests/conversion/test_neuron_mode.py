@@ -33,6 +33,7 @@ from xmoe.conversion import (
 )
 from xmoe.conversion.calibration import collect_mlp_inputs
 from xmoe.conversion.neuron_thresholds import convert_layer, quantile_threshold, set_scales
+from xmoe.conversion.pipeline import calibration_windows
 from xmoe.storage import DamagedFileError
 
 SITE_CHOICES = [("gate_up", "down"), ("gate_up", "gate"), ("gate",), ("down",), ("gate_up",)]
@@ -310,11 +311,20 @@ def test_cli_recovery_resumes_an_interrupted_run_bit_for_bit(tmp_path, capsys, m
     recovering += ["--recovery-checkpoint-every", "1"]
     assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
     assert main([*argv, *recovering, "--out", str(tmp_path / "straight")]) == 0
-    assert "recovered: 4 steps of 2×32 tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "recovered: 4 steps of 2×32 tokens" in printed
+    assert "thresholds re-solved on the recovered weights" in printed
     assert not list(tmp_path.glob("*.recovery*"))  # the checkpoint removed after the write
     plain, straight = _mlp_weights(tmp_path / "plain"), _mlp_weights(tmp_path / "straight")
-    for name, value in plain.items():  # the masks as calibrated, the weights trained
-        assert torch.equal(value, straight[name]) == ("threshold" in name or "scale" in name)
+    for name, value in plain.items():  # the scales as calibrated; weights and thresholds moved
+        unused = name.endswith("threshold_gate")  # not a site of the default sites: 0 in both
+        assert torch.equal(value, straight[name]) == ("scale" in name or unused), name
+    recovered = load_sparsified(tmp_path / "straight")  # on F on its calibration windows
+    windows = calibration_windows(model_dir, 256, 32, text)
+    inputs = collect_mlp_inputs(recovered, neuron_mlps(recovered), windows)
+    for mlp, x_SD in zip(neuron_mlps(recovered), inputs, strict=True):
+        mlp(x_SD)
+        assert float(mlp.flops_fraction.mean()) == pytest.approx(0.6, abs=1e-3)
 
     real_step, calls = recovery.train_step, []
 

@@ -71,6 +71,11 @@ def sparsify_command(args: argparse.Namespace) -> int:
         print(
             f"recovered: {recovery.steps} steps of {recovery.batch_size}×{recovery.seq_len} "
             f"tokens distilled from {args.model}"
+            + (
+                "; thresholds re-solved on the recovered weights"
+                if settings.mode == "neurons"
+                else ""
+            )
         )
     if settings.mode == "neurons":
         print(

@@ -87,7 +87,9 @@ def sparsify_directory(
     """Load the causal LM in ``source`` (fp32), :func:`~xmoe.conversion.sparsify` it, with
     ``recovery`` fine-tune it (:func:`~xmoe.conversion.recovery.recover`, distilled from the
     loaded dense model on windows of the calibration text), and write it (and the tokenizer,
-    when there is one) to ``out``.
+    when there is one) to ``out``. A neurons-mode model's thresholds are re-solved after the
+    recovery (:func:`~xmoe.conversion.sparsify.set_target_flops`, on the calibration windows):
+    the fine-tune moves the scores across them, which would change its FLOPs.
 
     ``out`` is written as ``xmoe export`` writes
     (:func:`~xmoe.storage.model_dirs.staged_model_directory`): staged, put in place only when
@@ -114,7 +116,7 @@ def sparsify_directory(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xmoe.conversion.recovery import recover
-    from xmoe.conversion.sparsify import sparsify
+    from xmoe.conversion.sparsify import set_target_flops, sparsify
     from xmoe.training.checkpoint import previous_path
 
     source = Path(source)
@@ -141,6 +143,8 @@ def sparsify_directory(
         key = _recovery_key(source, config, calibration_tokens, seq_len, calibration_text)
         windows = calibration_windows(source, recovery.tokens, recovery.seq_len, calibration_text)
         recover(sparse, windows, recovery, model, checkpoint, progress=progress, key=key)
+        if config.mode == "neurons":  # recovery moved the scores across the fixed thresholds
+            set_target_flops(sparse, config.target_flops, calibration, progress=progress)
     with staged_model_directory(Path(out), "xmoe sparsify") as staging:
         sparse.save_pretrained(staging)
         if has_tokenizer(source):  # a model directory without a tokenizer stays without one
