@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -119,6 +120,38 @@ def test_quick_grid_measures_neurons_cells_and_recovers_the_best(tmp_path, monke
     assert "## Targets of issue 26" in report and "## Quality against granularity" in report
     assert "| 1 | oracle (a bound: ranks on the dense FFN) |" in report
     assert "+ recovery (512 tokens)" in report and "Not measured yet" not in report
+
+
+def test_recovered_thresholds_are_re_solved_and_a_cell_measured_before_is_remeasured(
+    tmp_path, monkeypatch
+):
+    """The recovery (here: up projections ×10, which moves the down site's scores across its
+    thresholds: 62% of FFN FLOPs on the held-out tokens without the re-solve) is followed by the
+    re-solve on the calibration windows, so the cell lands on its F (49%); a recovered cell
+    stored without the re-solve is measured again, the others not."""
+    from xmoe.conversion import neuron_mlps
+
+    def fake(model, *args, **kwargs):
+        with torch.no_grad():
+            for mlp in neuron_mlps(model):
+                mlp.up_proj.weight.mul_(10)
+
+    solved = []
+    real = sparsify_grid.set_target_flops
+    monkeypatch.setattr(sparsify_grid, "set_target_flops",
+                        lambda model, *a: solved.append(a) or real(model, *a))  # fmt: skip
+    _, cells = _quick_run(tmp_path, monkeypatch, fake)
+    ((target, calibration, *_),) = solved
+    assert target == 0.5 and calibration.shape[0] * calibration.shape[1] >= 64
+    recovered = cells["neurons-recovered-T512"]
+    assert recovered["thresholds"] == "re-solved after recovery"
+    assert recovered["ffn_flops_share"] == pytest.approx(0.5, abs=0.04)
+    path = tmp_path / "run/cells/neurons-recovered-T512.json"
+    path.write_text(json.dumps({k: v for k, v in recovered.items() if k != "thresholds"}))
+    measured = []
+    monkeypatch.setattr(Runner, "measure", lambda self, name, *a, **k: measured.append(name))
+    _quick_run(tmp_path, monkeypatch, fake)
+    assert measured == ["neurons-recovered-T512"]
 
 
 def test_each_budget_extends_the_last_shorter_one_and_waits_for_every_method(tmp_path, monkeypatch):

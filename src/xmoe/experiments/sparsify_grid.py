@@ -31,7 +31,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from xmoe.conversion.recovery import recover
-from xmoe.conversion.sparsify import _reconfigure, set_active_fraction, set_threshold, sparse_mlps
+from xmoe.conversion.sparsify import (
+    _reconfigure,
+    set_active_fraction,
+    set_target_flops,
+    set_threshold,
+    sparse_mlps,
+)
 from xmoe.experiments.neuron_oracle import neuron_oracle_model, set_oracle_fraction
 from xmoe.experiments.sparsify_data import DOMAINS, spaced_windows
 from xmoe.experiments.sparsify_metrics import measure_quality
@@ -210,15 +216,23 @@ def neuron_recovery_jobs(settings: EvalSettings) -> list[Job]:
             for name, budget in zip(names, settings.recovery_budgets, strict=True)]  # fmt: skip
 
 
+RESOLVED = {"thresholds": "re-solved after recovery"}
+"""A recovered neurons-mode cell's record says its thresholds were re-solved: a cell measured
+before they were (at the thresholds the recovery trained under) is measured again."""
+
+
 def recovery_job(runner: Runner, name: str, budget: int) -> None:
     """Recover the best neurons-mode cell at ``recovery_flops`` (lowest worst-domain perplexity
     ratio) with ``budget`` tokens of distillation, and measure it. Nothing to start from yet
     (no dense, or a method's cell at ``recovery_flops`` not measured): the cell stays
-    unmeasured. The run continues the largest smaller budget's checkpoint when there is one. A
-    recovery that refuses the model (``conversion.recovery.recover`` raising ValueError, as it
-    does for a model without SparseMLPs) is stored as skipped with its message."""
+    unmeasured. The run continues the largest smaller budget's checkpoint when there is one.
+    Then the thresholds are re-solved for the target on the recovered weights, on the
+    calibration windows (``set_target_flops``): the recovery trains under fixed thresholds, but
+    moves the scores across them. A recovery that refuses the model
+    (``conversion.recovery.recover`` raising ValueError, as it does for a model without
+    SparseMLPs) is stored as skipped with its message."""
     settings = runner.settings
-    if runner.cached(name) is not None:
+    if runner.cached(name, RESOLVED) is not None:
         return
     cells = [c for c in runner.all_cells() if "skipped" not in c]
     dense = next((c for c in cells if c["kind"] == "dense"), None)
@@ -237,7 +251,7 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
     shorter = [b for b in settings.recovery_budgets if b < budget and checkpoint(b).is_file()]
     meta = {"kind": "neurons", "router": "recovered", "method": method, "partition": "neuron",
             "expert_size": 1, "num_experts": None, "fraction": target,
-            "recovered_from": source["name"], "recovery": config.to_dict()}  # fmt: skip
+            "recovered_from": source["name"], "recovery": config.to_dict()} | RESOLVED  # fmt: skip
     model = runner.neuron_model(method, target)
     try:
         recover(
@@ -253,6 +267,9 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
     except ValueError as error:
         runner.skip(name, meta, f"conversion.recovery.recover refused it: {error}")
         return
+    set_target_flops(
+        model, target, runner.data["calibration"], settings.eval_batch, settings.progress
+    )
     runner.measure(name, model, meta, timed=False)
 
 

@@ -21,9 +21,9 @@ TIME_TARGET = 0.6
 SLACK = 0.025
 """A budget admits cells up to 2.5 points above it: the router's own 2·D·E FLOPs (2.1% of the
 dense FFN at E=96) are counted, so a 50%-active cell measures 52%; a neurons-mode cell's
-thresholds, calibrated on other tokens, reach F on the held-out ones within about a point (more
-after a recovery, which changes the weights under fixed thresholds). A target line says when its
-best cell is over the budget."""
+thresholds, calibrated on other tokens, reach F on the held-out ones within about a point (a
+recovered cell's are re-solved on its recovered weights). A target line says when its best cell
+is over the budget."""
 GRANULARITY_BUDGETS = (0.35, 0.5, 0.6, 0.67, 0.75)
 """The FFN FLOP budgets of the quality-against-granularity table."""
 ISSUE_TARGETS = (
@@ -320,7 +320,9 @@ def write_report(cells: list[dict[str, Any]], settings, expected: Iterable[str])
         "on the held-out tokens. The per-neuron oracle (H=1) keeps each token's neurons with the "
         "largest output norms |h_i|·‖W_down[:, i]‖, counted like the expert oracles. Recovery "
         "cells fine-tune the best training-free neurons-mode method at F="
-        f"{settings.recovery_flops:g} with each token budget ({_recovery_budgets(settings)}).",
+        f"{settings.recovery_flops:g} with each token budget ({_recovery_budgets(settings)}), "
+        "the masks fixed at the calibrated thresholds, then re-solve the thresholds for F on the "
+        "recovered weights (`set_target_flops`, same calibration windows).",
         "",
     ]
     if settings.quick:

@@ -96,7 +96,9 @@ class Runner:
     def cell_path(self, name: str) -> Path:
         return self.out / "cells" / f"{name}.json"
 
-    def cached(self, name: str) -> dict[str, Any] | None:
+    def cached(self, name: str, holds: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Cell ``name``'s record when it was measured under this key (not skipped) and holds
+        the items of ``holds`` (a cell whose definition changed is measured again); else None."""
         path = self.cell_path(name)
         if not path.is_file():
             return None
@@ -105,6 +107,7 @@ class Runner:
         except json.JSONDecodeError:
             return None
         done = record.get("key") == self.key and "skipped" not in record  # a skip is retried
+        done = done and all(record.get(k) == v for k, v in (holds or {}).items())
         return record if done else None
 
     def store(self, name: str, record: dict[str, Any]) -> None:
