@@ -2,7 +2,7 @@
 ``neurons`` mode (calibrated thresholds at FFN-FLOP targets F) against the dense model in both
 weight layouts, for the whole model and for its MLPs alone, plus prefill tokens/s; fp32.
 
-    python -m benchmarks.sparsify_decode [--threads 2] [--flops 0.5 0.67] [--quick]
+    python -m benchmarks.sparsify_decode [--threads 2] [--flops 0.5 0.67] [--methods M ...]
 
 Each sparse model is ``sparsify(mode="neurons", target_flops=F)`` calibrated on a few windows
 of the Shakespeare training works; its MLPs take the decode path at one token
@@ -36,6 +36,7 @@ from torch import nn
 from xmoe.conversion import NeuronMLP, ffn_flops_fraction, sparsify
 from xmoe.conversion.rows_kernel import using_kernel
 from xmoe.conversion.sparse_decode import row_major
+from xmoe.experiments.sparsify_settings import NEURON_METHODS
 
 from benchmarks.harness import TIMING_MALLOC_ENV, reexec_with, target_line
 
@@ -51,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--flops", type=float, nargs="+", default=[0.5, 0.67])
-    parser.add_argument("--allocation", choices=["greedy", "uniform"], default="greedy")
+    parser.add_argument(
+        "--methods", nargs="+", choices=tuple(NEURON_METHODS),
+        default=["wina-greedy", "gate-first"], help="neurons-mode methods (NEURON_METHODS)",
+    )  # fmt: skip
     parser.add_argument("--calibration-tokens", type=int, default=1024)
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding")
     parser.add_argument("--decode", type=int, default=32, help="decode steps per sample")
@@ -229,18 +233,23 @@ def build_variants(model: nn.Module, data: Data, args) -> dict[str, Variant]:
         "dense, nn.Linear layout": Variant(model, data),
         "dense, row-major layout": Variant(row_major_model(model), data),
     }
-    for target in args.flops:
-        print(f"calibrating the neurons mode at F = {target:g} ...", flush=True)
-        sparse = sparsify(
-            model, calibration=data.calibration, mode="neurons", target_flops=target,
-            allocation=args.allocation,
-        )  # fmt: skip
-        variants[f"sparse, F = {target:.0%}"] = Variant(sparse, data)
-        if target == TARGET_FLOPS:  # the native kept-rows sum against its fallback
-            variants[f"sparse, F = {target:.0%}, embedding_bag"] = Variant(
-                sparse, data, "embedding_bag"
-            )
+    for method in args.methods:
+        for target in args.flops:
+            print(f"calibrating {method} at F = {target:g} ...", flush=True)
+            sparse = sparsify(
+                model, calibration=data.calibration, mode="neurons", target_flops=target,
+                **NEURON_METHODS[method],
+            )  # fmt: skip
+            variants[sparse_name(method, target)] = Variant(sparse, data)
+            if target == TARGET_FLOPS and method == args.methods[0]:  # native against fallback
+                variants[f"{sparse_name(method, target)}, embedding_bag"] = Variant(
+                    sparse, data, "embedding_bag"
+                )
     return variants
+
+
+def sparse_name(method: str, target: float) -> str:
+    return f"{method}, F = {target:.0%}"
 
 
 def summarise(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
@@ -277,12 +286,16 @@ def write_report(
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; load average "
         f"{load[0]:.1f} before and {load[1]:.1f} after (ratios come from interleaved rounds). "
         f"Model: {name}, {model.config.num_hidden_layers} layers. Sparse models: "
-        f"`sparsify(mode='neurons', target_flops=F, allocation='{args.allocation}')`, WINA "
-        f"scores on gate/up's inputs and down's, calibrated on {data.calibration.numel()} tokens "
-        f"of {data.source}; at one token their MLPs read only the kept rows of "
-        "a row-major weight copy (`NeuronMLP.decode`), summed by the native C kernel "
-        "(`xmoe.conversion.rows_kernel`; `embedding_bag`: by its fallback, "
-        "`XMOE_DECODE_KERNEL=embedding_bag`), and prefill runs the dense masked GEMMs. "
+        "`sparsify(mode='neurons', target_flops=F, ...)` with each method's settings "
+        "(`xmoe.experiments.sparsify_settings.NEURON_METHODS`: wina-greedy masks the channels "
+        "entering gate/up and the neurons entering down; gate-first the channels and the "
+        "neurons by their gate, before up), calibrated on "
+        f"{data.calibration.numel()} tokens of {data.source}; at one token their MLPs read "
+        "only the kept rows of row-major weight copies (`NeuronMLP.decode`; gate-first: gate's "
+        "rows of the kept channels, then up's and down's rows of the kept neurons), by the "
+        "native C kernels (`xmoe.conversion.rows_kernel`; `embedding_bag`: by the torch "
+        "fallback, `XMOE_DECODE_KERNEL=embedding_bag`), and prefill runs the dense masked "
+        "GEMMs. "
         f"Decode: {variants_steps(variants)} held-out tokens fed one at a time after a "
         f"{data.prompt.shape[1]}-token prompt (KV cache, batch 1); MLPs alone: the MLPs "
         "replayed on the inputs they saw there; prefill: one "
@@ -303,13 +316,15 @@ def write_report(
             f"| {row['prefill ratio']:.2f}x |"
         )
     lines += ["", f"Targets (issue 26, decode at F = {TARGET_FLOPS:.0%}):", ""]
-    row = table.get(f"sparse, F = {TARGET_FLOPS:.0%}")
-    for measure, (target, moonshot) in TARGETS.items():
-        if row is None:
-            lines.append(f"- {measure}: not measured (no F = {TARGET_FLOPS:.0%} model in this run)")
-            continue
-        ratio = row["MLPs ratio" if measure == "MLPs" else "decode ratio"]
-        lines.append(target_line(measure, ratio, target, moonshot))
+    for method in args.methods:
+        row = table.get(sparse_name(method, TARGET_FLOPS))
+        for measure, (target, moonshot) in TARGETS.items():
+            if row is None:
+                lines.append(f"- {measure}, {method}: not measured (no F = "
+                             f"{TARGET_FLOPS:.0%} model in this run)")  # fmt: skip
+                continue
+            ratio = row["MLPs ratio" if measure == "MLPs" else "decode ratio"]
+            lines.append(target_line(f"{measure}, {method}", ratio, target, moonshot))
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -110,13 +110,15 @@ def test_sparsify_decode_benchmark_quick(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from benchmarks.sparsify_decode import main as sparsify_decode_main
 
-    args = [*QUICK, "--threads", "1", "--decode", "2", "--flops", "0.5", "--allocation", "uniform"]
+    args = [*QUICK, "--threads", "1", "--decode", "2", "--flops", "0.5"]
+    args += ["--methods", "teal", "gate-first"]
     run_quick(sparsify_decode_main, [*args, "--out", str(tmp_path)], monkeypatch)
     table = (tmp_path / "sparsify_decode_quick.md").read_text()
     assert "python -m benchmarks.sparsify_decode --quick" in table
-    assert "| dense, row-major layout | 100% |" in table and "| sparse, F = 50% | " in table
-    assert "| sparse, F = 50%, embedding_bag | " in table  # the native kernel's fallback
-    assert "- MLPs: " in table and "- whole model: " in table
+    assert "| dense, row-major layout | 100% |" in table and "| teal, F = 50% | " in table
+    assert "| gate-first, F = 50% | " in table
+    assert "| teal, F = 50%, embedding_bag | " in table  # the native kernel's fallback
+    assert "- MLPs, gate-first: " in table and "- whole model, teal: " in table
 
 
 def test_sparsify_decode_benchmark_skips_without_the_model(tmp_path, monkeypatch, capsys):

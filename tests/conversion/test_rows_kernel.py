@@ -1,6 +1,7 @@
-"""The native kept-rows sum (xmoe.conversion.rows_kernel) against the float64 masked sum and
-against embedding_bag: random, empty, full and single-row masks, strided inputs, the fallbacks
-(float64, autograd, strided rows, a forced kernel) and a failed build. The library is built
+"""The native kept-rows sum and dot products (xmoe.conversion.rows_kernel) against float64
+references and against their torch fallbacks (embedding_bag, a masked GEMV): random, empty,
+full and single-row masks, strided inputs, the fallbacks (float64, autograd, strided rows, a
+forced kernel) and a failed build. The library is built
 once per cache directory (a fraction of a second); the tests that need it skip without a C
 compiler."""
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from xmoe.conversion import rows_kernel
-from xmoe.conversion.rows_kernel import native_kept_rows_sum, using_kernel
-from xmoe.conversion.sparse_decode import kept_rows_sum
+from xmoe.conversion.rows_kernel import native_kept_rows_dot, native_kept_rows_sum, using_kernel
+from xmoe.conversion.sparse_decode import kept_rows_dot, kept_rows_sum
 
 ROWS, WIDTH = 37, 23  # odd: eight-row passes plus a remainder, no vector-width row length
 
@@ -110,8 +111,54 @@ def test_what_the_kernel_does_not_compute_falls_back_to_embedding_bag(native):
 
 def test_a_mask_of_another_size_is_refused_by_name(native):
     a, keep, rows = operands("half")
-    with pytest.raises(ValueError, match=r"one entry \(keep: bool\) per row of rows \(37, 23\)"):
+    with pytest.raises(ValueError, match=r"sum: a \(1, 36\) .* need 37 entries and one bool per"):
         native_kept_rows_sum(a[:, 1:], keep[:, 1:], rows)
+    x = torch.randn(1, WIDTH)
+    with pytest.raises(ValueError, match=r"dot: x \(1, 22\) .* need 23 entries .* \(37, 23\)"):
+        native_kept_rows_dot(x[:, 1:], keep, rows)
+    with pytest.raises(ValueError, match=r"dot: .* keep \(1, 36\) \(torch.bool\)"):
+        native_kept_rows_dot(x, keep[:, 1:], rows)
+    with pytest.raises(ValueError, match=r"keep \(1, 37\) \(torch.float32\)"):
+        native_kept_rows_dot(x, keep.float(), rows)
+
+
+def masked_dots(x: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The float64 reference, row by row: ``x · rows[i]`` for a kept row i, else 0."""
+    dots = [float(x[0].double() @ row.double()) if kept else 0.0
+            for row, kept in zip(rows, keep[0].tolist(), strict=True)]  # fmt: skip
+    return torch.tensor([dots], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("keep", ["none", "all", "one", "half"])
+@pytest.mark.parametrize("width", [WIDTH, 16, 40])  # a remainder only, one pass, both
+def test_native_dots_equal_the_per_row_reference_and_read_only_kept_rows(native, keep, width):
+    _, keep_mask, rows = operands(keep, seed=5)
+    rows = torch.randn(ROWS, width, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(1, width, generator=torch.Generator().manual_seed(7))
+    poisoned = rows.clone()
+    poisoned[~keep_mask[0]] = float("nan")
+    got = native_kept_rows_dot(x, keep_mask, poisoned)
+    assert got is not None and got.shape == (1, ROWS) and got.dtype == torch.float32
+    torch.testing.assert_close(got, masked_dots(x, keep_mask, rows), rtol=0, atol=1e-5)
+    with using_kernel("embedding_bag"):  # the fallback: one GEMV, the dropped dots zeroed
+        assert native_kept_rows_dot(x, keep_mask, rows) is None
+        torch.testing.assert_close(kept_rows_dot(x, keep_mask, rows), got, rtol=0, atol=1e-5)
+    x64, rows64 = x.double(), rows.double()  # and float64, which the kernel leaves to torch
+    assert native_kept_rows_dot(x64, keep_mask, rows64) is None
+    torch.testing.assert_close(
+        kept_rows_dot(x64, keep_mask, rows64).float(), got, rtol=0, atol=1e-5
+    )
+
+
+def test_dots_of_several_tokens_mask_each_tokens_rows():
+    generator = torch.Generator().manual_seed(8)
+    x, rows = (
+        torch.randn(3, WIDTH, generator=generator),
+        torch.randn(ROWS, WIDTH, generator=generator),
+    )
+    keep = torch.rand(3, ROWS, generator=generator) < 0.5
+    expected = torch.cat([masked_dots(x[s : s + 1], keep[s : s + 1], rows) for s in range(3)])
+    torch.testing.assert_close(kept_rows_dot(x, keep, rows), expected, rtol=0, atol=1e-5)
 
 
 def test_an_unknown_kernel_is_refused_by_name(monkeypatch):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.conversion.config import SITES, SparsifyConfig, flops_fraction
-from xmoe.conversion.sparse_decode import kept_rows_sum, row_major
+from xmoe.conversion.sparse_decode import kept_rows_dot, kept_rows_sum, row_major
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -67,8 +67,8 @@ class NeuronMLP(nn.Module):
 
     One token without gradients takes the decode path (:meth:`decode`): the same output from
     the kept rows of a row-major copy of the weights, made on first use and remade when a weight
-    changes (not saved: it is derived). Gate-first reads up in full there (it shares gate's
-    rows) and skips down's rows of the dropped neurons.
+    changes (not saved: it is derived). Gate-first reads gate's rows of the kept channels, then
+    only the kept neurons' rows of up (``up_proj.weight`` itself) and of down.
 
     Parameters: ``gate_proj``, ``up_proj`` (D -> I) and ``down_proj`` (I -> D), bias-free
     ``nn.Linear`` as in the dense MLP.
@@ -159,27 +159,37 @@ class NeuronMLP(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """One token's output (..., D), computed from the kept rows only (the masks and
         ``flops_fraction`` as in the dense path). h is not masked: the kept-row sum reads only
-        the kept neurons' entries."""
-        gate_up_DJ, down_ID = self.row_major()
+        the kept neurons' entries. Gate-first reads gate's rows of the kept channels, then up's
+        rows of the kept neurons only (CHESS's kernel): its bytes follow its FLOPs."""
+        first_DJ, down_ID = self.row_major()
         x_1D = x.reshape(1, -1)
         kept_x = self.keep("gate_up", x_1D) if "gate_up" in self.settings.sites else None
-        gate_up = x_1D @ gate_up_DJ if kept_x is None else kept_rows_sum(x_1D, kept_x, gate_up_DJ)
-        gate, up = gate_up.chunk(2, dim=-1)
-        activated = F.silu(gate)
-        h = activated * up
-        kept_n = self.kept_neurons(activated, h)
+        first = x_1D @ first_DJ if kept_x is None else kept_rows_sum(x_1D, kept_x, first_DJ)
+        if "gate" in self.settings.sites:
+            activated = F.silu(first)
+            kept_n = self.keep("gate", activated)
+            x_1D = x_1D if kept_x is None else torch.where(kept_x, x_1D, 0)
+            h = activated * kept_rows_dot(x_1D, kept_n, self.up_proj.weight)
+        else:
+            gate, up = first.chunk(2, dim=-1)
+            activated = F.silu(gate)
+            h = activated * up
+            kept_n = self.kept_neurons(activated, h)
         out = h @ down_ID if kept_n is None else kept_rows_sum(h, kept_n, down_ID)
         self.kept_masks(kept_x, kept_n)
         return out.reshape(x.shape)
 
     def row_major(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode path's ``(gate_up_DJ, down_ID)``
+        """The decode path's ``(gate_up_DJ, down_ID)``, gate-first's ``(gate_DI, down_ID)``
         (:func:`~xmoe.conversion.sparse_decode.row_major`), remade when a weight was replaced
-        or changed in place (its storage or version counter moved)."""
+        or changed in place (its storage or version counter moved) or the sites changed."""
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-        of = tuple((w.data_ptr(), _version(w), w.dtype) for w in weights)
+        gate_first = "gate" in self.settings.sites
+        of = (gate_first, *((w.data_ptr(), _version(w), w.dtype) for w in weights))
         if self._row_major is None or self._row_major_of != of:
-            self._row_major, self._row_major_of = row_major(*weights), of
+            gate, up, down = weights
+            tables = row_major(gate, None if gate_first else up, down)
+            self._row_major, self._row_major_of = tables, of
         return self._row_major
 
     def token_flops_fraction(

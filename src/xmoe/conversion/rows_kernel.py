@@ -1,19 +1,23 @@
-"""A native kept-rows sum for batch-1 decode: ``Σ_{j kept} a_j · rows[j, :]`` in one C call.
+"""Native kept-rows kernels for batch-1 decode, one C call each: the sum
+``Σ_{j kept} a_j · rows[j, :]`` and the dot products ``x · rows[i, :]`` of the kept rows i.
 
-:func:`~xmoe.conversion.sparse_decode.kept_rows_sum` calls it at one token. It measured ~1.5x
-faster than ``F.embedding_bag`` over SmolLM2-135M's 30 MLPs at 50% kept (fp32, 2 torch threads,
-shared machine): it adds eight kept rows per pass over the output, so the output stays in
-registers and L1 while eight row streams are read, where ``embedding_bag`` adds one row at a
-time. It runs on the calling thread: splitting the columns over two OpenMP threads (torch's
-runtime) measured up to 20x slower on the loaded machine, the second thread waiting for a core.
+:func:`~xmoe.conversion.sparse_decode.kept_rows_sum` calls the sum at one token. It measured
+~1.5x faster than ``F.embedding_bag`` over SmolLM2-135M's 30 MLPs at 50% kept (fp32, 2 torch
+threads, shared machine): it adds eight kept rows per pass over the output, so the output stays
+in registers and L1 while eight row streams are read, where ``embedding_bag`` adds one row at a
+time. :func:`~xmoe.conversion.sparse_decode.kept_rows_dot` calls the dot products (gate-first's
+up projection, on the kept neurons only; torch has no op that reads only some rows of a GEMV
+without copying them). Both run on the calling thread: splitting the columns over two OpenMP
+threads (torch's runtime) measured up to 20x slower on the loaded machine, the second thread
+waiting for a core.
 
 The C source below is compiled on first use with the system compiler (``$CC``, else ``cc``;
 ``-O3 -march=native``) into ``<cache>/ops`` (``$XMOE_CACHE_DIR`` or ``~/.cache/xmoe``), named
 by a hash of the source, the compiler, its flags and the CPU, so a change of any rebuilds; it
 is loaded through ctypes. Without a working compiler the callers fall back to
-``embedding_bag``, and the reason is warned once. ``XMOE_DECODE_KERNEL=embedding_bag`` (or
-:func:`using_kernel`) forces the fallback; float64, non-CPU tensors, non-contiguous rows and
-inputs that autograd records always take it.
+``embedding_bag`` (and a dense GEMV for the dot products), and the reason is warned once.
+``XMOE_DECODE_KERNEL=embedding_bag`` (or :func:`using_kernel`) forces the fallback; float64,
+non-CPU tensors, non-contiguous rows and inputs that autograd records always take it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import platform
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -71,6 +75,24 @@ int xmoe_kept_rows_sum_f32(const float *a, const uint8_t *keep, int64_t n, const
     free(w);
     return 0;
 }
+
+/* out[i] = keep[i] ? dot(rows[i, :], x) : 0 for i < n; rows row-major (n, r). Sixteen partial
+   sums (two vector registers) per row: the compiler may not reassociate one sum. */
+void xmoe_kept_rows_dot_f32(const float *x, const uint8_t *keep, int64_t n, const float *rows,
+                            int64_t r, float *out) {
+    for (int64_t i = 0; i < n; ++i) {
+        if (!keep[i]) { out[i] = 0; continue; }
+        const float *p = rows + i * r;
+        float acc[16] = {0};
+        int64_t c = 0;
+        for (; c + 16 <= r; c += 16)
+            for (int j = 0; j < 16; ++j) acc[j] += p[c + j] * x[c + j];
+        float sum = 0;
+        for (int j = 0; j < 16; ++j) sum += acc[j];
+        for (; c < r; ++c) sum += p[c] * x[c];
+        out[i] = sum;
+    }
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -89,25 +111,63 @@ def native_kept_rows_sum(
     Raises:
         ValueError: ``a`` or ``keep`` does not hold one entry per row of ``rows``.
     """
-    if not _applies(a_1N, rows_NR) or decode_kernel() != "native":
-        return None
-    function = _library()
-    if function is None:
+    library = _usable(a_1N, rows_NR)
+    if library is None:
         return None
     rows, width = rows_NR.shape
-    if a_1N.numel() != rows or keep_1N.numel() != rows or keep_1N.dtype != torch.bool:
-        raise ValueError(
-            f"kept-rows sum: a {tuple(a_1N.shape)} and keep {tuple(keep_1N.shape)} "
-            f"({keep_1N.dtype}) need one entry (keep: bool) per row of rows {(rows, width)}"
-        )
+    _check("kept-rows sum", ("a", a_1N, rows), keep_1N, rows_NR)
     a_N, keep_N = a_1N.reshape(-1).contiguous(), keep_1N.reshape(-1).contiguous()
     out_1R = torch.empty(1, width, dtype=torch.float32)
-    status = function(
+    status = library.xmoe_kept_rows_sum_f32(
         a_N.data_ptr(), keep_N.data_ptr(), rows, rows_NR.data_ptr(), width, out_1R.data_ptr()
     )
     if status != 0:
         raise MemoryError(f"kept-rows sum: no memory for the indices of {rows} rows")
     return out_1R
+
+
+def native_kept_rows_dot(
+    x_1R: torch.Tensor, keep_1N: torch.Tensor, rows_NR: torch.Tensor
+) -> torch.Tensor | None:
+    """``keep ⊙ (x @ rows^T)`` of one token, (1, N): the dot product of ``x`` with each kept
+    row, 0 for the others, reading the kept rows only (gate-first's up projection: rows are
+    ``up_proj.weight``'s neurons); None when the native kernel does not apply (as for
+    :func:`native_kept_rows_sum`).
+
+    Raises:
+        ValueError: ``x`` does not hold one entry per column of ``rows``, or ``keep`` one per row.
+    """
+    library = _usable(x_1R, rows_NR)
+    if library is None:
+        return None
+    rows, width = rows_NR.shape
+    _check("kept-rows dot", ("x", x_1R, width), keep_1N, rows_NR)
+    x_R, keep_N = x_1R.reshape(-1).contiguous(), keep_1N.reshape(-1).contiguous()
+    out_1N = torch.empty(1, rows, dtype=torch.float32)
+    library.xmoe_kept_rows_dot_f32(
+        x_R.data_ptr(), keep_N.data_ptr(), rows, rows_NR.data_ptr(), width, out_1N.data_ptr()
+    )
+    return out_1N
+
+
+def _usable(a: torch.Tensor, rows: torch.Tensor) -> ctypes.CDLL | None:
+    """The loaded library when the native kernels compute on these operands, else None."""
+    if not _applies(a, rows) or decode_kernel() != "native":
+        return None
+    return _library()
+
+
+def _check(
+    what: str, operand: tuple[str, torch.Tensor, int], keep: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """Refuse an ``operand`` (name, tensor, the entries it needs) or a ``keep`` mask that does
+    not fit ``rows``: the C code would read past them."""
+    name, tensor, entries = operand
+    if tensor.numel() != entries or keep.numel() != rows.shape[0] or keep.dtype != torch.bool:
+        raise ValueError(
+            f"{what}: {name} {tuple(tensor.shape)} and keep {tuple(keep.shape)} ({keep.dtype}) "
+            f"need {entries} entries and one bool per row of rows {tuple(rows.shape)}"
+        )
 
 
 def _applies(a: torch.Tensor, rows: torch.Tensor) -> bool:
@@ -151,8 +211,8 @@ def _checked_kernel(what: str, name: str) -> str:
 
 
 @cache
-def _library() -> Callable[..., int] | None:
-    """The loaded kernel, built first if its cache file is missing or does not load (a damaged
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernels, built first if its cache file is missing or does not load (a damaged
     file is rebuilt once); None, with the reason warned once per process, when that fails."""
     compiler = os.environ.get("CC") or "cc"
     target = default_cache_dir() / "ops" / f"kept_rows_sum-{_build_key(compiler)}.so"
@@ -202,9 +262,14 @@ def _build(compiler: str, target: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _load(path: Path) -> Callable[..., int]:
-    function = ctypes.CDLL(str(path)).xmoe_kept_rows_sum_f32
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, pointer, size, pointer, size, pointer]
-    function.restype = ctypes.c_int
-    return function
+    for name, result in (
+        ("xmoe_kept_rows_sum_f32", ctypes.c_int),
+        ("xmoe_kept_rows_dot_f32", None),
+    ):
+        function = getattr(library, name)
+        function.argtypes = [pointer, pointer, size, pointer, size, pointer]
+        function.restype = result
+    return library

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.conversion.architecture import supported_mlps
-from xmoe.conversion.rows_kernel import native_kept_rows_sum
+from xmoe.conversion.rows_kernel import native_kept_rows_dot, native_kept_rows_sum
 from xmoe.registry import FAMILIES
 
 
@@ -56,6 +56,19 @@ def kept_rows_sum(a_SN: torch.Tensor, keep_SN: torch.Tensor, rows_NR: torch.Tens
     return F.embedding_bag(
         kept_K, rows_NR, _one_bag(kept_K.device), mode="sum", per_sample_weights=weights_K
     )
+
+
+def kept_rows_dot(x_SR: torch.Tensor, keep_SN: torch.Tensor, rows_NR: torch.Tensor) -> torch.Tensor:
+    """``keep ⊙ (x @ rows^T)``: each token's dot products with its kept rows, 0 for the
+    others, (S, N). At one token the native kernel
+    (:func:`~xmoe.conversion.rows_kernel.native_kept_rows_dot`) reads only the kept rows where
+    it applies; otherwise one GEMM reads them all (gathering the kept rows first copies them,
+    which costs more than the GEMV it shortens)."""
+    if x_SR.shape[0] == 1:
+        dots = native_kept_rows_dot(x_SR, keep_SN, rows_NR)
+        if dots is not None:
+            return dots
+    return (x_SR @ rows_NR.T).masked_fill(~keep_SN, 0)
 
 
 _ONE_BAG: dict[torch.device, torch.Tensor] = {}
@@ -140,13 +153,16 @@ class SparseDecodeMLP(nn.Module):
 
 
 def row_major(
-    gate_ID: torch.Tensor, up_ID: torch.Tensor, down_DI: torch.Tensor
+    gate_ID: torch.Tensor, up_ID: torch.Tensor | None, down_DI: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode layout of a SwiGLU MLP's ``nn.Linear`` weights, detached copies: ``gate_up_DJ``
     (row j: input channel j's gate weights then its up weights: one table, so one gather-axpy
-    serves both projections) and ``down_ID`` (row i: neuron i's output weights)."""
+    serves both projections) and ``down_ID`` (row i: neuron i's output weights). With ``up_ID``
+    None the first table is ``gate_DI``, gate's alone (gate-first reads up per neuron, from
+    ``nn.Linear``'s own layout)."""
     with torch.no_grad():
-        return torch.cat([gate_ID, up_ID]).T.contiguous(), down_DI.T.contiguous()
+        first = gate_ID if up_ID is None else torch.cat([gate_ID, up_ID])
+        return first.T.contiguous(), down_DI.T.contiguous()
 
 
 def _scores(a: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
