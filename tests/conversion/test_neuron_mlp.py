@@ -12,12 +12,13 @@ pytest.importorskip("transformers")
 
 from tests.conversion.test_neuron_mode import neurons
 from tests.conversion.test_sparsify import tiny_llama, token_ids
-from xmoe.conversion import NeuronMLP, SparsifyConfig
+from xmoe.conversion import NeuronMLP, SparsifyConfig, rows_kernel
+from xmoe.conversion.rows_kernel import KERNELS, using_kernel
 from xmoe.conversion.sparse_decode import keeping_threshold
 
 HIDDEN, FFN = 13, 29  # odd sizes: no power-of-two row lengths
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
-SITE_CHOICES = [("gate_up", "down"), ("gate_up", "gate"), ("down",), ("gate_up",)]
+SITE_CHOICES = [("gate_up", "down"), ("gate_up", "gate"), ("down",), ("gate_up",), ("gate",)]
 
 
 def random_mlp(sites, dtype=torch.float64, seed: int = 0) -> NeuronMLP:
@@ -83,16 +84,22 @@ def rows_used_only(mlp: NeuronMLP, x_1D: torch.Tensor) -> None:
                 mlp.up_proj.weight[:, dropped_x] = float("nan")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kept", [0.0, 0.3, 0.5, 0.8, 1.0])
 @pytest.mark.parametrize("sites", SITE_CHOICES)
-def test_one_token_decode_equals_the_dense_masked_computation(sites, kept, dtype):
+def test_one_token_decode_equals_the_dense_masked_computation(sites, kept, dtype, kernel):
+    """float32 with the native kernels: one fused C call (where a compiler builds it); else,
+    and with ``embedding_bag``, the torch path."""
     mlp = random_mlp(sites, dtype)
     x = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=dtype)
     keep_fraction(mlp, x[0], kept)
     expected = masked_dense(mlp, x)
-    with torch.no_grad():
+    with torch.no_grad(), using_kernel(kernel):
+        fused = mlp.fused_decode(x[0], *mlp.row_major())
         got = mlp(x)
+    native = kernel == "native" and dtype == torch.float32 and rows_kernel._library() is not None
+    assert (fused is not None) == native
     assert mlp.decodes(x) and got.shape == x.shape
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
@@ -103,9 +110,10 @@ def test_one_token_decode_equals_the_dense_masked_computation(sites, kept, dtype
     torch.testing.assert_close(fraction, mlp.flops_fraction[:1], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sites", SITE_CHOICES)
-def test_decode_reads_only_the_kept_rows(sites, dtype):
+def test_decode_reads_only_the_kept_rows(sites, dtype, kernel):
     """The dropped inputs' weights are NaN: the dense path's output is NaN, the decode path's
     is the masked computation on the clean weights (float32: by the native kernels where they
     build; float64: the fallbacks, whose GEMV for gate-first's up reads every row and zeroes
@@ -115,7 +123,7 @@ def test_decode_reads_only_the_kept_rows(sites, dtype):
     keep_fraction(mlp, x, 0.5)
     expected = masked_dense(mlp, x)
     rows_used_only(mlp, x)
-    with torch.no_grad():
+    with torch.no_grad(), using_kernel(kernel):
         got = mlp(x)
         assert mlp(x.expand(2, HIDDEN)).isnan().any()
     tolerance = TOLERANCE[dtype]

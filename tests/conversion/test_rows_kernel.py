@@ -193,3 +193,17 @@ def test_a_damaged_cached_library_is_rebuilt(fresh_library, monkeypatch):
         native_kept_rows_sum(a, keep, rows), masked_sum(a, keep, rows), rtol=0, atol=1e-5
     )
     assert damaged.read_bytes().startswith(b"\x7fELF")
+
+
+def test_fused_decode_refuses_tables_that_do_not_fit_by_name(native):
+    from xmoe.conversion.rows_kernel import native_neuron_decode
+
+    x, down = torch.randn(1, 8), torch.randn(12, 8)
+    channels, neurons = (torch.ones(8), torch.zeros(())), (torch.ones(12), torch.zeros(()))
+    with pytest.raises(ValueError, match=r"first table \(8, 12\) do not fit down \(12, 8\)"):
+        native_neuron_decode(
+            x, ("gate_up", "down"), channels, neurons, (torch.randn(8, 12), None, down)
+        )
+    with using_kernel("embedding_bag"):
+        tables = (torch.randn(8, 24), None, down)
+        assert native_neuron_decode(x, ("gate_up", "down"), channels, neurons, tables) is None

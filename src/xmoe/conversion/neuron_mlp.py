@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmoe.conversion.config import SITES, SparsifyConfig, flops_fraction
+from xmoe.conversion.rows_kernel import native_neuron_decode
 from xmoe.conversion.sparse_decode import kept_rows_dot, kept_rows_sum, row_major
 
 
@@ -163,6 +164,13 @@ class NeuronMLP(nn.Module):
         rows of the kept neurons only (CHESS's kernel): its bytes follow its FLOPs."""
         first_DJ, down_ID = self.row_major()
         x_1D = x.reshape(1, -1)
+        sites = self.settings.sites
+        fused = self.fused_decode(x_1D, first_DJ, down_ID)
+        if fused is not None:
+            out, kept_x, kept_n = fused
+            neuron_site = "gate" in sites or "down" in sites
+            self.kept_masks(kept_x if "gate_up" in sites else None, kept_n if neuron_site else None)
+            return out.reshape(x.shape)
         kept_x = self.keep("gate_up", x_1D) if "gate_up" in self.settings.sites else None
         first = x_1D @ first_DJ if kept_x is None else kept_rows_sum(x_1D, kept_x, first_DJ)
         if "gate" in self.settings.sites:
@@ -178,6 +186,21 @@ class NeuronMLP(nn.Module):
         out = h @ down_ID if kept_n is None else kept_rows_sum(h, kept_n, down_ID)
         self.kept_masks(kept_x, kept_n)
         return out.reshape(x.shape)
+
+    def fused_decode(
+        self, x_1D: torch.Tensor, first_DJ: torch.Tensor, down_ID: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """:meth:`decode` in one native call
+        (:func:`~xmoe.conversion.rows_kernel.native_neuron_decode`), or None where it does not
+        apply (the torch path then computes the same)."""
+        neuron_site = "gate" if "gate" in self.settings.sites else "down"
+        return native_neuron_decode(
+            x_1D,
+            self.settings.sites,
+            (self.scale_gate_up, self.threshold_gate_up),
+            (getattr(self, f"scale_{neuron_site}"), getattr(self, f"threshold_{neuron_site}")),
+            (first_DJ, self.up_proj.weight, down_ID),
+        )
 
     def row_major(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode path's ``(gate_up_DJ, down_ID)``, gate-first's ``(gate_DI, down_ID)``
