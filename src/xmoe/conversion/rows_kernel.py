@@ -71,15 +71,10 @@ def native_kept_rows_sum(
     library = _usable(a_1N, rows_NR)
     if library is None:
         return None
-    rows, width = rows_NR.shape
-    _check("kept-rows sum", ("a", a_1N, rows), keep_1N, rows_NR)
-    a_N, keep_N = a_1N.reshape(-1).contiguous(), keep_1N.reshape(-1).contiguous()
-    out_1R = torch.empty(1, width, dtype=torch.float32)
-    status = library.xmoe_kept_rows_sum_f32(
-        a_N.data_ptr(), keep_N.data_ptr(), rows, rows_NR.data_ptr(), width, out_1R.data_ptr()
-    )
+    _check("kept-rows sum", ("a", a_1N, rows_NR.shape[0]), keep_1N, rows_NR)
+    status, out_1R = _rows_call(library.xmoe_kept_rows_sum_f32, a_1N, keep_1N, rows_NR, 1)
     if status != 0:
-        raise MemoryError(f"kept-rows sum: no memory for the indices of {rows} rows")
+        raise MemoryError(f"kept-rows sum: no memory for the indices of {len(rows_NR)} rows")
     return out_1R
 
 
@@ -97,14 +92,20 @@ def native_kept_rows_dot(
     library = _usable(x_1R, rows_NR)
     if library is None:
         return None
+    _check("kept-rows dot", ("x", x_1R, rows_NR.shape[1]), keep_1N, rows_NR)
+    return _rows_call(library.xmoe_kept_rows_dot_f32, x_1R, keep_1N, rows_NR, 0)[1]
+
+
+def _rows_call(
+    function, vector: torch.Tensor, keep: torch.Tensor, rows_NR: torch.Tensor, out_dim: int
+) -> tuple[int | None, torch.Tensor]:
+    """Call a kept-rows kernel ``(vector, keep, n, rows, r, out)``; ``out`` is (1, R) for
+    ``out_dim`` 1 (a sum of rows), (1, N) for 0 (a value per row). Returns (status, out)."""
+    vector, keep = vector.reshape(-1).contiguous(), keep.reshape(-1).contiguous()
     rows, width = rows_NR.shape
-    _check("kept-rows dot", ("x", x_1R, width), keep_1N, rows_NR)
-    x_R, keep_N = x_1R.reshape(-1).contiguous(), keep_1N.reshape(-1).contiguous()
-    out_1N = torch.empty(1, rows, dtype=torch.float32)
-    library.xmoe_kept_rows_dot_f32(
-        x_R.data_ptr(), keep_N.data_ptr(), rows, rows_NR.data_ptr(), width, out_1N.data_ptr()
-    )
-    return out_1N
+    out = torch.empty(1, rows_NR.shape[out_dim], dtype=torch.float32)
+    pointers = (vector.data_ptr(), keep.data_ptr(), rows_NR.data_ptr(), out.data_ptr())
+    return function(pointers[0], pointers[1], rows, pointers[2], width, pointers[3]), out
 
 
 SITE_BITS = {"gate_up": 1, "down": 2, "gate": 4}
