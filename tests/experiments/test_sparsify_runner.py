@@ -45,3 +45,27 @@ def test_a_cached_model_of_the_pre_fusion_layout_is_rebuilt(tmp_path, monkeypatc
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
     assert not any(key.endswith("w_up") for key in load_file(path))  # rewritten in today's layout
+
+
+def test_the_last_neuron_conversion_is_reused_as_an_independent_copy(tmp_path, monkeypatch):
+    """Recovery budgets share one conversion: a second call converts nothing and returns a
+    copy that training in place cannot reach; another (method, F) converts again."""
+    runner = _runner(tmp_path, monkeypatch)
+    calls = []
+    real = sparsify_runner.sparsify
+    monkeypatch.setattr(
+        sparsify_runner, "sparsify", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    first = runner.neuron_model("gate-first", 0.5)
+    with torch.no_grad():
+        for parameter in first.parameters():
+            parameter.add_(1.0)
+    second = runner.neuron_model("gate-first", 0.5)
+    assert len(calls) == 1
+    fresh = real(runner.dense, mode="neurons", target_flops=0.5, mlp_inputs=runner.mlp_inputs(),
+                 progress=False, **sparsify_runner.NEURON_METHODS["gate-first"])  # fmt: skip
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(second.state_dict()[name], tensor), name
+    runner.neuron_model("wina-greedy", 0.5)
+    runner.neuron_model("gate-first", 0.5)
+    assert len(calls) == 3

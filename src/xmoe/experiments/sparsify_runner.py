@@ -6,6 +6,7 @@ measured (a recovery the API refuses) is stored with its reason and retried on t
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,7 @@ class Runner:
             self.dense, tokenizer, _ = load_real_model(settings.cache_dir)
             self.data = load_or_build_data(tokenizer, settings, self.out / "data.safetensors")
         self._mlp_inputs: list[torch.Tensor] | None = None
+        self._last_neuron_model: tuple[tuple[str, float], nn.Module] | None = None
         self.key = settings.measurement_key()
         self.after_cell: Callable[[], Any] | None = None
         """Called after every stored cell (``run_eval`` rewrites the report there)."""
@@ -185,15 +187,21 @@ class Runner:
         """The dense model in the neurons mode with ``method``'s settings
         (:data:`~xmoe.experiments.sparsify_settings.NEURON_METHODS`) at ``target_flops``,
         calibrated on the grid's calibration MLP inputs (converted again when needed: a
-        threshold calibration is deterministic)."""
-        return sparsify(
-            self.dense,
-            mode="neurons",
-            target_flops=target_flops,
-            mlp_inputs=self.mlp_inputs(),
-            progress=self.settings.progress,
-            **NEURON_METHODS[method],
-        )
+        threshold calibration is deterministic). The last conversion is kept and a copy of it
+        returned, since the recovery budgets all start from the same one (minutes each on
+        SmolLM2) and train their copy in place."""
+        key = (method, target_flops)
+        if self._last_neuron_model is None or self._last_neuron_model[0] != key:
+            model = sparsify(
+                self.dense,
+                mode="neurons",
+                target_flops=target_flops,
+                mlp_inputs=self.mlp_inputs(),
+                progress=self.settings.progress,
+                **NEURON_METHODS[method],
+            )
+            self._last_neuron_model = (key, model)
+        return copy.deepcopy(self._last_neuron_model[1])
 
     def xmoe_model(self, size: int) -> nn.Module:
         model = self.converted(size, "clustered")
