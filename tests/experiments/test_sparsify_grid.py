@@ -145,6 +145,8 @@ def test_recovered_thresholds_are_re_solved_and_a_cell_measured_before_is_remeas
     assert target == 0.5 and calibration.shape[0] * calibration.shape[1] >= 64
     recovered = cells["neurons-recovered-T512"]
     assert recovered["thresholds"] == "re-solved after recovery"
+    shares = recovered["ffn_flops_share_by_domain"]
+    assert min(shares.values()) <= recovered["ffn_flops_share"] <= max(shares.values())
     assert recovered["ffn_flops_share"] == pytest.approx(0.5, abs=0.04)
     path = tmp_path / "run/cells/neurons-recovered-T512.json"
     path.write_text(json.dumps({k: v for k, v in recovered.items() if k != "thresholds"}))

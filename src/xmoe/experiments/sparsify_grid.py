@@ -216,9 +216,10 @@ def neuron_recovery_jobs(settings: EvalSettings) -> list[Job]:
             for name, budget in zip(names, settings.recovery_budgets, strict=True)]  # fmt: skip
 
 
-RESOLVED = {"thresholds": "re-solved after recovery"}
-"""A recovered neurons-mode cell's record says its thresholds were re-solved: a cell measured
-before they were (at the thresholds the recovery trained under) is measured again."""
+RECOVERED_RECORD = {"thresholds": "re-solved after recovery", "flops_by_domain": "measured"}
+"""What a recovered neurons-mode cell's record says: its thresholds were re-solved and its FFN
+FLOPs measured per domain. A cell measured before (at the thresholds the recovery trained
+under, or without the per-domain shares) is measured again from its checkpoint."""
 
 
 def recovery_job(runner: Runner, name: str, budget: int) -> None:
@@ -232,7 +233,7 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
     (``conversion.recovery.recover`` raising ValueError, as it does for a model without
     SparseMLPs) is stored as skipped with its message."""
     settings = runner.settings
-    if runner.cached(name, RESOLVED) is not None:
+    if runner.cached(name, RECOVERED_RECORD) is not None:
         return
     cells = [c for c in runner.all_cells() if "skipped" not in c]
     dense = next((c for c in cells if c["kind"] == "dense"), None)
@@ -251,7 +252,8 @@ def recovery_job(runner: Runner, name: str, budget: int) -> None:
     shorter = [b for b in settings.recovery_budgets if b < budget and checkpoint(b).is_file()]
     meta = {"kind": "neurons", "router": "recovered", "method": method, "partition": "neuron",
             "expert_size": 1, "num_experts": None, "fraction": target,
-            "recovered_from": source["name"], "recovery": config.to_dict()} | RESOLVED  # fmt: skip
+            "recovered_from": source["name"], "recovery": config.to_dict(),
+            **RECOVERED_RECORD}  # fmt: skip
     model = runner.neuron_model(method, target)
     try:
         recover(

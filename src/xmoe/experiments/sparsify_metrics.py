@@ -36,14 +36,16 @@ def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: E
     expert plus the router's 2·D·E (none for the oracle, which is not a deployable router: its
     ranking costs a dense FFN), per layer, averaged over the evaluated tokens. A neurons-mode
     model (or the per-neuron oracle) has no experts: its MLPs' own per-token FLOP fractions
-    count (``flops_fraction``, no router), and ``experts_per_token`` is None.
+    count (``flops_fraction``, no router), ``experts_per_token`` is None, and
+    ``ffn_flops_share_by_domain`` holds the share per held-out domain: thresholds shared by
+    both domains give each domain's tokens the compute their own scores pass, not F each.
     """
     config = model.config
     modules = sparse_mlps(model)
     masked = [*neuron_mlps(model), *oracle_mlps(model)]  # no experts: per-token FLOP fractions
     selected = [0.0] * len(modules)
-    kept = [0.0] * len(masked)
-    tokens_seen = 0
+    kept = {d: [0.0] * len(masked) for d in DOMAINS}
+    tokens = dict.fromkeys(DOMAINS, 0)
     result: dict[str, Any] = {"ppl": {}, "nll": {}}
     batches = [(d, b) for d in DOMAINS for b in data[f"eval_{d}"].split(settings.eval_batch)]
     nll = dict.fromkeys(DOMAINS, 0.0)
@@ -59,8 +61,9 @@ def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: E
         for index, module in enumerate(modules):
             selected[index] += float(module.experts_per_token.double().sum())
         for index, module in enumerate(masked):
-            kept[index] += float(module.flops_fraction.sum())
-        tokens_seen += ids_BT.numel()
+            kept[domain][index] += float(module.flops_fraction.sum())
+        tokens[domain] += ids_BT.numel()
+    tokens_seen = sum(tokens.values())
     for domain in DOMAINS:
         result["nll"][domain] = nll[domain] / count[domain]
         result["ppl"][domain] = math.exp(result["nll"][domain])
@@ -68,7 +71,9 @@ def measure_quality(model: nn.Module, data: dict[str, torch.Tensor], settings: E
     dense_flops = flops.ffn_flops(d_model, config.intermediate_size, gated=True)
     if masked:
         result["experts_per_token"] = None
-        result["active_share"] = layer_mean([k / tokens_seen for k in kept])
+        by_domain = {d: layer_mean([k / tokens[d] for k in kept[d]]) for d in DOMAINS}
+        result["ffn_flops_share_by_domain"] = by_domain
+        result["active_share"] = sum(by_domain[d] * tokens[d] for d in DOMAINS) / tokens_seen
         result["ffn_flops"] = result["active_share"] * dense_flops * config.num_hidden_layers
     elif modules:
         per_layer = []
