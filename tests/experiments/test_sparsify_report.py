@@ -51,7 +51,15 @@ def test_report_gives_each_issue_target_and_the_granularity_curve(tmp_path):
         _neurons("n-teal", "teal", 0.61, 10.4, 5.1),  # +4%: within 5% at <= 67%
         _neurons("n-wina", "wina", 0.5, 13.0, 6.0),
         _neurons(
-            "n-rec", "recovered", 0.524, 11.0, 5.25, method="wina", recovery=recovery, fraction=0.5
+            "n-rec",
+            "recovered",
+            0.524,
+            11.0,
+            5.25,
+            method="wina",
+            recovery=recovery,
+            fraction=0.5,
+            ffn_flops_share_by_domain={"shakespeare": 0.5512, "kjv": 0.4968},
         ),
         # over the 2M budget: no target counts it
         _neurons("n-big", "recovered", 0.5, 10.1, 5.0, method="wina", recovery=big),
@@ -66,7 +74,8 @@ def test_report_gives_each_issue_target_and_the_granularity_curve(tmp_path):
     ) in text
     assert (
         "- After ≤ 2M tokens of recovery: ≤ +15% at 50% of FFN FLOPs: **met**; best: neurons "
-        "mode, TEAL + WINA + recovery (1000000 tokens), F=50%"
+        "mode, TEAL + WINA + recovery (1000000 tokens), F=50%: 52.4% FFN FLOPs (Shakespeare's "
+        "tokens 55.1%, KJV's 49.7%), ppl"
     ) in text
     assert "KJV 5.25 (+5.0%). Its FFN FLOPs are 2.4 points over the budget, within the " in text
     assert "(+2.0%).\n" in text  # the training-free best, under its budget: no such sentence

@@ -231,6 +231,16 @@ def granularity_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> lis
     return lines
 
 
+def _by_domain(cell: dict[str, Any]) -> str:
+    """A neurons-mode cell's FFN FLOP share per domain, when its record has them (its
+    thresholds are shared by both domains, so each gets what its own tokens' scores pass)."""
+    shares = cell.get("ffn_flops_share_by_domain")
+    if not shares:
+        return ""
+    shakespeare, kjv = shares["shakespeare"] * 100, shares["kjv"] * 100
+    return f" (Shakespeare's tokens {shakespeare:.1f}%, KJV's {kjv:.1f}%)"
+
+
 def target_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> list[str]:
     """Each of :data:`ISSUE_TARGETS` met or missed, with the best cell within its budget."""
     lines = ["## Targets of issue 26", ""]
@@ -252,7 +262,7 @@ def target_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> list[str
         )
         lines.append(
             f"- {label}: **{verdict}**; best: {_describe(best)}: "
-            f"{best['ffn_flops_share'] * 100:.1f}% FFN FLOPs, ppl Shakespeare "
+            f"{best['ffn_flops_share'] * 100:.1f}% FFN FLOPs{_by_domain(best)}, ppl Shakespeare "
             f"{_ppl(best, dense, 'shakespeare')}, KJV {_ppl(best, dense, 'kjv')}.{slack}"
         )
     lines.append(
