@@ -80,6 +80,10 @@ def test_report_gives_each_issue_target_and_the_granularity_curve(tmp_path):
     assert "KJV 5.25 (+5.0%). Its FFN FLOPs are 2.4 points over the budget, within the " in text
     assert "(+2.0%).\n" in text  # the training-free best, under its budget: no such sentence
     assert "- Moonshot, its quality: ≤ +5% at 50% after ≤ 2M tokens: **missed**; best:" in text
+    # a miss quotes the per-neuron oracle within its budget; a target met does not
+    oracle = "For comparison, the per-neuron oracle within this budget, training-free"
+    assert text.count(oracle) == 1
+    assert "dense FFN's outputs): 50.0% FFN FLOPs, ppl Shakespeare 10.20 (+2.0%), KJV" in text
     assert "| 1 | oracle (a bound: ranks on the dense FFN) | - | +2.0% | +2.0% |" in text
     assert "| 1 | training-free | - | +30.0% | +4.0% | +4.0% | +4.0% |" in text  # 61% + slack
     assert "| 1 | after recovery | - | +1.0% |" in text  # the best recovered, whatever budget

@@ -265,6 +265,15 @@ def target_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> list[str
             f"{best['ffn_flops_share'] * 100:.1f}% FFN FLOPs{_by_domain(best)}, ppl Shakespeare "
             f"{_ppl(best, dense, 'shakespeare')}, KJV {_ppl(best, dense, 'kjv')}.{slack}"
         )
+        oracles = [c for c in cells if c["router"] == "oracle" and c["expert_size"] == 1]
+        oracle = _best(oracles, dense, budget)
+        if verdict == "missed" and oracle is not None:
+            lines.append(
+                "  For comparison, the per-neuron oracle within this budget, training-free (each "
+                "token's neurons ranked on the dense FFN's outputs): "
+                f"{oracle['ffn_flops_share'] * 100:.1f}% FFN FLOPs, ppl Shakespeare "
+                f"{_ppl(oracle, dense, 'shakespeare')}, KJV {_ppl(oracle, dense, 'kjv')}."
+            )
     lines.append(
         "- Decode at 50% of FFN FLOPs (MLPs ≥ 1.4×, end-to-end ≥ 1.2×; moonshot 1.6× / 1.25×, "
         "batch 1): not measured by this grid, whose forward passes are prefill-sized, but by "
