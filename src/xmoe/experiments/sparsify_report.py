@@ -9,9 +9,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from xmoe.storage import atomic_write, atomic_write_text
+from xmoe.experiments.sparsify_plot import write_plot
+from xmoe.experiments.sparsify_settings import DOMAIN_NAMES, METHOD_LABELS
+from xmoe.storage import atomic_write_text
 
-DOMAIN_NAMES = {"shakespeare": "Shakespeare", "kjv": "KJV"}
 TARGET_FLOPS = (0.25, 0.5, 0.75)
 """FFN FLOP budgets (share of dense) the summary quotes the best point for."""
 QUALITY_TARGET = 1.05
@@ -35,13 +36,6 @@ ISSUE_TARGETS = (
 ratio), both held-out domains."""
 RECOVERY_LIMIT = 2_000_000
 """The most recovery tokens a recovered cell may have used to count for the targets."""
-METHOD_LABELS = {
-    "teal": "TEAL uniform",
-    "wina": "TEAL + WINA",
-    "wina-greedy": "TEAL + WINA + greedy",
-    "gate-first": "gate-first (CHESS) + WINA + greedy",
-}
-"""The neurons-mode methods (:data:`~xmoe.experiments.sparsify_settings.NEURON_METHODS`)."""
 
 
 def _router_label(cell: dict[str, Any]) -> str:
@@ -135,57 +129,6 @@ def _describe(cell: dict[str, Any]) -> str:
         f"{cell['partition']} H={cell['expert_size']} (E={cell['num_experts']}), "
         f"{_router_label(cell)}, {_rule(cell)}"
     )
-
-
-def write_plot(cells: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> bool:
-    """Perplexity (relative to dense, log scale) against FFN FLOPs share, one panel per domain,
-    one line per (partition, expert size, router). False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    import io
-
-    series: dict[str, list[tuple[float, dict[str, float]]]] = {}
-    for cell in cells:
-        if cell["kind"] == "dense":
-            continue
-        if cell["kind"] == "xmoe":
-            label = f"XMoE route H={cell['expert_size']}"
-        elif cell["kind"] == "neurons":
-            label = f"neurons {METHOD_LABELS[cell['method']]}"
-            label += " recovered" if cell["router"] == "recovered" else ""
-        else:
-            label = f"{cell['partition']} H={cell['expert_size']} {cell['router']}"
-        ratios = {d: cell["ppl"][d] / dense["ppl"][d] for d in DOMAIN_NAMES}
-        series.setdefault(label, []).append((cell["ffn_flops_share"], ratios))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    styles = {"oracle": ":", "trained": "-", "recovered": "--"}
-    for axis, (domain, title) in zip(axes, DOMAIN_NAMES.items(), strict=True):
-        for label, points in sorted(series.items()):
-            points = sorted(points, key=lambda p: p[0])
-            style = next((s for k, s in styles.items() if label.endswith(k)), "-.")
-            axis.plot([p[0] * 100 for p in points], [p[1][domain] for p in points], style,
-                      marker="o", markersize=3, label=label)  # fmt: skip
-        axis.axhline(1.0, color="black", linewidth=0.8)
-        axis.axhline(QUALITY_TARGET, color="grey", linewidth=0.8, linestyle="--")
-        axis.set_yscale("log")
-        axis.set_xlabel("FFN FLOPs per token (% of dense)")
-        axis.set_title(f"held-out {title} (dense ppl {dense['ppl'][domain]:.2f})")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("perplexity / dense perplexity")
-    if series:
-        axes[1].legend(fontsize=6, loc="upper right")
-    fig.suptitle("SmolLM2-135M made sparse: quality against FFN compute")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
-    return True
 
 
 def _best(cells: list[dict[str, Any]], dense: dict[str, Any], budget: float):
@@ -420,7 +363,8 @@ def write_report(cells: list[dict[str, Any]], settings, expected: Iterable[str])
             "pairs a cell with a dense pass run beside it). A 100% cell computes every expert: "
             "its perplexity equals dense, and its time is the dispatch's overhead.",
         ]
-    if write_plot(cells, dense, docs / "sparsify.png"):
+    targets = tuple(sorted({limit for *_, limit in ISSUE_TARGETS}))
+    if write_plot(cells, dense, docs / "sparsify.png", targets):
         lines += ["", "![perplexity against FFN FLOPs](sparsify.png)"]
     if skipped:
         lines += ["", "Skipped (retried on the next run):"]

@@ -15,6 +15,8 @@ from xmoe.conversion.recovery import RecoveryConfig
 DOMAINS = ("shakespeare", "kjv")
 """The corpus's domains: every model is measured on each one's held-out works / books, and
 calibrated and recovered on windows of both training splits."""
+DOMAIN_NAMES = {"shakespeare": "Shakespeare", "kjv": "KJV"}
+"""Each domain as the report and its figure name it."""
 
 GRID_MODES = ("neurons", "experts")
 """The conversions a grid measures: ``neurons`` (the neurons mode's cells and their recoveries)
@@ -37,6 +39,13 @@ neurons entering down, the same sparsity at both), ``wina`` (+WINA: scores times
 column norms), ``wina-greedy`` (+TEAL's greedy per-layer allocation), ``gate-first`` (CHESS:
 neurons kept by their gate before up and down run, with WINA scores and the greedy
 allocation)."""
+METHOD_LABELS = {
+    "teal": "TEAL uniform",
+    "wina": "TEAL + WINA",
+    "wina-greedy": "TEAL + WINA + greedy",
+    "gate-first": "gate-first (CHESS) + WINA + greedy",
+}
+"""Each of :data:`NEURON_METHODS` as the report and its figure name it."""
 
 
 def _positive_ints(name: str, values: tuple[int, ...]) -> None:
@@ -219,4 +228,12 @@ class EvalSettings:
         return key | {"quick": True} if self.quick else key  # the real run's cells stay valid
 
 
-__all__ = ["DOMAINS", "GRID_MODES", "GRID_ROUTERS", "NEURON_METHODS", "EvalSettings"]
+__all__ = [
+    "DOMAINS",
+    "DOMAIN_NAMES",
+    "GRID_MODES",
+    "GRID_ROUTERS",
+    "METHOD_LABELS",
+    "NEURON_METHODS",
+    "EvalSettings",
+]
