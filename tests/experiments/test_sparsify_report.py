@@ -74,8 +74,8 @@ def test_report_gives_each_issue_target_and_the_granularity_curve(tmp_path):
     ) in text
     assert (
         "- After ≤ 2M tokens of recovery: ≤ +15% at 50% of FFN FLOPs: **met**; best: neurons "
-        "mode, TEAL + WINA + recovery (1000000 tokens), F=50%: 52.4% FFN FLOPs (Shakespeare's "
-        "tokens 55.1%, KJV's 49.7%), ppl"
+        "mode, TEAL + WINA + recovery (1000000 tokens), F=50%: 52.4% FFN FLOPs (per domain: "
+        "Shakespeare 55.1%, KJV 49.7%), ppl"
     ) in text
     assert "KJV 5.25 (+5.0%). Its FFN FLOPs are 2.4 points over the budget, within the " in text
     assert "(+2.0%).\n" in text  # the training-free best, under its budget: no such sentence

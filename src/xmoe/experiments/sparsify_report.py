@@ -180,8 +180,8 @@ def _by_domain(cell: dict[str, Any]) -> str:
     shares = cell.get("ffn_flops_share_by_domain")
     if not shares:
         return ""
-    shakespeare, kjv = shares["shakespeare"] * 100, shares["kjv"] * 100
-    return f" (Shakespeare's tokens {shakespeare:.1f}%, KJV's {kjv:.1f}%)"
+    parts = [f"{name} {shares[domain] * 100:.1f}%" for domain, name in DOMAIN_NAMES.items()]
+    return f" (per domain: {', '.join(parts)})"
 
 
 def target_lines(cells: list[dict[str, Any]], dense: dict[str, Any]) -> list[str]:
