@@ -95,7 +95,8 @@ def _quick_run(tmp_path, monkeypatch, recover) -> tuple[EvalSettings, dict]:
     monkeypatch.setattr(sparsify_report, "write_plot", lambda *a: False)  # seconds per cell
     settings = EvalSettings(out=tmp_path / "run", docs=tmp_path / "docs", **QUICK)
     run_eval(settings)
-    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "run/cells").glob("*.json")}
+    stored = (tmp_path / "run/sparsify_cells").glob("*.json")  # the quick mode's: under out
+    cells = {p.stem: json.loads(p.read_text()) for p in stored}
     return settings, cells
 
 
@@ -148,7 +149,7 @@ def test_recovered_thresholds_are_re_solved_and_a_cell_measured_before_is_remeas
     shares = recovered["ffn_flops_share_by_domain"]
     assert min(shares.values()) <= recovered["ffn_flops_share"] <= max(shares.values())
     assert recovered["ffn_flops_share"] == pytest.approx(0.5, abs=0.04)
-    path = tmp_path / "run/cells/neurons-recovered-T512.json"
+    path = tmp_path / "run/sparsify_cells/neurons-recovered-T512.json"
     path.write_text(json.dumps({k: v for k, v in recovered.items() if k != "thresholds"}))
     measured = []
     monkeypatch.setattr(Runner, "measure", lambda self, name, *a, **k: measured.append(name))
@@ -173,7 +174,7 @@ def test_each_budget_extends_the_last_shorter_one_and_waits_for_every_method(tmp
     assert e2 == p1 and e3 == p1  # 1536 ran before 1024 had a checkpoint: it extends 512
     assert all(p.name.endswith(f"-T{t}.ckpt") for t, p in ((t1, p1), (t2, p2), (t3, p3)))
     # a method's cell at recovery_flops missing: no recovery starts
-    cells = tmp_path / "run/cells"
+    cells = tmp_path / "run/sparsify_cells"
     for name in ("neurons-wina-F0.5", "neurons-recovered-T512"):
         (cells / f"{name}.json").unlink()
     calls.clear()

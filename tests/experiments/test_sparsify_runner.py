@@ -1,7 +1,11 @@
-"""The sparsify grid's model cache: a cached converted model of the pre-0.1.0 layout (separate
-``w_gate`` / ``w_up``) is rebuilt, never loaded with its up projections skipped."""
+"""The sparsify grid's cache: a cached converted model of the pre-0.1.0 layout (separate
+``w_gate`` / ``w_up``) is rebuilt, never loaded with its up projections skipped; the last neuron
+conversion is reused as a copy; the cells live beside the report, not in the run directory."""
 
 from __future__ import annotations
+
+import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import xmoe.conversion.real_model as real_model
 import xmoe.experiments.sparsify_runner as sparsify_runner
+from xmoe.experiments.sparsify_runner import cached_cells
 from xmoe.experiments.sparsify_settings import EvalSettings
 from xmoe.storage import read_verified, save_verified
 
@@ -30,14 +35,15 @@ def _runner(tmp_path, monkeypatch) -> sparsify_runner.Runner:
     calibration = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     data = {"calibration": calibration}
     monkeypatch.setattr(sparsify_runner, "load_or_build_data", lambda *a: data)
-    settings = EvalSettings(out=tmp_path, router_steps=2, progress=False, eval_batch=2, seq_len=16)
+    settings = EvalSettings(out=tmp_path / "run", docs=tmp_path / "docs", router_steps=2,
+                            progress=False, eval_batch=2, seq_len=16)  # fmt: skip
     return sparsify_runner.Runner(settings)
 
 
 def test_a_cached_model_of_the_pre_fusion_layout_is_rebuilt(tmp_path, monkeypatch):
     runner = _runner(tmp_path, monkeypatch)
     expected = runner.converted(8, "clustered").state_dict()
-    path = tmp_path / "models" / "clustered-H8.safetensors"
+    path = tmp_path / "run" / "models" / "clustered-H8.safetensors"
     tensors, meta, _ = read_verified(path)
     old = pre_fusion_layout(tensors)
     save_verified(path, old, meta)
@@ -69,3 +75,17 @@ def test_the_last_neuron_conversion_is_reused_as_an_independent_copy(tmp_path, m
     runner.neuron_model("wina-greedy", 0.5)
     runner.neuron_model("gate-first", 0.5)
     assert len(calls) == 3
+
+
+def test_cells_live_beside_the_report_and_survive_a_lost_run_directory(tmp_path, monkeypatch):
+    """The run directory (windows, models, checkpoints: large, uncommitted) can vanish between
+    sessions; the cells are stored beside the report, so a new runner still finds them."""
+    runner = _runner(tmp_path, monkeypatch)
+    runner.store("dense", {"kind": "dense", "ppl": {"kjv": 16.0}})
+    assert (tmp_path / "docs" / "sparsify_cells" / "dense.json").is_file()
+    shutil.rmtree(tmp_path / "run")
+    again = _runner(tmp_path, monkeypatch)
+    assert again.cached("dense")["ppl"] == {"kjv": 16.0}
+    assert [c["name"] for c in cached_cells(again.settings)] == ["dense"]
+    quick = dataclasses.replace(again.settings, quick=True)  # its cells never reach the docs
+    assert quick.cells_dir == tmp_path / "run" / "sparsify_cells"

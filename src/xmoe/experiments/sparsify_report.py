@@ -230,14 +230,14 @@ def _made_by(settings) -> str:
     """The page's first line: the command that wrote it, and how to finish the grid."""
     if settings.report_only:
         return (
-            f"Written by `{settings.command}` from the cells cached in `{settings.out}/cells/`, "
-            "which the same command without `--report-only` measured (it resumes: run it to "
-            "measure the cells still missing). Every number below is measured; nothing is "
-            "typed in."
+            f"Written by `{settings.command}` from the measured cells in "
+            f"`{settings.cells_dir}/` (one JSON file each, committed beside this page), which "
+            "the same command without `--report-only` measured (it resumes: run it to measure "
+            "the cells still missing). Every number below is measured; nothing is typed in."
         )
     return (
-        f"Made by `{settings.command}` (resumable: finished cells are cached in "
-        f"`{settings.out}/cells/`; rerunning the command completes the grid and rewrites this "
+        f"Made by `{settings.command}` (resumable: finished cells are stored in "
+        f"`{settings.cells_dir}/`; rerunning the command completes the grid and rewrites this "
         "page). Every number below is measured by that run; nothing is typed in."
     )
 

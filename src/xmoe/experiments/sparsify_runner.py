@@ -1,6 +1,7 @@
 """The cache of ``xmoe sparsify-grid``: :class:`Runner` measures one cell at a time and keeps
-every result under the run directory: cells as JSON, converted models as verified safetensors,
-recovery fine-tunes as checkpoints, so a rerun skips what is done. A cell that could not be
+every result: cells as JSON beside the report (``EvalSettings.cells_dir``, committed), converted
+models as verified safetensors and recovery fine-tunes as checkpoints under the run directory,
+so a rerun skips what is done. A cell that could not be
 measured (a recovery the API refuses) is stored with its reason and retried on the next run.
 """
 
@@ -58,11 +59,11 @@ def _mlp_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def cached_cells(settings: EvalSettings) -> list[dict[str, Any]]:
-    """Every cell stored under ``settings.out`` that was measured under these settings' key
+    """Every cell stored in ``settings.cells_dir`` that was measured under these settings' key
     (skipped ones included, with their reason), in name order."""
     key = settings.measurement_key()
     cells = []
-    for path in sorted((Path(settings.out) / "cells").glob("*.json")):
+    for path in sorted(settings.cells_dir.glob("*.json")):
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:
@@ -73,14 +74,15 @@ def cached_cells(settings: EvalSettings) -> list[dict[str, Any]]:
 
 
 class Runner:
-    """Runs the grid cell by cell; every result is cached under ``settings.out``."""
+    """Runs the grid cell by cell; every cell is stored in ``settings.cells_dir``, every model
+    and checkpoint under ``settings.out``."""
 
     def __init__(self, settings: EvalSettings) -> None:
         from xmoe.conversion.real_model import load_real_model
 
         self.settings = settings
         self.out = Path(settings.out)
-        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        settings.cells_dir.mkdir(parents=True, exist_ok=True)
         (self.out / "models").mkdir(parents=True, exist_ok=True)
         if settings.quick:
             self.dense = quick_model(settings).eval()
@@ -96,7 +98,7 @@ class Runner:
 
     # -- cells ---------------------------------------------------------------------------------
     def cell_path(self, name: str) -> Path:
-        return self.out / "cells" / f"{name}.json"
+        return self.settings.cells_dir / f"{name}.json"
 
     def cached(self, name: str, holds: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Cell ``name``'s record when it was measured under this key (not skipped) and holds

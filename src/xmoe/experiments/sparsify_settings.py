@@ -58,8 +58,11 @@ class EvalSettings:
     """What ``xmoe sparsify-grid`` measures, and where it writes.
 
     Args:
-        out: run directory (cells, converted models, recovery checkpoints).
-        docs: folder of the report ``sparsify.md`` and plot ``sparsify.png``.
+        out: run directory (token windows, converted models, recovery checkpoints: large,
+            never committed, rebuilt by a rerun).
+        docs: folder of the report ``sparsify.md``, its plot ``sparsify.png`` and the measured
+            cells it is written from (``sparsify_cells/``, a small JSON file each, committed
+            beside the report: a lost run directory loses no measurement).
         modes: the modes whose cells the grid measures (:data:`GRID_MODES`; the dense row is
             always measured).
         expert_sizes: neurons per expert, each dividing the FFN width (1536 for SmolLM2).
@@ -210,6 +213,12 @@ class EvalSettings:
         """Where the report goes: ``docs``, or ``out`` in the quick mode (whose numbers must
         never replace the real ones)."""
         return Path(self.out) if self.quick else Path(self.docs)
+
+    @property
+    def cells_dir(self) -> Path:
+        """Where the measured cells are stored: ``sparsify_cells/`` beside the report (so the
+        quick mode's stay under ``out`` too)."""
+        return self.report_dir / "sparsify_cells"
 
     def recovery_tokens(self) -> int:
         """Training tokens the windows of the budgeted recoveries hold: the largest budget."""
