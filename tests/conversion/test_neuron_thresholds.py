@@ -1,6 +1,6 @@
 """Re-solving the neurons mode's thresholds on changed weights (``set_target_flops``,
 ``resolve_layer``): the layer lands on the target on its inputs, the allocation keeps its shape,
-and the sparsities the thresholds give are read back exactly."""
+the sparsities the thresholds give are read back exactly, and the greedy allocation ends."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from xmoe.conversion.architecture import layer_mlps
 from xmoe.conversion.calibration import collect_mlp_inputs
 from xmoe.conversion.config import SITES, SparsifyConfig
 from xmoe.conversion.neuron_mlp import NeuronMLP
-from xmoe.conversion.neuron_thresholds import LayerCalibration, resolve_layer
+from xmoe.conversion.neuron_thresholds import LayerCalibration, greedy_levels, resolve_layer
 
 METHODS = [
     {"sites": ("gate_up", "down"), "scoring": "teal", "allocation": "uniform"},
@@ -198,3 +198,35 @@ def test_bad_arguments_raise_named_errors():
     experts = sparsify(tiny_llama(), 16, router="oracle")
     with pytest.raises(ValueError, match="no NeuronMLP"):
         set_target_flops(experts, 0.5, ids)
+
+
+class HairAbove:
+    """A layer whose measured fraction is its formula (1 - mean level, what the cut steps land
+    on) plus a float32 rounding ``hair``."""
+
+    sites = ("gate_up", "down")
+
+    def __init__(self, hair: float) -> None:
+        self.hair, self.calls = hair, 0
+
+    def formula(self, levels) -> float:
+        return 1 - sum(levels.values()) / 2
+
+    def measure(self, levels):
+        self.calls += 1
+        assert self.calls < 1000, "the greedy allocation does not end"
+        return self.formula(levels) + self.hair, sum(v * v for v in levels.values())
+
+    def solve(self, levels, sites, target):
+        (site,) = sites
+        return levels | {site: 2 * (1 - target) - sum(v for k, v in levels.items() if k != site)}
+
+
+def test_greedy_allocation_ends_when_the_measure_sits_a_hair_above_the_target():
+    """Seen on SmolLM2 (wina-greedy, F=0.6, two threads): the cut step landed on 0.6 by the
+    formula and measured 0.6000005, so every later step was cut back to the same levels."""
+    layer = HairAbove(5e-7)
+    levels = greedy_levels(layer, 0.6)
+    assert layer.formula(levels) == pytest.approx(0.6)
+    assert levels["gate_up"] + levels["down"] == pytest.approx(0.8)
+    assert layer.calls < 100
