@@ -1,8 +1,8 @@
 """The cache of ``xmoe sparsify-grid``: :class:`Runner` measures one cell at a time and keeps
 every result: cells as JSON beside the report (``EvalSettings.cells_dir``, committed), converted
 models as verified safetensors and recovery fine-tunes as checkpoints under the run directory,
-so a rerun skips what is done. A cell that could not be
-measured (a recovery the API refuses) is stored with its reason and retried on the next run.
+so a rerun skips what is done. A cell that could not be measured (a recovery the API refuses) is
+stored with its reason and retried on the next run.
 """
 
 from __future__ import annotations
